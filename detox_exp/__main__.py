@@ -1,0 +1,3 @@
+from detox_exp.cli import main
+
+main()

@@ -1,0 +1,95 @@
+"""The ``detox-exp`` entrypoint (also ``python -m detox_exp``): one ``@hydra.main``.
+
+Bad input (config typos, impossible values, missing files, malformed data) ends with one
+line on stderr that names the field and the fix, and exit code 2; set HYDRA_FULL_ERROR=1 for
+the traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+EXIT_BAD_INPUT = 2
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def hydra_main(cfg: DictConfig) -> float | None:
+    from detox_exp.pipeline import run_task
+
+    return run_task(cfg)
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def bad_input_message(err: BaseException) -> str | None:
+    """One-line message for a bad-input error anywhere in the exception chain, else None."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+
+    from detox_exp.errors import DetoxError
+
+    for item in _chain(err):
+        if isinstance(item, DetoxError):
+            return str(item)
+    for item in _chain(err):
+        text = str(item)
+        if isinstance(item, MissingConfigException):
+            group = re.search(r"Could not find '([^']+)/([^']+)'", text)
+            options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+            if group:
+                return (
+                    f"{group.group(1)}: no option {group.group(2)!r}; "
+                    f"fix: choose one of {', '.join(options) or '(none)'}"
+                )
+            return text.splitlines()[0] + "; fix: check the config group option names"
+        if isinstance(item, ConfigCompositionException):
+            key = re.search(r"Could not override '([^']+)'", text)
+            if key:
+                return (
+                    f"{key.group(1)}: unknown config option; fix: check the spelling "
+                    f"(`detox-exp --cfg job` lists every key) or add it with +{key.group(1)}=..."
+                )
+            return " ".join(text.split()) + "; fix: check the command-line overrides"
+        if isinstance(item, MissingMandatoryValue):
+            key = re.search(r"full_key: (\S+)", text)
+            name = key.group(1) if key else text.splitlines()[0]
+            return f"{name}: required value is missing; fix: set {name}=... on the command line"
+        if isinstance(item, (ConfigKeyError, ValidationError)):
+            key = re.search(r"full_key: (\S+)", text)
+            name = key.group(1) if key else "config"
+            return f"{name}: {text.splitlines()[0]}; fix: check the key and its type"
+    return None
+
+
+def main() -> None:
+    """Console script: run Hydra, turning bad input into a one-line error and exit code 2."""
+    user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us; we format them below
+    try:
+        hydra_main()
+    except Exception as err:
+        message = bad_input_message(err)
+        if message is None or user_full_error:
+            raise
+        print(f"detox-exp: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    finally:
+        if not user_full_error:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Held-out evaluation of a policy: generate, score the RESPONSE only, compute metrics.
+
+Writes ``<run_dir>/eval/<phase>/generations.jsonl`` (one line per prompt x sample) and
+``<run_dir>/eval/<phase>/metrics.json``; metrics are returned as ``eval/<phase>/<name>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from detox_exp.errors import ConfigError
+from detox_exp.evaluation.metrics import (
+    distinct_n,
+    expected_max_toxicity,
+    rouge_scores,
+    toxicity_probability,
+    toxicity_stats,
+)
+from detox_exp.ppo.rollout import decode, generation_kwargs, pad_queries, sample_responses
+from detox_exp.reward.scorer import ToxicityScorer
+from detox_exp.utils import progress, resolve_device, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    phase: str
+    metrics: dict[str, float]  # keys eval/<phase>/<name>
+    toxicity: np.ndarray  # [n_prompts, k] toxicity of each sample
+    rouge_l: np.ndarray  # [n_prompts, k]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Evaluator:
+    """Evaluates a policy on held-out prompts with a fixed sampling seed (see conf/eval)."""
+
+    def __init__(
+        self,
+        num_prompts: int | None = 100,
+        samples_per_prompt: int = 1,
+        batch_size: int = 32,
+        toxic_threshold: float = 0.5,
+        generation: Mapping[str, Any] | None = None,
+        bootstrap: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        device: str = "auto",
+    ) -> None:
+        if num_prompts is not None and num_prompts < 1:
+            raise ConfigError("eval.num_prompts", f"must be >= 1, got {num_prompts}", "raise it")
+        if samples_per_prompt < 1:
+            raise ConfigError("eval.samples_per_prompt", "must be >= 1", "raise it")
+        if batch_size < 1:
+            raise ConfigError("eval.batch_size", f"must be >= 1, got {batch_size}", "raise it")
+        if not 0 < toxic_threshold < 1:
+            raise ConfigError("eval.toxic_threshold", "must be in (0, 1)", "use e.g. 0.5")
+        self.num_prompts, self.k = num_prompts, samples_per_prompt
+        self.batch_size, self.threshold = batch_size, toxic_threshold
+        self.generation = dict(generation or {})
+        self.bootstrap = dict(bootstrap or {})
+        self.seed, self.device = seed, device
+
+    def prompts(self, data: Dataset) -> Dataset:
+        n = len(data) if self.num_prompts is None else min(self.num_prompts, len(data))
+        return data.select(range(n))
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        scorer: ToxicityScorer,
+        data: Dataset,
+        phase: str,
+        run_dir: str | Path,
+        generation_defaults: Mapping[str, Any],
+    ) -> EvalResult:
+        """Generate k samples per prompt, score responses, write files, return metrics."""
+        device = resolve_device(self.device)
+        gen = generation_kwargs({**generation_defaults, **self.generation})
+        prompts = self.prompts(data)
+        was_training = model.training
+        model.eval()
+        torch.manual_seed(self.seed)  # same samples' randomness before and after PPO
+        rows = [(i, s) for i in range(len(prompts)) for s in range(self.k)]
+        responses: list[str] = [""] * len(rows)
+        lengths = np.zeros(len(rows))
+        bar = progress(total=len(rows), desc=f"eval {phase}", unit="sample")
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            ids, mask = pad_queries([prompts[i]["input_ids"] for i, _ in chunk],
+                                    tokenizer.pad_token_id, device)
+            response_ids, response_mask = sample_responses(model, tokenizer, ids, mask, gen)
+            # length in tokens, EOS excluded
+            eos = (response_ids == tokenizer.eos_token_id).float() * response_mask
+            lengths[start : start + len(chunk)] = (response_mask.sum(1) - eos.sum(1)).cpu().numpy()
+            responses[start : start + len(chunk)] = decode(tokenizer, response_ids)
+            bar.update(len(chunk))
+        bar.close()
+        model.train(was_training)
+        scores = scorer.score(responses)
+        toxicity = scores.toxicity.numpy().reshape(len(prompts), self.k)
+        references = [prompts[i]["reference"] for i, _ in rows]
+        from detox_exp.evaluation.metrics import rouge_l_per_example
+
+        rouge_l = rouge_l_per_example(responses, references).reshape(len(prompts), self.k)
+        metrics = toxicity_stats(toxicity.ravel(), self.threshold)
+        metrics |= {
+            "expected_max_toxicity": expected_max_toxicity(toxicity),
+            "toxicity_probability": toxicity_probability(toxicity, self.threshold),
+            "reward_mean": float(scores.reward.mean()),
+        }
+        metrics |= rouge_scores(responses, references)
+        metrics |= {
+            "distinct_1": distinct_n(responses, 1),
+            "distinct_2": distinct_n(responses, 2),
+            "response_len_mean": float(lengths.mean()),
+            "empty_fraction": float(np.mean([not r for r in responses])),
+            "num_prompts": len(prompts),
+            "samples_per_prompt": self.k,
+        }
+        records = [
+            {
+                "id": prompts[i]["id"],
+                "prompt": prompts[i]["prompt"],
+                "reference": references[n],
+                "response": responses[n],
+                "sample": s,
+                "toxicity": {scorer.name_or_path: float(toxicity[i, s])},
+                "reward": float(scores.reward[n]),
+                "rouge_l": float(rouge_l[i, s]),
+            }
+            for n, (i, s) in enumerate(rows)
+        ]
+        out = Path(run_dir) / "eval" / phase
+        write_jsonl(out / "generations.jsonl", records)
+        write_json(out / "metrics.json", metrics)
+        log.info("eval %s: toxicity %.3f, toxic fraction %.3f, ROUGE-L %.3f", phase,
+                 metrics["toxicity_mean"], metrics["toxic_fraction"], metrics["rouge_l"])
+        return EvalResult(
+            phase=phase,
+            metrics={f"eval/{phase}/{k}": v for k, v in metrics.items()},
+            toxicity=toxicity,
+            rouge_l=rouge_l,
+            records=records,
+        )

@@ -1,0 +1,39 @@
+"""Every logged metric name, defined once (trl-style namespaces)."""
+
+# PPO, logged every step (metrics.jsonl lines also carry the global "step")
+KL = "objective/kl"  # mean over samples of the summed per-token KL(policy || reference)
+KL_COEF = "objective/kl_coef"
+ENTROPY = "objective/entropy"  # mean per-token entropy of the policy on its responses
+LOSS_POLICY = "ppo/loss/policy"
+LOSS_VALUE = "ppo/loss/value"
+LOSS_TOTAL = "ppo/loss/total"
+APPROX_KL = "ppo/policy/approxkl"
+POLICY_KL = "ppo/policy/policykl"
+CLIPFRAC = "ppo/policy/clipfrac"
+VALUE_CLIPFRAC = "ppo/val/clipfrac"
+VAR_EXPLAINED = "ppo/val/var_explained"
+VALUE_MEAN = "ppo/val/mean"
+RETURNS_MEAN = "ppo/returns/mean"
+ADVANTAGES_MEAN = "ppo/advantages/mean"
+GRAD_NORM = "ppo/grad_norm"
+EPOCHS_RUN = "ppo/epochs_run"
+REWARD_MEAN = "env/reward_mean"  # classifier score (before KL shaping)
+REWARD_STD = "env/reward_std"
+TOXICITY_MEAN = "env/toxicity_mean"
+RESPONSE_LEN_MEAN = "tokens/response_len_mean"
+STEP_TIME = "time/step_s"
+TIME_GENERATE = "time/generate"
+TIME_SCORE = "time/score"
+TIME_FORWARD = "time/forward"
+TIME_OPTIMIZE = "time/optimize"
+SAMPLES_PER_S = "perf/samples_per_s"
+SAMPLES_TABLE = "samples"
+
+# data
+DATA_TRAIN_PROMPTS = "data/train_prompts"
+DATA_EVAL_PROMPTS = "data/eval_prompts"
+
+PPO_STEP_METRICS = (
+    KL, KL_COEF, ENTROPY, LOSS_POLICY, LOSS_VALUE, APPROX_KL, CLIPFRAC, VAR_EXPLAINED,
+    REWARD_MEAN, REWARD_STD, TOXICITY_MEAN, RESPONSE_LEN_MEAN, STEP_TIME, SAMPLES_PER_S,
+)

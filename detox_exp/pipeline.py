@@ -1,0 +1,196 @@
+"""The pipeline: prepare data -> train reward model -> evaluate -> PPO -> evaluate.
+
+Every component is built with ``hydra.utils.instantiate`` from its ``_target_`` node; this
+module only orders the stages and hands results from one to the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from detox_exp import metric_names as M
+from detox_exp.data.dialogues import PromptSplits
+from detox_exp.errors import ConfigError
+from detox_exp.tracking import Tracker
+from detox_exp.utils import resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+REPORT_KEYS = ("toxicity_mean", "toxic_fraction", "rouge_l", "response_len_mean")
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """instantiate with plain Python containers; unwrap our own errors from Hydra's wrapper."""
+    from detox_exp.errors import DetoxError
+
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except Exception as err:
+        cause = err
+        while cause is not None and not isinstance(cause, DetoxError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Checks that need the whole config (single components check their own arguments)."""
+    resolve_device(cfg.device)
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError("precision", f"unknown {cfg.precision!r}", f"use one of {PRECISIONS}")
+    if cfg.precision != "fp32" and resolve_device(cfg.device).type != "cuda":
+        raise ConfigError("precision", f"{cfg.precision} needs CUDA", "set precision=fp32 on CPU")
+    stage_names = {"prepare_data", "train_reward", "evaluate_before", "ppo", "evaluate_after"}
+    unknown = set(cfg.stages) - stage_names
+    if unknown:
+        raise ConfigError(f"stages.{sorted(unknown)[0]}", "unknown stage", f"use {sorted(stage_names)}")
+    gen = cfg.model.generation
+    if gen.max_new_tokens < 1:
+        raise ConfigError("model.generation.max_new_tokens", "must be >= 1", "raise it")
+    if gen.min_new_tokens > gen.max_new_tokens:
+        raise ConfigError(
+            "model.generation.min_new_tokens",
+            f"{gen.min_new_tokens} exceeds max_new_tokens={gen.max_new_tokens}",
+            "lower min_new_tokens or raise max_new_tokens",
+        )
+
+
+def run_task(cfg: DictConfig) -> float | None:
+    """Hydra task: run the pipeline, always finish the logger, return the optimised metric."""
+    metrics, _ = run(cfg)
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return None if value is None else float(value)
+
+
+def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the configured stages; returns (summary metrics, built objects)."""
+    check_run_config(cfg)
+    if cfg.torch_threads:
+        torch.set_num_threads(int(cfg.torch_threads))
+    seed_everything(cfg.seed)
+    run_dir = Path(cfg.paths.output_dir)
+    tracker: Tracker = build(cfg.logger)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tracker.start(config)
+    exit_code = 1
+    try:
+        summary, objects = _run_stages(cfg, tracker, run_dir)
+        exit_code = 0
+    finally:
+        tracker.finish(exit_code)
+    print_report(summary, run_dir, tracker)
+    return summary, objects | {"tracker": tracker}
+
+
+def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path):
+    stages = cfg.stages
+    timings: dict[str, float] = {}
+    objects: dict[str, Any] = {}
+
+    def timed(name: str, start: float) -> None:
+        timings[f"time/stage/{name}_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if stages.prepare_data and cfg.get("assets") is not None:
+        build(cfg.assets).build()
+    tokenizer = build(cfg.model.tokenizer)
+    if stages.prepare_data:
+        splits = build(cfg.dataset).prepare(tokenizer)
+        splits.save(cfg.paths.data_dir)
+        tracker.log_summary({M.DATA_TRAIN_PROMPTS: len(splits.train),
+                             M.DATA_EVAL_PROMPTS: len(splits.eval)})
+        timed("prepare_data", start)
+    else:
+        splits = PromptSplits.load(cfg.paths.data_dir)
+
+    reward_path = cfg.reward.name_or_path
+    if stages.train_reward:
+        start = time.perf_counter()
+        trainer = build(cfg.reward.training)
+        trainer.train(tracker)
+        reward_path = str(trainer.output_dir)
+        timed("train_reward", start)
+
+    need_policy = stages.evaluate_before or stages.ppo or stages.evaluate_after
+    if not need_policy:
+        tracker.log_summary(timings)
+        return dict(tracker.summary), objects
+    device = resolve_device(cfg.device)
+    scorer = build(cfg.reward.scorer, name_or_path=str(reward_path))
+    seed_everything(cfg.seed)
+    model = build(cfg.model.policy).to(device)
+    evaluator = build(cfg.eval)
+    generation = OmegaConf.to_container(cfg.model.generation, resolve=True)
+    results = {}
+    objects |= {"tokenizer": tokenizer, "scorer": scorer, "splits": splits}
+
+    def evaluate(phase: str, policy: torch.nn.Module) -> None:
+        start = time.perf_counter()
+        results[phase] = evaluator.evaluate(
+            policy, tokenizer, scorer, splits.eval, phase, run_dir, generation
+        )
+        tracker.log_summary(results[phase].metrics)
+        timed(f"evaluate_{phase}", start)
+
+    if stages.evaluate_before:
+        evaluate("before", model)
+    if stages.ppo:
+        start = time.perf_counter()
+        ppo = build(cfg.ppo)(
+            model=model, tokenizer=tokenizer, scorer=scorer, prompts=splits.train,
+            tracker=tracker, generation=generation,
+        )
+        ppo.train()
+        timed("ppo", start)
+        objects["ppo"] = ppo
+    if stages.evaluate_after:
+        evaluate("after", model)
+    if "before" in results and "after" in results:
+        from detox_exp.evaluation.report import paired_deltas
+
+        tracker.log_summary(paired_deltas(results["before"], results["after"], evaluator.bootstrap))
+    if stages.ppo:
+        objects["ppo"].save(summary=dict(tracker.summary), config=cfg)
+    tracker.log_summary(timings)
+    objects["model"] = model
+    return dict(tracker.summary), objects
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}"
+
+
+def print_report(summary: dict[str, Any], run_dir: Path, tracker: Tracker) -> None:
+    """The before / after table, with the paired bootstrap CI of each change."""
+    lines = ["", "| metric | before | after | change (95% CI) |", "|---|---|---|---|"]
+    shown = False
+    for key in REPORT_KEYS:
+        before, after = summary.get(f"eval/before/{key}"), summary.get(f"eval/after/{key}")
+        if before is None and after is None:
+            continue
+        shown = True
+        delta = summary.get(f"eval/delta/{key}")
+        change = "-"
+        if delta is not None:
+            lo, hi = summary.get(f"eval/delta/{key}_ci_low"), summary.get(f"eval/delta/{key}_ci_high")
+            rel = summary.get(f"eval/delta/{key}_rel")
+            change = f"{delta:+.3f} [{_fmt(lo)}, {_fmt(hi)}]"
+            if rel is not None and not math.isnan(rel):
+                change += f" ({rel:+.0%})"
+        lines.append(f"| {key} | {_fmt(before)} | {_fmt(after)} | {change} |")
+    if shown:
+        print("\n".join(lines))
+    print(f"run dir: {run_dir}")
+    print(f"W&B run: {tracker.location}")

@@ -1,0 +1,373 @@
+"""PPO math as pure functions of tensors: masked statistics, KL estimators, GAE, losses.
+
+Shapes: ``B`` = batch, ``T`` = response length, ``V`` = vocabulary size. ``mask`` is a bool or
+float tensor ``[B, T]`` with 1 for real response tokens (right-padded: ``1 ... 1 0 ... 0``).
+Values outside the mask never reach a result (they may even be ``nan`` or ``-inf``).
+
+Sources: Schulman et al. 2017 "Proximal Policy Optimization Algorithms" (clipped objective),
+Schulman et al. 2016 "High-Dimensional Continuous Control Using GAE" (advantages),
+Ziegler et al. 2019 "Fine-Tuning Language Models from Human Preferences" (KL reward and
+adaptive KL coefficient), http://joschu.net/blog/kl-approx.html (KL estimators k1/k2/k3),
+huggingface/trl v0.11.4 ``trl/core.py`` and vwxyzjn/cleanrl ``ppo.py`` (implementations).
+"""
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "full")
+
+
+def _float_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32, so log-softmax of bf16/fp16 logits stays accurate."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is non-zero.
+
+    ``x`` and ``mask`` broadcast together (typically both ``[B, T]``). ``dim=None`` gives a
+    scalar; an int reduces that dimension only. An empty mask gives ``nan`` (0 / 0).
+    """
+    keep = mask.bool()
+    total = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    count = keep.to(x.dtype)
+    if dim is None:
+        return total.sum() / count.sum()
+    return total.sum(dim) / count.sum(dim)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Scalar variance of ``x`` over the masked positions (``x``, ``mask``: ``[B, T]``).
+
+    ``unbiased=True`` applies Bessel's correction ``n / (n - 1)`` with ``n = mask.sum()``.
+    """
+    n = mask.bool().sum().item()
+    if n == 0:
+        raise ValueError("masked_var: mask has no non-zero entries, the variance is undefined")
+    if unbiased and n == 1:
+        raise ValueError(
+            "masked_var: the unbiased variance needs at least 2 masked values, mask has 1 "
+            "(pass unbiased=False for the population variance)"
+        )
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        var = var * (n / (n - 1))
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` with masked mean and unbiased masked variance.
+
+    ``x``, ``mask``: ``[B, T]`` -> ``[B, T]``. ``shift_mean=False`` adds the mean back (only the
+    scale changes). Positions outside the mask are transformed too; callers mask them.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """Log-probability of ``labels`` ``[B, T]`` under ``logits`` ``[B, T, V]`` -> ``[B, T]``.
+
+    Computed in at least float32. ``labels`` must be valid token ids (no -100).
+    """
+    logp = torch.log_softmax(logits.to(_float_dtype(logits.dtype)), dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def kl_penalty(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    estimator: str,
+    logits: Tensor | None = None,
+    ref_logits: Tensor | None = None,
+) -> Tensor:
+    """Per-token estimate of KL(pi || ref) -> ``[B, T]``.
+
+    ``logprobs``, ``ref_logprobs``: ``[B, T]`` log p(x_t), log q(x_t) of the tokens x_t that were
+    SAMPLED from the policy p; q is the reference model. With ``r = q(x) / p(x)`` and x ~ p
+    (http://joschu.net/blog/kl-approx.html):
+
+    - ``k1 = -log r = log p - log q``: unbiased, high variance, can be negative per token.
+    - ``k2 = 0.5 * (log r)^2``: biased, low variance, non-negative.
+    - ``k3 = (r - 1) - log r``: unbiased, low variance, non-negative (log x <= x - 1).
+    - ``full``: exact ``sum_v p_v (log p_v - log q_v)`` from ``logits``, ``ref_logits``
+      ``[B, T, V]``; non-negative (clamped at 0 against rounding).
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"ppo.kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    if estimator == "full":
+        if logits is None or ref_logits is None:
+            raise ValueError("ppo.kl_estimator='full' needs logits and ref_logits [B, T, V]")
+        dtype = _float_dtype(logits.dtype)
+        logp = torch.log_softmax(logits.to(dtype), dim=-1)
+        logq = torch.log_softmax(ref_logits.to(dtype), dim=-1)
+        return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
+
+    log_ratio = logprobs - ref_logprobs  # log p(x) - log q(x) = -log r
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    # k3: (r - 1) - log r with log r = -log_ratio; expm1 keeps it accurate for r near 1
+    return (torch.expm1(-log_ratio) + log_ratio).clamp_min(0.0)
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last non-zero entry in each row of ``mask`` ``[B, T]`` -> ``[B]`` (long).
+
+    Raises ValueError if a row is empty (no response token to carry the score).
+    """
+    keep = mask.bool()
+    if not bool(keep.any(dim=-1).all()):
+        raise ValueError("mask has a row with no response tokens; every response needs >= 1")
+    positions = torch.arange(1, keep.shape[-1] + 1, device=mask.device)
+    return (keep * positions).argmax(dim=-1)
+
+
+def compute_rewards(
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    estimator: str = "k3",
+    logits: Tensor | None = None,
+    ref_logits: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-token rewards with a KL penalty (Ziegler et al. 2019, eq. 2).
+
+    ``r_t = -kl_coef * KL_t`` on response tokens, plus the sequence score ``scores[b]`` (``[B]``)
+    at the last response token of row b. Returns ``(rewards, kl)``, both ``[B, T]`` and 0
+    outside ``mask``. See ``kl_penalty`` for the other arguments.
+    """
+    keep = mask.bool()
+    kl = kl_penalty(logprobs, ref_logprobs, estimator, logits=logits, ref_logits=ref_logits)
+    kl = torch.where(keep, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+    rewards = -kl_coef * kl
+    scores = scores.reshape(-1).to(rewards.dtype)
+    if scores.shape[0] != rewards.shape[0]:
+        raise ValueError(f"scores has {scores.shape[0]} entries for a batch of {rewards.shape[0]}")
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_token_index(mask)] += scores
+    return rewards, kl
+
+
+def compute_gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalized Advantage Estimation (Schulman et al. 2016), vectorised over the batch.
+
+    ``rewards``, ``values``, ``mask``: ``[B, T]``. A position outside the mask is terminal:
+    the value after the last response token is 0. Returns ``(advantages, returns)``, both
+    ``[B, T]``, with ``returns = advantages + values`` and 0 outside the mask. Pass detached
+    tensors (this function does not detach).
+    """
+    keep = mask.bool()
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    values = torch.where(keep, values, zero)
+    rewards = torch.where(keep, rewards.to(values.dtype), zero)
+    nonterminal = keep.to(values.dtype)
+    gen_len = rewards.shape[-1]
+    lastgaelam = torch.zeros_like(values[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(gen_len)):
+        # bootstrap value if not done: V(s_{t+1}) = 0 past the end of the response
+        nextvalues = values[:, t + 1] if t < gen_len - 1 else torch.zeros_like(lastgaelam)
+        # delta_t = r_t + gamma * V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma * lam * A_{t+1}
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = (delta + gamma * lam * lastgaelam) * nonterminal[:, t]
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    returns = advantages + values
+    return advantages, returns
+
+
+def policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), as a loss to minimise.
+
+    ``logprobs`` (current policy, with grad), ``old_logprobs`` (rollout policy), ``advantages``,
+    ``mask``: ``[B, T]``. Returns ``(loss, stats)``; the scalar stats are detached:
+    ``clipfrac``, ``approxkl`` (k3 of KL(old || new)), ``policykl`` (k1), ``ratio_mean``.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    # Policy loss
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((pg_loss2 > pg_loss1).to(ratio.dtype), mask),
+            # calculate approx_kl http://joschu.net/blog/kl-approx.html (k3, as cleanrl)
+            "approxkl": masked_mean((ratio - 1) - log_ratio, mask),
+            "policykl": masked_mean(-log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, cliprange_value: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss as in OpenAI baselines PPO2 / trl: ``0.5 * mean(max(l1, l2))``.
+
+    ``values`` (current, with grad), ``old_values`` (rollout), ``returns``, ``mask``: ``[B, T]``.
+    ``l1 = (V - R)^2``, ``l2 = (V_old + clamp(V - V_old, -c, c) - R)^2``. Returns
+    ``(loss, stats)`` with detached ``clipfrac`` (fraction where the clipped term is larger)
+    and ``mse`` (masked mean of ``l1``).
+    """
+    vpredclipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    vf_losses1 = (values - returns) ** 2
+    vf_losses2 = (vpredclipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((vf_losses2 > vf_losses1).to(values.dtype), mask),
+            "mse": masked_mean(vf_losses1, mask),
+        }
+    return loss, stats
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) ``[B, T, V]`` -> ``[B, T]``: ``logsumexp(z) - sum p * z``."""
+    logits = logits.to(_float_dtype(logits.dtype))
+    pd = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (pd * logits).sum(-1)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """``1 - Var(returns - values) / Var(returns)`` over the mask (scalar); ``nan`` if
+    ``Var(returns) == 0``. 1 is a perfect value function, <= 0 no better than a constant."""
+    var_y = masked_var(returns, mask, unbiased=False)
+    if var_y.item() == 0:
+        return torch.full((), math.nan, dtype=var_y.dtype, device=var_y.device)
+    return 1 - masked_var(returns - values, mask, unbiased=False) / var_y
+
+
+class RunningMoments:
+    """Running mean / variance over all values seen, merged batch by batch with Chan et al.'s
+    parallel form of Welford's algorithm (float64 Python scalars, so it is exact to
+    checkpoint). ``mean``, ``var`` (population) and ``std`` (with Bessel's correction)."""
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self.var = 0.0
+        self.count = 0
+
+    @property
+    def std(self) -> float:
+        if self.count < 2:
+            return 0.0
+        return math.sqrt(self.var * self.count / (self.count - 1))
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> tuple[float, float]:
+        """Merge the values of ``x`` (any shape) in; returns this batch's (mean, std)."""
+        x = x.detach().double().reshape(-1)
+        n = x.numel()
+        if n == 0:
+            raise ValueError("RunningMoments.update: empty tensor")
+        batch_mean = x.mean().item()
+        batch_var = x.var(unbiased=False).item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        # M2 = M2_a + M2_b + delta^2 * n_a * n_b / n  (Chan, Golub & LeVeque 1979)
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var = m2 / total
+        self.count = total
+        batch_std = math.sqrt(batch_var * n / (n - 1)) if n > 1 else 0.0
+        return batch_mean, batch_std
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean, self.var = float(state["mean"]), float(state["var"])
+        self.count = int(state["count"])
+
+
+def process_scores(
+    scores: Tensor,
+    scale: float = 1.0,
+    clip: float | None = None,
+    normalize: bool = False,
+    running: RunningMoments | None = None,
+    eps: float = 1e-8,
+) -> Tensor:
+    """Reward-model scores ``[B]`` -> scores used as the final-token reward ``[B]``.
+
+    Multiplies by ``scale``; if ``normalize``, first merges the batch into ``running`` (this
+    mutates it) and returns ``(s - running.mean) / (running.std + eps)``; then clips to
+    ``[-clip, clip]`` when ``clip`` is not None.
+    """
+    if clip is not None and clip <= 0:
+        raise ValueError(f"process_scores: clip must be > 0 or None, got {clip}")
+    scores = scores * scale
+    if normalize:
+        if running is None:
+            raise ValueError("process_scores: normalize=True needs a RunningMoments `running`")
+        running.update(scores)
+        scores = (scores - running.mean) / (running.std + eps)
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores
+
+
+class FixedKLController:
+    """Constant KL coefficient ``value``."""
+
+    def __init__(self, kl_coef: float) -> None:
+        if not kl_coef >= 0:
+            raise ValueError(f"ppo.kl_controller.kl_coef must be >= 0, got {kl_coef}")
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, section 2.2): moves ``value`` so that the
+    observed KL approaches ``target``, by at most 20% per ``horizon`` samples."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
+        if not init_kl_coef >= 0:
+            raise ValueError(f"ppo.kl_controller.init_kl_coef must be >= 0, got {init_kl_coef}")
+        if not target > 0:
+            raise ValueError(f"ppo.kl_controller.target must be > 0, got {target}")
+        if not horizon > 0:
+            raise ValueError(f"ppo.kl_controller.horizon must be > 0, got {horizon}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Ziegler et al. 2019: ``e = clip(KL / target - 1, -0.2, 0.2)``;
+        ``beta <- beta * (1 + e * n_steps / horizon)``; ``n_steps`` = samples in this batch."""
+        if not math.isfinite(current_kl):
+            raise ValueError(f"AdaptiveKLController.update: current_kl is {current_kl}")
+        proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        mult = 1 + proportional_error * n_steps / self.horizon
+        self.value *= mult
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores ``value`` only: ``target`` and ``horizon`` come from the current config."""
+        self.value = float(state["value"])

@@ -1,0 +1,98 @@
+"""The PPO actor-critic: a seq2seq LM (LoRA-wrapped) plus a value head on the decoder.
+
+The reference model for the KL penalty is the same network with the LoRA adapter disabled
+(``peft``'s ``disable_adapter()``), or a frozen copy when the whole network is fine-tuned.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [B, T, V]
+    values: torch.Tensor | None  # [B, T]
+
+
+def base_config(model: nn.Module):
+    return model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
+
+
+class ActorCritic(nn.Module):
+    """Policy LM + value head (one value per response token, from the last decoder state).
+
+    Args:
+        model: an encoder-decoder LM, usually a ``peft.PeftModel`` with a LoRA adapter.
+        separate_value_model: compute values with a separate copy of the network (its own
+            adapter / weights) instead of the policy's decoder states.
+    """
+
+    def __init__(self, model: PreTrainedModel, separate_value_model: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.is_peft = hasattr(model, "disable_adapter")
+        hidden = base_config(model).d_model
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.value_head.bias)
+        self.value_model = copy.deepcopy(model) if separate_value_model else None
+        # Full fine-tuning: the reference is a frozen copy of the initial weights.
+        self.ref_model = None if self.is_peft else copy.deepcopy(model).requires_grad_(False).eval()
+
+    @property
+    def config(self):
+        return base_config(self.model)
+
+    def reference(self) -> AbstractContextManager:
+        """Context in which ``self.model`` computes the reference distribution (peft only)."""
+        return self.model.disable_adapter() if self.is_peft else nullcontext()
+
+    def _run(self, model: nn.Module, query_ids, query_mask, decoder_ids, hidden: bool):
+        return model(
+            input_ids=query_ids,
+            attention_mask=query_mask,
+            decoder_input_ids=decoder_ids,
+            output_hidden_states=hidden,
+            use_cache=False,
+            return_dict=True,
+        )
+
+    def forward(
+        self,
+        query_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        decoder_ids: torch.Tensor,
+        with_values: bool = True,
+    ) -> ForwardOutput:
+        """Policy logits and values for teacher-forced ``decoder_ids`` [B, T]."""
+        shared = with_values and self.value_model is None
+        out = self._run(self.model, query_ids, query_mask, decoder_ids, hidden=shared)
+        values = None
+        if with_values:
+            if shared:
+                last = out.decoder_hidden_states[-1]
+            else:
+                last = self._run(
+                    self.value_model, query_ids, query_mask, decoder_ids, hidden=True
+                ).decoder_hidden_states[-1]
+            values = self.value_head(last.to(self.value_head.weight.dtype)).squeeze(-1)
+        return ForwardOutput(logits=out.logits, values=values)
+
+    def reference_logits(
+        self, query_ids: torch.Tensor, query_mask: torch.Tensor, decoder_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of the reference model (adapter disabled, or the frozen copy)."""
+        if self.ref_model is not None:
+            return self._run(self.ref_model, query_ids, query_mask, decoder_ids, False).logits
+        with self.reference():
+            return self._run(self.model, query_ids, query_mask, decoder_ids, False).logits
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

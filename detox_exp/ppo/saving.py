@@ -1,0 +1,69 @@
+"""Saving a trained policy: adapter, value head, merged model and a model card."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
+
+from detox_exp.ppo.policy import ActorCritic
+
+CARD_METRICS = ("toxicity_mean", "toxic_fraction", "rouge_l", "response_len_mean")
+
+
+def model_card(summary: Mapping[str, Any], config: Any) -> str:
+    cfg = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
+    lines = [
+        "# detox_exp PPO policy",
+        "",
+        f"- base model: `{cfg['model']['name_or_path']}`",
+        f"- reward model: `{cfg['reward']['name_or_path']}` "
+        f"(reward = {cfg['reward']['reward_type']} of `{cfg['reward']['nontoxic_label']}`)",
+        f"- data: `{cfg['dataset']['path']}`",
+        f"- PPO steps: {cfg['ppo']['steps']}, batch {cfg['ppo']['batch_size']}, "
+        f"lr {cfg['ppo']['optimizer']['lr']}, KL estimator {cfg['ppo']['kl_estimator']}",
+        f"- seed: {cfg['seed']}",
+        "",
+        "Load with `AutoModelForSeq2SeqLM.from_pretrained(<this folder>)`.",
+        "",
+        "## Held-out evaluation (toxicity of the response only)",
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
+    ]
+    for key in CARD_METRICS:
+        before, after = summary.get(f"eval/before/{key}"), summary.get(f"eval/after/{key}")
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        lines.append(f"| {key} | {fmt(before)} | {fmt(after)} |")
+    lines += ["", "## Config", "", "```json", json.dumps(cfg, indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def save_policy(
+    policy: ActorCritic,
+    tokenizer: PreTrainedTokenizerBase,
+    save_dir: str | Path,
+    summary: Mapping[str, Any],
+    config: Any,
+) -> Path:
+    """Write ``adapter/`` (LoRA or full weights), ``value_head.safetensors`` and ``merged/``."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    policy.model.save_pretrained(save_dir / "adapter", safe_serialization=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()}
+    save_file(state, str(save_dir / "value_head.safetensors"))
+    merged = copy.deepcopy(policy.model)
+    if policy.is_peft:
+        merged = merged.merge_and_unload()
+    merged.save_pretrained(save_dir / "merged", safe_serialization=True)
+    tokenizer.save_pretrained(save_dir / "merged")
+    card = model_card(summary, config)
+    (save_dir / "merged" / "README.md").write_text(card)
+    (save_dir / "README.md").write_text(card)
+    return save_dir

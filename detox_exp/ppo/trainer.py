@@ -1,0 +1,353 @@
+"""The PPO loop for encoder-decoder policies: rollout -> score -> advantages -> update.
+
+The math lives in :mod:`detox_exp.ppo.core` (pure functions); this module orchestrates.
+Dropout is off during PPO (the network stays in eval mode, as in trl >= 0.12) so that the
+importance ratio of the first minibatch is exactly 1 and old / new log-probs agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from detox_exp import metric_names as M
+from detox_exp.errors import ConfigError
+from detox_exp.ppo import core
+from detox_exp.ppo.policy import ActorCritic
+from detox_exp.ppo.rollout import decode, decoder_inputs, pad_queries, sample_responses
+from detox_exp.reward.scorer import ToxicityScorer
+from detox_exp.tracking import Tracker
+from detox_exp.utils import progress, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def _check(condition: bool, field: str, problem: str, fix: str) -> None:
+    if not condition:
+        raise ConfigError(f"ppo.{field}", problem, fix)
+
+
+class PPOTrainer:
+    """PPO with a KL penalty to the reference (adapter disabled); see conf/ppo/default.yaml."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        scorer: ToxicityScorer,
+        prompts: Dataset,
+        tracker: Tracker,
+        generation: Mapping[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        kl_controller: core.AdaptiveKLController | core.FixedKLController,
+        steps: int = 100,
+        batch_size: int = 32,
+        mini_batch_size: int = 8,
+        gradient_accumulation_steps: int = 1,
+        ppo_epochs: int = 4,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        cliprange: float = 0.2,
+        cliprange_value: float = 0.2,
+        vf_coef: float = 0.1,
+        ent_coef: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+        target_approx_kl: float | None = None,
+        whiten_advantages: bool = True,
+        kl_estimator: str = "k3",
+        score: Mapping[str, Any] | None = None,
+        separate_value_model: bool = False,
+        sample_table_every: int = 10,
+        num_table_samples: int = 4,
+        save_dir: str = "policy",
+        seed: int = 0,
+        device: str = "auto",
+        precision: str = "fp32",
+    ) -> None:
+        _check(steps >= 0, "steps", f"must be >= 0, got {steps}", "set ppo.steps=20")
+        _check(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}", "raise it")
+        _check(mini_batch_size >= 1, "mini_batch_size", "must be >= 1", "raise it")
+        _check(
+            batch_size % mini_batch_size == 0, "mini_batch_size",
+            f"{mini_batch_size} does not divide ppo.batch_size={batch_size}",
+            "pick a divisor of the batch size",
+        )
+        _check(
+            gradient_accumulation_steps >= 1
+            and mini_batch_size % gradient_accumulation_steps == 0,
+            "gradient_accumulation_steps",
+            f"{gradient_accumulation_steps} does not divide ppo.mini_batch_size={mini_batch_size}",
+            "pick a divisor of the mini-batch size",
+        )
+        _check(ppo_epochs >= 1, "ppo_epochs", "must be >= 1", "raise it")
+        _check(0 <= gamma <= 1, "gamma", f"must be in [0, 1], got {gamma}", "use e.g. 1.0")
+        _check(0 <= lam <= 1, "lam", f"must be in [0, 1], got {lam}", "use e.g. 0.95")
+        _check(cliprange > 0, "cliprange", f"must be > 0, got {cliprange}", "use e.g. 0.2")
+        _check(cliprange_value > 0, "cliprange_value", "must be > 0", "use e.g. 0.2")
+        _check(
+            kl_estimator in core.KL_ESTIMATORS, "kl_estimator", f"unknown {kl_estimator!r}",
+            f"use one of {core.KL_ESTIMATORS}",
+        )
+        _check(max_grad_norm is None or max_grad_norm > 0, "max_grad_norm", "must be > 0", "or null")
+        score = dict(score or {})
+        _check(set(score) <= {"scale", "normalize", "clip"}, "score", f"unknown keys {score}",
+               "use scale, normalize, clip")
+        self.device = resolve_device(device)
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.tokenizer, self.scorer, self.prompts, self.tracker = tokenizer, scorer, prompts, tracker
+        self.generation = dict(generation)
+        self.steps, self.batch_size, self.mini_batch_size = steps, batch_size, mini_batch_size
+        self.accum = gradient_accumulation_steps
+        self.ppo_epochs, self.gamma, self.lam = ppo_epochs, gamma, lam
+        self.cliprange, self.cliprange_value = cliprange, cliprange_value
+        self.vf_coef, self.ent_coef, self.max_grad_norm = vf_coef, ent_coef, max_grad_norm
+        self.target_approx_kl, self.whiten_advantages = target_approx_kl, whiten_advantages
+        self.kl_estimator, self.kl_ctl = kl_estimator, kl_controller
+        self.score_scale = float(score.get("scale", 1.0))
+        self.score_clip = score.get("clip")
+        self.running = core.RunningMoments() if score.get("normalize") else None
+        self.sample_table_every, self.num_table_samples = sample_table_every, num_table_samples
+        self.save_dir, self.seed = Path(save_dir), seed
+
+        self.policy = ActorCritic(model, separate_value_model).to(self.device)
+        self.policy.eval()  # no dropout: see module docstring
+        params = self.policy.trainable_parameters()
+        self.optimizer = optimizer(params)
+        lr = self.optimizer.param_groups[0]["lr"]
+        _check(lr > 0, "optimizer.lr", f"must be > 0, got {lr}", "use e.g. 1.41e-5")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = 0
+        self._order: list[int] = []
+        self._position = 0
+
+    # ------------------------------------------------------------------- helpers
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def next_batch(self) -> list[int]:
+        """Prompt indices for the next rollout: a seeded permutation per pass over the data."""
+        indices = []
+        while len(indices) < self.batch_size:
+            if self._position >= len(self._order):
+                self._order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
+                self._position = 0
+            take = min(self.batch_size - len(indices), len(self._order) - self._position)
+            indices += self._order[self._position : self._position + take]
+            self._position += take
+        return indices
+
+    def _forward(self, query, query_mask, response, mask, with_ref: bool, keep_logits: bool):
+        """Log-probs (+ values, entropy, reference log-probs) of given responses, no grad."""
+        dec = decoder_inputs(response, self.policy.config.decoder_start_token_id)
+        with self._autocast():
+            out = self.policy(query, query_mask, dec)
+            logits = out.logits.float()
+            result = {
+                "logprobs": core.logprobs_from_logits(logits, response),
+                "values": out.values.float(),
+                "entropy": core.entropy_from_logits(logits),
+            }
+            if keep_logits:
+                result["logits"] = logits
+            if with_ref:
+                ref_logits = self.policy.reference_logits(query, query_mask, dec).float()
+                result["ref_logprobs"] = core.logprobs_from_logits(ref_logits, response)
+                if keep_logits:
+                    result["ref_logits"] = ref_logits
+        return result
+
+    # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def rollout(self, indices: list[int]) -> dict[str, Any]:
+        """Sample, score and evaluate one batch; everything PPO needs, on ``self.device``."""
+        timings = {}
+        t0 = time.perf_counter()
+        query, query_mask = pad_queries(
+            [self.prompts[i]["input_ids"] for i in indices], self.tokenizer.pad_token_id, self.device
+        )
+        with self._autocast():
+            response, mask = sample_responses(
+                self.policy.model, self.tokenizer, query, query_mask, self.generation
+            )
+        texts = decode(self.tokenizer, response)
+        t1 = time.perf_counter()
+        scores = self.scorer.score(texts)
+        t2 = time.perf_counter()
+        full = self.kl_estimator == "full"
+        chunks = defaultdict(list)
+        for start in range(0, len(indices), self.mini_batch_size):
+            sl = slice(start, start + self.mini_batch_size)
+            out = self._forward(query[sl], query_mask[sl], response[sl], mask[sl], True, full)
+            for key, value in out.items():
+                chunks[key].append(value)
+        batch = {k: torch.cat(v) for k, v in chunks.items()}
+        t3 = time.perf_counter()
+        timings = {M.TIME_GENERATE: t1 - t0, M.TIME_SCORE: t2 - t1, M.TIME_FORWARD: t3 - t2}
+        raw_scores = scores.reward.to(self.device)
+        processed = core.process_scores(
+            raw_scores, scale=self.score_scale, clip=self.score_clip,
+            normalize=self.running is not None, running=self.running,
+        )
+        rewards, kl = core.compute_rewards(
+            processed, batch["logprobs"], batch["ref_logprobs"], mask, self.kl_ctl.value,
+            self.kl_estimator, batch.get("logits"), batch.get("ref_logits"),
+        )
+        advantages, returns = core.compute_gae(rewards, batch["values"], mask, self.gamma, self.lam)
+        if self.whiten_advantages:
+            advantages = torch.where(mask.bool(), core.masked_whiten(advantages, mask), 0.0)
+        batch.pop("logits", None)
+        batch.pop("ref_logits", None)
+        return {
+            "indices": indices, "query": query, "query_mask": query_mask, "response": response,
+            "mask": mask, "texts": texts, "scores": raw_scores, "toxicity": scores.toxicity,
+            "rewards": rewards, "kl": kl, "advantages": advantages, "returns": returns,
+            "timings": timings, **batch,
+        }
+
+    def optimize(self, roll: dict[str, Any]) -> dict[str, float]:
+        """PPO epochs x minibatches (with gradient accumulation) on one rollout batch."""
+        stats = defaultdict(list)
+        n = len(roll["indices"])
+        micro = self.mini_batch_size // self.accum
+        epochs_run = 0
+        for _ in range(self.ppo_epochs):
+            epochs_run += 1
+            order = torch.randperm(n, generator=self.generator).tolist()
+            epoch_kl = []
+            for mb_start in range(0, n, self.mini_batch_size):
+                mb = order[mb_start : mb_start + self.mini_batch_size]
+                for mc_start in range(0, len(mb), micro):
+                    idx = torch.tensor(mb[mc_start : mc_start + micro], device=self.device)
+                    loss, mstats = self._loss(roll, idx)
+                    self.scaler.scale(loss / self.accum).backward()
+                    for key, value in mstats.items():
+                        stats[key].append(value)
+                    epoch_kl.append(mstats[M.APPROX_KL])
+                self.scaler.unscale_(self.optimizer)
+                if self.max_grad_norm is not None:
+                    norm = torch.nn.utils.clip_grad_norm_(
+                        self.policy.trainable_parameters(), self.max_grad_norm
+                    )
+                    stats[M.GRAD_NORM].append(norm.item())
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+            if self.target_approx_kl is not None and sum(epoch_kl) / len(epoch_kl) > self.target_approx_kl:
+                break  # early stop: the policy moved too far from the rollout policy
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out[M.EPOCHS_RUN] = epochs_run
+        return out
+
+    def _loss(self, roll: dict[str, Any], idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        mask = roll["mask"][idx]
+        width = int(mask.sum(1).max().item())  # trim right padding of this micro-batch
+        q_width = int(roll["query_mask"][idx].sum(1).max().item())
+        mask = mask[:, :width]
+        query, query_mask = roll["query"][idx][:, :q_width], roll["query_mask"][idx][:, :q_width]
+        response = roll["response"][idx][:, :width]
+        dec = decoder_inputs(response, self.policy.config.decoder_start_token_id)
+        with self._autocast():
+            out = self.policy(query, query_mask, dec)
+        logits = out.logits.float()
+        logprobs = core.logprobs_from_logits(logits, response)
+        values = out.values.float()
+        pg_loss, pg_stats = core.policy_loss(
+            logprobs, roll["logprobs"][idx][:, :width], roll["advantages"][idx][:, :width],
+            mask, self.cliprange,
+        )
+        vf_loss, vf_stats = core.value_loss(
+            values, roll["values"][idx][:, :width], roll["returns"][idx][:, :width], mask,
+            self.cliprange_value,
+        )
+        loss = pg_loss + self.vf_coef * vf_loss
+        if self.ent_coef:
+            loss = loss - self.ent_coef * core.masked_mean(core.entropy_from_logits(logits), mask)
+        stats = {
+            M.LOSS_POLICY: pg_loss.item(), M.LOSS_VALUE: vf_loss.item(), M.LOSS_TOTAL: loss.item(),
+            M.APPROX_KL: pg_stats["approxkl"].item(), M.POLICY_KL: pg_stats["policykl"].item(),
+            M.CLIPFRAC: pg_stats["clipfrac"].item(), M.VALUE_CLIPFRAC: vf_stats["clipfrac"].item(),
+            "ppo/policy/ratio_mean": pg_stats["ratio_mean"].item(),
+        }
+        return loss, stats
+
+    def train_step(self) -> dict[str, float]:
+        """One PPO step; returns (and logs) its metrics."""
+        start = time.perf_counter()
+        roll = self.rollout(self.next_batch())
+        t_opt = time.perf_counter()
+        opt_stats = self.optimize(roll)
+        t_end = time.perf_counter()
+        mask = roll["mask"]
+        kl_per_sample = roll["kl"].sum(1)
+        mean_kl = kl_per_sample.mean().item()
+        metrics = {
+            M.KL: mean_kl,
+            M.KL_COEF: self.kl_ctl.value,
+            M.ENTROPY: core.masked_mean(roll["entropy"], mask).item(),
+            M.REWARD_MEAN: roll["scores"].mean().item(),
+            M.REWARD_STD: roll["scores"].std().item() if len(roll["scores"]) > 1 else 0.0,
+            M.TOXICITY_MEAN: roll["toxicity"].mean().item(),
+            M.RESPONSE_LEN_MEAN: mask.sum(1).float().mean().item(),
+            M.VAR_EXPLAINED: core.explained_variance(roll["values"], roll["returns"], mask).item(),
+            M.VALUE_MEAN: core.masked_mean(roll["values"], mask).item(),
+            M.RETURNS_MEAN: core.masked_mean(roll["returns"], mask).item(),
+            M.TIME_OPTIMIZE: t_end - t_opt,
+            M.STEP_TIME: t_end - start,
+            M.SAMPLES_PER_S: self.batch_size / (t_end - start),
+            **roll["timings"],
+            **opt_stats,
+        }
+        self.kl_ctl.update(mean_kl, self.batch_size)  # Ziegler et al.: n_steps = batch size
+        self.step += 1
+        self.tracker.log(metrics, step=self.step)
+        if self.sample_table_every and self.step % self.sample_table_every == 0:
+            rows = [
+                [self.step, self.prompts[i]["prompt"][-300:], roll["texts"][j],
+                 float(roll["scores"][j]), float(roll["toxicity"][j])]
+                for j, i in enumerate(roll["indices"][: self.num_table_samples])
+            ]
+            self.tracker.log_table(
+                M.SAMPLES_TABLE, ["step", "prompt", "response", "reward", "toxicity"], rows,
+                step=self.step,
+            )
+        for key in (M.REWARD_MEAN, M.LOSS_POLICY, M.KL):
+            if not math.isfinite(metrics[key]):
+                raise FloatingPointError(f"ppo step {self.step}: {key} is {metrics[key]}")
+        return metrics
+
+    def train(self) -> list[dict[str, float]]:
+        """Run ``steps`` PPO steps with a progress bar; returns every step's metrics."""
+        history = []
+        bar = progress(total=self.steps, desc="ppo", unit="step")
+        while self.step < self.steps:
+            metrics = self.train_step()
+            history.append(metrics)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics[M.REWARD_MEAN]:.2f}", kl=f"{metrics[M.KL]:.2f}",
+                            tox=f"{metrics[M.TOXICITY_MEAN]:.2f}")
+            log.info(
+                "ppo step %d/%d: reward %.3f, toxicity %.3f, kl %.3f, %.2f s",
+                self.step, self.steps, metrics[M.REWARD_MEAN], metrics[M.TOXICITY_MEAN],
+                metrics[M.KL], metrics[M.STEP_TIME],
+            )
+        bar.close()
+        return history
+
+    def save(self, summary: Mapping[str, Any], config: Any) -> Path:
+        """Adapter + value head + merged model (with a model card) under ``save_dir``."""
+        from detox_exp.ppo.saving import save_policy
+
+        return save_policy(self.policy, self.tokenizer, self.save_dir, summary, config)
