@@ -30,7 +30,9 @@ def check_source(name_or_path: str, field: str) -> None:
     """A local path must exist; hub ids are resolved by transformers."""
     if is_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise DataError(
-            field, f"local model dir {name_or_path} does not exist", "check the path or use a hub id"
+            field,
+            f"local model dir {name_or_path} does not exist",
+            "check the path or use a hub id",
         )
 
 
@@ -68,7 +70,9 @@ def load_tokenizer(
             field, f"cannot load a tokenizer from {name_or_path!r}", "check the path or hub id"
         ) from err
     if tokenizer.pad_token_id is None:
-        raise ConfigError(field, "the tokenizer has no pad token", "use a tokenizer with a pad token")
+        raise ConfigError(
+            field, "the tokenizer has no pad token", "use a tokenizer with a pad token"
+        )
     return tokenizer
 
 
@@ -104,7 +108,9 @@ def load_policy(
     if full_finetune:
         return model
     if lora is None:
-        raise ConfigError("model.lora", "no LoRA config", "set model.lora or model.full_finetune=true")
+        raise ConfigError(
+            "model.lora", "no LoRA config", "set model.lora or model.full_finetune=true"
+        )
     from peft import get_peft_model
 
     torch.manual_seed(seed)

@@ -53,7 +53,9 @@ def check_run_config(cfg: DictConfig) -> None:
     stage_names = {"prepare_data", "train_reward", "evaluate_before", "ppo", "evaluate_after"}
     unknown = set(cfg.stages) - stage_names
     if unknown:
-        raise ConfigError(f"stages.{sorted(unknown)[0]}", "unknown stage", f"use {sorted(stage_names)}")
+        raise ConfigError(
+            f"stages.{sorted(unknown)[0]}", "unknown stage", f"use {sorted(stage_names)}"
+        )
     gen = cfg.model.generation
     if gen.max_new_tokens < 1:
         raise ConfigError("model.generation.max_new_tokens", "must be >= 1", "raise it")
@@ -82,13 +84,14 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     tracker: Tracker = build(cfg.logger)
     config = OmegaConf.to_container(cfg, resolve=True)
     tracker.start(config)
+    location = tracker.location
     exit_code = 1
     try:
         summary, objects = _run_stages(cfg, tracker, run_dir)
         exit_code = 0
     finally:
         tracker.finish(exit_code)
-    print_report(summary, run_dir, tracker)
+    print_report(summary, run_dir, location)
     return summary, objects | {"tracker": tracker}
 
 
@@ -107,8 +110,9 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path):
     if stages.prepare_data:
         splits = build(cfg.dataset).prepare(tokenizer)
         splits.save(cfg.paths.data_dir)
-        tracker.log_summary({M.DATA_TRAIN_PROMPTS: len(splits.train),
-                             M.DATA_EVAL_PROMPTS: len(splits.eval)})
+        tracker.log_summary(
+            {M.DATA_TRAIN_PROMPTS: len(splits.train), M.DATA_EVAL_PROMPTS: len(splits.eval)}
+        )
         timed("prepare_data", start)
     else:
         splits = PromptSplits.load(cfg.paths.data_dir)
@@ -147,8 +151,12 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path):
     if stages.ppo:
         start = time.perf_counter()
         ppo = build(cfg.ppo)(
-            model=model, tokenizer=tokenizer, scorer=scorer, prompts=splits.train,
-            tracker=tracker, generation=generation,
+            model=model,
+            tokenizer=tokenizer,
+            scorer=scorer,
+            prompts=splits.train,
+            tracker=tracker,
+            generation=generation,
         )
         ppo.train()
         timed("ppo", start)
@@ -172,7 +180,7 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}"
 
 
-def print_report(summary: dict[str, Any], run_dir: Path, tracker: Tracker) -> None:
+def print_report(summary: dict[str, Any], run_dir: Path, wandb_location: str) -> None:
     """The before / after table, with the paired bootstrap CI of each change."""
     lines = ["", "| metric | before | after | change (95% CI) |", "|---|---|---|---|"]
     shown = False
@@ -184,7 +192,10 @@ def print_report(summary: dict[str, Any], run_dir: Path, tracker: Tracker) -> No
         delta = summary.get(f"eval/delta/{key}")
         change = "-"
         if delta is not None:
-            lo, hi = summary.get(f"eval/delta/{key}_ci_low"), summary.get(f"eval/delta/{key}_ci_high")
+            lo, hi = (
+                summary.get(f"eval/delta/{key}_ci_low"),
+                summary.get(f"eval/delta/{key}_ci_high"),
+            )
             rel = summary.get(f"eval/delta/{key}_rel")
             change = f"{delta:+.3f} [{_fmt(lo)}, {_fmt(hi)}]"
             if rel is not None and not math.isnan(rel):
@@ -193,4 +204,4 @@ def print_report(summary: dict[str, Any], run_dir: Path, tracker: Tracker) -> No
     if shown:
         print("\n".join(lines))
     print(f"run dir: {run_dir}")
-    print(f"W&B run: {tracker.location}")
+    print(f"W&B run: {wandb_location}")

@@ -115,7 +115,9 @@ class Tracker:
         def _log(run: Any) -> None:
             import wandb
 
-            run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step)
+            run.log(
+                {key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step
+            )
 
         self._wandb_call(_log)
 

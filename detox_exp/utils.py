@@ -32,10 +32,16 @@ def resolve_device(spec: str | None) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError as err:
-        raise ConfigError("device", f"unknown device {spec!r}", "use auto, cpu, cuda or cuda:N") from err
+        raise ConfigError(
+            "device", f"unknown device {spec!r}", "use auto, cpu, cuda or cuda:N"
+        ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", f"{spec} requested but CUDA is not available", "set device=cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
         raise ConfigError("device", f"{spec} does not exist", "pick an index < device count")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError("device", f"unsupported device {spec!r}", "use auto, cpu or cuda")

@@ -54,7 +54,9 @@ def _load_local_file(path: Path) -> Dataset:
     if path.suffix == ".jsonl":
         records = [record for _, record in read_jsonl(path)]
         if not records:
-            raise DataError("dataset.path", f"{path} has no records", "point it at a non-empty file")
+            raise DataError(
+                "dataset.path", f"{path} has no records", "point it at a non-empty file"
+            )
         return Dataset.from_list(records)
     builder = {".json": "json", ".csv": "csv"}.get(path.suffix)
     if builder is None:
@@ -82,7 +84,9 @@ class DialogueData:
         seed: int = 0,
     ) -> None:
         if "{dialogue}" not in prompt_template:
-            raise ConfigError("dataset.prompt_template", "has no {dialogue} field", "add {dialogue}")
+            raise ConfigError(
+                "dataset.prompt_template", "has no {dialogue} field", "add {dialogue}"
+            )
         if eval_split is None and not (eval_fraction and 0 < eval_fraction < 1):
             raise ConfigError(
                 "dataset.eval_fraction",
@@ -94,7 +98,11 @@ class DialogueData:
         if max_prompt_tokens < 1:
             raise ConfigError("dataset.max_prompt_tokens", "must be >= 1", "raise it")
         self.path, self.revision, self.data_files = path, revision, data_files
-        self.train_split, self.eval_split, self.eval_fraction = train_split, eval_split, eval_fraction
+        self.train_split, self.eval_split, self.eval_fraction = (
+            train_split,
+            eval_split,
+            eval_fraction,
+        )
         self.prompt_template = prompt_template
         self.min_chars, self.max_chars = min_chars, max_chars
         self.max_prompt_tokens = max_prompt_tokens
@@ -162,11 +170,14 @@ class DialogueData:
                     f"no split {self.eval_split!r} (have {sorted(raw)})",
                     "set dataset.eval_split, or null with dataset.eval_fraction",
                 )
-            train, held_out = self._process(raw[self.train_split]), self._process(raw[self.eval_split])
+            train, held_out = (
+                self._process(raw[self.train_split]),
+                self._process(raw[self.eval_split]),
+            )
         else:
             processed = self._process(raw[self.train_split])
             if len(processed) < 2:
-                raise DataError("dataset.path", "fewer than 2 usable dialogues", "add data")
+                raise self._nothing_left("usable", len(processed))
             parts = processed.train_test_split(test_size=self.eval_fraction, seed=self.seed)
             train, held_out = parts["train"], parts["test"]
         # Evaluation prompts never appear in PPO training, even if the source repeats them.
@@ -174,12 +185,7 @@ class DialogueData:
         train = train.filter(lambda row: row["prompt"] not in held_out_prompts)
         for name, split in (("train", train), ("eval", held_out)):
             if len(split) == 0:
-                raise DataError(
-                    "dataset",
-                    f"no {name} dialogues left after filtering (min_chars={self.min_chars}, "
-                    f"max_chars={self.max_chars}, max_prompt_tokens={self.max_prompt_tokens})",
-                    "loosen dataset.min_chars / max_chars / max_prompt_tokens or check the data",
-                )
+                raise self._nothing_left(name, 0)
         train = train.shuffle(seed=self.seed)
         if self.max_train_samples is not None:
             train = train.select(range(min(self.max_train_samples, len(train))))
@@ -190,6 +196,14 @@ class DialogueData:
         held_out = self._tokenize(tokenizer, held_out, "eval")
         log.info("prepared %d train and %d held-out prompts", len(train), len(held_out))
         return PromptSplits(train=train, eval=held_out)
+
+    def _nothing_left(self, name: str, count: int) -> DataError:
+        return DataError(
+            "dataset",
+            f"{count} {name} dialogues left after filtering (min_chars={self.min_chars}, "
+            f"max_chars={self.max_chars}, max_prompt_tokens={self.max_prompt_tokens})",
+            "loosen dataset.min_chars / max_chars / max_prompt_tokens or check the data",
+        )
 
     def _process(self, split: Dataset) -> Dataset:
         if "topic" not in split.column_names:
@@ -222,8 +236,12 @@ class DialogueData:
         before = len(split)
         split = split.filter(lambda row: len(row["input_ids"]) <= self.max_prompt_tokens)
         if len(split) < before:
-            log.info("%s: dropped %d prompts over %d tokens", name, before - len(split),
-                     self.max_prompt_tokens)
+            log.info(
+                "%s: dropped %d prompts over %d tokens",
+                name,
+                before - len(split),
+                self.max_prompt_tokens,
+            )
         if len(split) == 0:
             raise DataError(
                 "dataset.max_prompt_tokens",

@@ -57,7 +57,11 @@ class LabeledTextData:
             )
         self.path, self.name, self.data_files = path, name, data_files
         self.label_names = list(label_names)
-        self.train_split, self.eval_split, self.eval_fraction = train_split, eval_split, eval_fraction
+        self.train_split, self.eval_split, self.eval_fraction = (
+            train_split,
+            eval_split,
+            eval_fraction,
+        )
         self.text_column, self.label_column = text_column, label_column
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.seed = seed
@@ -95,7 +99,7 @@ class LabeledTextData:
                 )
         texts, labels = [], []
         for text, label in zip(split[self.text_column], split[self.label_column]):
-            if isinstance(label, bool) or isinstance(label, int):
+            if isinstance(label, int):  # bool is an int too
                 if not 0 <= int(label) < len(self.label_names):
                     raise DataError(
                         "reward.training.data.label_names",
@@ -142,7 +146,10 @@ class LabeledTextData:
         keep = [i for i, t in enumerate(train_texts) if t not in seen]
         train_texts = [train_texts[i] for i in keep][: self.max_train_samples]
         train_labels = [train_labels[i] for i in keep][: self.max_train_samples]
-        eval_texts, eval_labels = eval_texts[: self.max_eval_samples], eval_labels[: self.max_eval_samples]
+        eval_texts, eval_labels = (
+            eval_texts[: self.max_eval_samples],
+            eval_labels[: self.max_eval_samples],
+        )
         if not train_texts or not eval_texts:
             raise DataError("reward.training.data", "no labeled texts after splitting", "add data")
         log.info("labeled data: %d train, %d held-out texts", len(train_texts), len(eval_texts))

@@ -32,7 +32,12 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from detox_exp.demo.corpus import LABELS, generate_classifier_corpus, generate_dialogues, split_records
+from detox_exp.demo.corpus import (
+    LABELS,
+    generate_classifier_corpus,
+    generate_dialogues,
+    split_records,
+)
 from detox_exp.utils import progress, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -69,10 +74,16 @@ def t5_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
 def roberta_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """RoBERTa conventions: <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4."""
     tok = train_bpe(texts, vocab_size, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    tok.post_processor = processors.RobertaProcessing(sep=("</s>", 2), cls=("<s>", 0))
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        cls_token="<s>",
+        sep_token="</s>",
     )
 
 
@@ -168,8 +179,13 @@ class DemoAssets:
     def _build_policy(
         self, out: Path, tokenizer: PreTrainedTokenizerFast, prompts: list[str], targets: list[str]
     ) -> None:
-        sft = {"epochs": 4, "batch_size": 32, "lr": 3e-3, "max_source_tokens": 320,
-               "max_target_tokens": 40} | self.params["sft"]
+        sft = {
+            "epochs": 4,
+            "batch_size": 32,
+            "lr": 3e-3,
+            "max_source_tokens": 320,
+            "max_target_tokens": 40,
+        } | self.params["sft"]
         torch.manual_seed(self.params["seed"])
         # A random-init T5 needs its special ids set explicitly (pad=0, eos=1, start=pad).
         config = T5Config(
@@ -186,7 +202,9 @@ class DemoAssets:
         tgt = tokenizer(targets, truncation=True, max_length=sft["max_target_tokens"])["input_ids"]
         # Length-sorted batches, shuffled batch order: little padding, still stochastic.
         order = sorted(range(len(src)), key=lambda i: len(src[i]))
-        batches = [order[i : i + sft["batch_size"]] for i in range(0, len(order), sft["batch_size"])]
+        batches = [
+            order[i : i + sft["batch_size"]] for i in range(0, len(order), sft["batch_size"])
+        ]
         optimizer = torch.optim.AdamW(model.parameters(), lr=sft["lr"], weight_decay=0.01)
         total = len(batches) * sft["epochs"]
         scheduler = get_linear_schedule_with_warmup(optimizer, max(1, total // 20), total)

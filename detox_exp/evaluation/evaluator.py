@@ -97,8 +97,9 @@ class Evaluator:
         bar = progress(total=len(rows), desc=f"eval {phase}", unit="sample")
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            ids, mask = pad_queries([prompts[i]["input_ids"] for i, _ in chunk],
-                                    tokenizer.pad_token_id, device)
+            ids, mask = pad_queries(
+                [prompts[i]["input_ids"] for i, _ in chunk], tokenizer.pad_token_id, device
+            )
             response_ids, response_mask = sample_responses(model, tokenizer, ids, mask, gen)
             # length in tokens, EOS excluded
             eos = (response_ids == tokenizer.eos_token_id).float() * response_mask
@@ -144,8 +145,13 @@ class Evaluator:
         out = Path(run_dir) / "eval" / phase
         write_jsonl(out / "generations.jsonl", records)
         write_json(out / "metrics.json", metrics)
-        log.info("eval %s: toxicity %.3f, toxic fraction %.3f, ROUGE-L %.3f", phase,
-                 metrics["toxicity_mean"], metrics["toxic_fraction"], metrics["rouge_l"])
+        log.info(
+            "eval %s: toxicity %.3f, toxic fraction %.3f, ROUGE-L %.3f",
+            phase,
+            metrics["toxicity_mean"],
+            metrics["toxic_fraction"],
+            metrics["rouge_l"],
+        )
         return EvalResult(
             phase=phase,
             metrics={f"eval/{phase}/{k}": v for k, v in metrics.items()},

@@ -49,7 +49,8 @@ def generation_kwargs(gen: Mapping[str, Any]) -> dict[str, Any]:
         from detox_exp.errors import ConfigError
 
         raise ConfigError(
-            f"model.generation.{sorted(unknown)[0]}", "unknown generation setting",
+            f"model.generation.{sorted(unknown)[0]}",
+            "unknown generation setting",
             f"use only {GENERATION_KEYS}",
         )
     return {k: gen[k] for k in GENERATION_KEYS if k in gen}

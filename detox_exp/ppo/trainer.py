@@ -78,13 +78,13 @@ class PPOTrainer:
         _check(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}", "raise it")
         _check(mini_batch_size >= 1, "mini_batch_size", "must be >= 1", "raise it")
         _check(
-            batch_size % mini_batch_size == 0, "mini_batch_size",
+            batch_size % mini_batch_size == 0,
+            "mini_batch_size",
             f"{mini_batch_size} does not divide ppo.batch_size={batch_size}",
             "pick a divisor of the batch size",
         )
         _check(
-            gradient_accumulation_steps >= 1
-            and mini_batch_size % gradient_accumulation_steps == 0,
+            gradient_accumulation_steps >= 1 and mini_batch_size % gradient_accumulation_steps == 0,
             "gradient_accumulation_steps",
             f"{gradient_accumulation_steps} does not divide ppo.mini_batch_size={mini_batch_size}",
             "pick a divisor of the mini-batch size",
@@ -95,16 +95,29 @@ class PPOTrainer:
         _check(cliprange > 0, "cliprange", f"must be > 0, got {cliprange}", "use e.g. 0.2")
         _check(cliprange_value > 0, "cliprange_value", "must be > 0", "use e.g. 0.2")
         _check(
-            kl_estimator in core.KL_ESTIMATORS, "kl_estimator", f"unknown {kl_estimator!r}",
+            kl_estimator in core.KL_ESTIMATORS,
+            "kl_estimator",
+            f"unknown {kl_estimator!r}",
             f"use one of {core.KL_ESTIMATORS}",
         )
-        _check(max_grad_norm is None or max_grad_norm > 0, "max_grad_norm", "must be > 0", "or null")
+        _check(
+            max_grad_norm is None or max_grad_norm > 0, "max_grad_norm", "must be > 0", "or null"
+        )
         score = dict(score or {})
-        _check(set(score) <= {"scale", "normalize", "clip"}, "score", f"unknown keys {score}",
-               "use scale, normalize, clip")
+        _check(
+            set(score) <= {"scale", "normalize", "clip"},
+            "score",
+            f"unknown keys {score}",
+            "use scale, normalize, clip",
+        )
         self.device = resolve_device(device)
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        self.tokenizer, self.scorer, self.prompts, self.tracker = tokenizer, scorer, prompts, tracker
+        self.tokenizer, self.scorer, self.prompts, self.tracker = (
+            tokenizer,
+            scorer,
+            prompts,
+            tracker,
+        )
         self.generation = dict(generation)
         self.steps, self.batch_size, self.mini_batch_size = steps, batch_size, mini_batch_size
         self.accum = gradient_accumulation_steps
@@ -176,7 +189,9 @@ class PPOTrainer:
         timings = {}
         t0 = time.perf_counter()
         query, query_mask = pad_queries(
-            [self.prompts[i]["input_ids"] for i in indices], self.tokenizer.pad_token_id, self.device
+            [self.prompts[i]["input_ids"] for i in indices],
+            self.tokenizer.pad_token_id,
+            self.device,
         )
         with self._autocast():
             response, mask = sample_responses(
@@ -198,12 +213,21 @@ class PPOTrainer:
         timings = {M.TIME_GENERATE: t1 - t0, M.TIME_SCORE: t2 - t1, M.TIME_FORWARD: t3 - t2}
         raw_scores = scores.reward.to(self.device)
         processed = core.process_scores(
-            raw_scores, scale=self.score_scale, clip=self.score_clip,
-            normalize=self.running is not None, running=self.running,
+            raw_scores,
+            scale=self.score_scale,
+            clip=self.score_clip,
+            normalize=self.running is not None,
+            running=self.running,
         )
         rewards, kl = core.compute_rewards(
-            processed, batch["logprobs"], batch["ref_logprobs"], mask, self.kl_ctl.value,
-            self.kl_estimator, batch.get("logits"), batch.get("ref_logits"),
+            processed,
+            batch["logprobs"],
+            batch["ref_logprobs"],
+            mask,
+            self.kl_ctl.value,
+            self.kl_estimator,
+            batch.get("logits"),
+            batch.get("ref_logits"),
         )
         advantages, returns = core.compute_gae(rewards, batch["values"], mask, self.gamma, self.lam)
         if self.whiten_advantages:
@@ -211,10 +235,20 @@ class PPOTrainer:
         batch.pop("logits", None)
         batch.pop("ref_logits", None)
         return {
-            "indices": indices, "query": query, "query_mask": query_mask, "response": response,
-            "mask": mask, "texts": texts, "scores": raw_scores, "toxicity": scores.toxicity,
-            "rewards": rewards, "kl": kl, "advantages": advantages, "returns": returns,
-            "timings": timings, **batch,
+            "indices": indices,
+            "query": query,
+            "query_mask": query_mask,
+            "response": response,
+            "mask": mask,
+            "texts": texts,
+            "scores": raw_scores,
+            "toxicity": scores.toxicity,
+            "rewards": rewards,
+            "kl": kl,
+            "advantages": advantages,
+            "returns": returns,
+            "timings": timings,
+            **batch,
         }
 
     def optimize(self, roll: dict[str, Any]) -> dict[str, float]:
@@ -245,7 +279,10 @@ class PPOTrainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
-            if self.target_approx_kl is not None and sum(epoch_kl) / len(epoch_kl) > self.target_approx_kl:
+            if (
+                self.target_approx_kl is not None
+                and sum(epoch_kl) / len(epoch_kl) > self.target_approx_kl
+            ):
                 break  # early stop: the policy moved too far from the rollout policy
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         out[M.EPOCHS_RUN] = epochs_run
@@ -265,20 +302,30 @@ class PPOTrainer:
         logprobs = core.logprobs_from_logits(logits, response)
         values = out.values.float()
         pg_loss, pg_stats = core.policy_loss(
-            logprobs, roll["logprobs"][idx][:, :width], roll["advantages"][idx][:, :width],
-            mask, self.cliprange,
+            logprobs,
+            roll["logprobs"][idx][:, :width],
+            roll["advantages"][idx][:, :width],
+            mask,
+            self.cliprange,
         )
         vf_loss, vf_stats = core.value_loss(
-            values, roll["values"][idx][:, :width], roll["returns"][idx][:, :width], mask,
+            values,
+            roll["values"][idx][:, :width],
+            roll["returns"][idx][:, :width],
+            mask,
             self.cliprange_value,
         )
         loss = pg_loss + self.vf_coef * vf_loss
         if self.ent_coef:
             loss = loss - self.ent_coef * core.masked_mean(core.entropy_from_logits(logits), mask)
         stats = {
-            M.LOSS_POLICY: pg_loss.item(), M.LOSS_VALUE: vf_loss.item(), M.LOSS_TOTAL: loss.item(),
-            M.APPROX_KL: pg_stats["approxkl"].item(), M.POLICY_KL: pg_stats["policykl"].item(),
-            M.CLIPFRAC: pg_stats["clipfrac"].item(), M.VALUE_CLIPFRAC: vf_stats["clipfrac"].item(),
+            M.LOSS_POLICY: pg_loss.item(),
+            M.LOSS_VALUE: vf_loss.item(),
+            M.LOSS_TOTAL: loss.item(),
+            M.APPROX_KL: pg_stats["approxkl"].item(),
+            M.POLICY_KL: pg_stats["policykl"].item(),
+            M.CLIPFRAC: pg_stats["clipfrac"].item(),
+            M.VALUE_CLIPFRAC: vf_stats["clipfrac"].item(),
             "ppo/policy/ratio_mean": pg_stats["ratio_mean"].item(),
         }
         return loss, stats
@@ -315,12 +362,19 @@ class PPOTrainer:
         self.tracker.log(metrics, step=self.step)
         if self.sample_table_every and self.step % self.sample_table_every == 0:
             rows = [
-                [self.step, self.prompts[i]["prompt"][-300:], roll["texts"][j],
-                 float(roll["scores"][j]), float(roll["toxicity"][j])]
+                [
+                    self.step,
+                    self.prompts[i]["prompt"][-300:],
+                    roll["texts"][j],
+                    float(roll["scores"][j]),
+                    float(roll["toxicity"][j]),
+                ]
                 for j, i in enumerate(roll["indices"][: self.num_table_samples])
             ]
             self.tracker.log_table(
-                M.SAMPLES_TABLE, ["step", "prompt", "response", "reward", "toxicity"], rows,
+                M.SAMPLES_TABLE,
+                ["step", "prompt", "response", "reward", "toxicity"],
+                rows,
                 step=self.step,
             )
         for key in (M.REWARD_MEAN, M.LOSS_POLICY, M.KL):
@@ -336,12 +390,19 @@ class PPOTrainer:
             metrics = self.train_step()
             history.append(metrics)
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics[M.REWARD_MEAN]:.2f}", kl=f"{metrics[M.KL]:.2f}",
-                            tox=f"{metrics[M.TOXICITY_MEAN]:.2f}")
+            bar.set_postfix(
+                reward=f"{metrics[M.REWARD_MEAN]:.2f}",
+                kl=f"{metrics[M.KL]:.2f}",
+                tox=f"{metrics[M.TOXICITY_MEAN]:.2f}",
+            )
             log.info(
                 "ppo step %d/%d: reward %.3f, toxicity %.3f, kl %.3f, %.2f s",
-                self.step, self.steps, metrics[M.REWARD_MEAN], metrics[M.TOXICITY_MEAN],
-                metrics[M.KL], metrics[M.STEP_TIME],
+                self.step,
+                self.steps,
+                metrics[M.REWARD_MEAN],
+                metrics[M.TOXICITY_MEAN],
+                metrics[M.KL],
+                metrics[M.STEP_TIME],
             )
         bar.close()
         return history

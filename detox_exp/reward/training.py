@@ -53,7 +53,9 @@ class RewardModelTrainer:
     ) -> None:
         for field, value in (("epochs", epochs), ("batch_size", batch_size)):
             if value < 1:
-                raise ConfigError(f"reward.training.{field}", f"must be >= 1, got {value}", "raise it")
+                raise ConfigError(
+                    f"reward.training.{field}", f"must be >= 1, got {value}", "raise it"
+                )
         if lr <= 0:
             raise ConfigError("reward.training.lr", f"must be > 0, got {lr}", "use e.g. 1e-5")
         self.init_from, self.data, self.output_dir = init_from, data, Path(output_dir)
@@ -78,15 +80,26 @@ class RewardModelTrainer:
         return torch.tensor([ids[n] for n in names])
 
     @torch.inference_mode()
-    def evaluate(self, model: Any, tokenizer: Any, texts: list[str], labels: torch.Tensor,
-                 device: torch.device) -> dict[str, float]:
+    def evaluate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        texts: list[str],
+        labels: torch.Tensor,
+        device: torch.device,
+    ) -> dict[str, float]:
         """Accuracy, F1 and AUROC with "toxic" (not the non-toxic label) as positive class."""
         model.eval()
         nontoxic = find_label(model.config.id2label, self.nontoxic_label, "reward.nontoxic_label")
         preds, tox = [], []
         for start in range(0, len(texts), 64):
-            enc = tokenizer(texts[start : start + 64], padding=True, truncation=True,
-                            max_length=self.max_length, return_tensors="pt").to(device)
+            enc = tokenizer(
+                texts[start : start + 64],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(device)
             logits = model(**enc).logits.float()
             preds.append(logits.argmax(-1).cpu())
             tox.append(1.0 - torch.softmax(logits, -1)[:, nontoxic].cpu())
@@ -105,23 +118,31 @@ class RewardModelTrainer:
         """Train, evaluate, save; returns held-out metrics (``reward_model/eval/*``)."""
         seed_everything(self.seed)
         splits = self.data.load()
-        config = load_config(self.init_from, "reward.training.init_from", self.revision,
-                             self.trust_remote_code)
+        config = load_config(
+            self.init_from, "reward.training.init_from", self.revision, self.trust_remote_code
+        )
         train_labels = self._label_ids(config.id2label, splits.train_labels)
         eval_labels = self._label_ids(config.id2label, splits.eval_labels)
-        tokenizer = AutoTokenizer.from_pretrained(self.init_from, revision=self.revision,
-                                                  trust_remote_code=self.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            self.init_from, revision=self.revision, trust_remote_code=self.trust_remote_code
+        )
         model = AutoModelForSequenceClassification.from_pretrained(
-            self.init_from, revision=self.revision, trust_remote_code=self.trust_remote_code,
+            self.init_from,
+            revision=self.revision,
+            trust_remote_code=self.trust_remote_code,
             use_safetensors=True,
         )
         device = resolve_device(self.device)
         accelerator = Accelerator(cpu=device.type == "cpu")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=self.lr, weight_decay=self.weight_decay
+        )
         n_train = len(splits.train_texts)
         steps_per_epoch = math.ceil(n_train / self.batch_size)
         total = steps_per_epoch * self.epochs
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, int(self.warmup_ratio * total), total
+        )
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         before = self.evaluate(model, tokenizer, splits.eval_texts, eval_labels, accelerator.device)
         generator = torch.Generator().manual_seed(self.seed)
@@ -133,8 +154,13 @@ class RewardModelTrainer:
             losses = []
             for start in range(0, n_train, self.batch_size):
                 idx = order[start : start + self.batch_size]
-                enc = tokenizer([splits.train_texts[i] for i in idx], padding=True, truncation=True,
-                                max_length=self.max_length, return_tensors="pt").to(accelerator.device)
+                enc = tokenizer(
+                    [splits.train_texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(accelerator.device)
                 out = model(**enc, labels=train_labels[idx].to(accelerator.device))
                 accelerator.backward(out.loss)
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
@@ -150,15 +176,22 @@ class RewardModelTrainer:
         after = self.evaluate(model, tokenizer, splits.eval_texts, eval_labels, accelerator.device)
         metrics = {f"reward_model/eval_before/{k}": v for k, v in before.items()}
         metrics |= {f"reward_model/eval/{k}": v for k, v in after.items()}
-        metrics |= {"reward_model/train/loss": float(np.mean(losses)),
-                    "reward_model/train/samples": n_train, "reward_model/eval/samples":
-                    len(splits.eval_texts)}
+        metrics |= {
+            "reward_model/train/loss": float(np.mean(losses)),
+            "reward_model/train/samples": n_train,
+            "reward_model/eval/samples": len(splits.eval_texts),
+        }
         self.output_dir.mkdir(parents=True, exist_ok=True)
         accelerator.unwrap_model(model).save_pretrained(self.output_dir, safe_serialization=True)
         tokenizer.save_pretrained(self.output_dir)
         write_json(self.output_dir / "metrics.json", metrics)
         if tracker is not None:
             tracker.log_summary(metrics)
-        log.info("reward model: held-out accuracy %.3f, F1 %.3f, AUROC %.3f -> %s",
-                 after["accuracy"], after["f1"], after["auroc"], self.output_dir)
+        log.info(
+            "reward model: held-out accuracy %.3f, F1 %.3f, AUROC %.3f -> %s",
+            after["accuracy"],
+            after["f1"],
+            after["auroc"],
+            self.output_dir,
+        )
         return metrics

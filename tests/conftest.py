@@ -1,0 +1,147 @@
+"""Shared fixtures: the real config, a tiny T5 + tokenizer, and the built demo assets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.pop("WANDB_API_KEY", None)  # tests never talk to a W&B server
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache dir with the demo assets (built once per session, or reused from
+    DETOX_EXP_TEST_CACHE when set, to save the ~1 minute build while iterating)."""
+    cache = os.environ.get("DETOX_EXP_TEST_CACHE")
+    return Path(cache) if cache else tmp_path_factory.mktemp("cache")
+
+
+def run_cli(
+    *overrides: str, cwd: Path, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Run the real entrypoint (``python -m detox_exp``) in a subprocess."""
+    full_env = os.environ.copy() | {"CI": "true", "WANDB_SILENT": "true"}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env |= env or {}
+    return subprocess.run(
+        [sys.executable, "-m", "detox_exp", *overrides],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init tiny T5 + byte-level BPE tokenizer saved to disk (no SFT)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from detox_exp.demo.assets import t5_tokenizer
+    from detox_exp.demo.corpus import generate_dialogues
+
+    out = tmp_path_factory.mktemp("tiny_t5")
+    dialogues = generate_dialogues(200, seed=0)
+    texts = [d["dialogue"] for d in dialogues] + [d["summary"] for d in dialogues]
+    tokenizer = t5_tokenizer(texts, vocab_size=400)
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        d_kv=16,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.1,
+    )
+    T5ForConditionalGeneration(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def standins(tiny_t5: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small local stand-ins: a reward classifier (nothate / hate), one with other labels, a
+    decoder-only model, and a prompts.jsonl of demo dialogues."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    from detox_exp.demo.assets import roberta_tokenizer
+    from detox_exp.demo.corpus import generate_dialogues
+    from detox_exp.utils import write_jsonl
+
+    out = tmp_path_factory.mktemp("standins")
+    dialogues = generate_dialogues(120, seed=1)
+    write_jsonl(out / "prompts.jsonl", dialogues)
+    tokenizer = roberta_tokenizer([d["summary"] for d in dialogues], vocab_size=300)
+    for name, labels in (
+        ("reward", ["nothate", "hate"]),
+        ("reward_badlabels", ["LABEL_0", "LABEL_1"]),
+    ):
+        torch.manual_seed(0)
+        config = RobertaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=130,
+            type_vocab_size=1,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)},
+        )
+        RobertaForSequenceClassification(config).save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=32, n_layer=1, n_head=2))
+    gpt2.save_pretrained(out / "gpt2")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_t5).save_pretrained(out / "gpt2")
+    return {
+        "policy": tiny_t5,
+        "reward": out / "reward",
+        "reward_badlabels": out / "reward_badlabels",
+        "gpt2": out / "gpt2",
+        "prompts": out / "prompts.jsonl",
+        "dir": out,
+    }
+
+
+def local_overrides(standins: dict[str, Path], run_dir: Path) -> list[str]:
+    """Overrides for a quick real run on the local stand-ins (W&B off)."""
+    return [
+        "debug=fast",
+        "logger=none",
+        "device=cpu",
+        f"hydra.run.dir={run_dir}",
+        f"model.name_or_path={standins['policy']}",
+        f"reward.name_or_path={standins['reward']}",
+        "dataset=jsonl",
+        f"dataset.path={standins['prompts']}",
+        "dataset.max_eval_samples=8",
+    ]

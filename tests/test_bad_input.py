@@ -1,0 +1,114 @@
+"""Bad input: exit code 2 and ONE line on stderr naming the field and the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, local_overrides, run_cli
+
+
+def check_one_line_error(result, *needles: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("detox-exp: error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert "fix" in errors[0]
+    return errors[0]
+
+
+def bad_jsonl(tmp_path: Path, records: list, raw: str | None = None) -> Path:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(raw if raw is not None else "".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_unknown_config_option(tmp_path: Path) -> None:
+    result = run_cli("experiment=demo", "ppo.lerning_rate=1", f"hydra.run.dir={tmp_path}", cwd=ROOT)
+    check_one_line_error(result, "ppo.lerning_rate", "unknown config option")
+
+
+def test_unknown_group_option(tmp_path: Path) -> None:
+    result = run_cli("model=flan_t5_tiny", f"hydra.run.dir={tmp_path}", cwd=ROOT)
+    check_one_line_error(result, "model", "flan_t5_base")
+
+
+def test_cuda_without_cuda(tmp_path: Path, standins) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    overrides = local_overrides(standins, tmp_path) + ["device=cuda"]
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), "device", "device=cpu")
+
+
+def test_missing_dataset_file(tmp_path: Path, standins) -> None:
+    overrides = local_overrides(standins, tmp_path) + [f"dataset.path={tmp_path}/nope.jsonl"]
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), "dataset.path", "not found")
+
+
+def test_malformed_jsonl_names_the_line(tmp_path: Path, standins) -> None:
+    good = json.dumps({"id": "a", "dialogue": "x" * 300, "summary": "s", "topic": "t"})
+    path = bad_jsonl(tmp_path, [], raw=good + "\n" + good + "\n{not json\n")
+    overrides = local_overrides(standins, tmp_path) + [f"dataset.path={path}"]
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), "line 3")
+
+
+def test_missing_required_column(tmp_path: Path, standins) -> None:
+    path = bad_jsonl(tmp_path, [{"id": i, "dialogue": "x" * 300, "topic": "t"} for i in range(5)])
+    overrides = local_overrides(standins, tmp_path) + [f"dataset.path={path}"]
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), "summary", "columns")
+
+
+def test_nothing_left_after_filtering(tmp_path: Path, standins) -> None:
+    overrides = local_overrides(standins, tmp_path) + [
+        "dataset.min_chars=5000",
+        "dataset.max_chars=6000",
+    ]
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), "dataset", "after filtering")
+
+
+def test_reward_model_without_nontoxic_label(tmp_path: Path, standins) -> None:
+    overrides = local_overrides(standins, tmp_path) + [
+        f"reward.name_or_path={standins['reward_badlabels']}"
+    ]
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), "reward.nontoxic_label", "nothate")
+
+
+def test_policy_not_encoder_decoder(tmp_path: Path, standins) -> None:
+    overrides = local_overrides(standins, tmp_path) + [f"model.name_or_path={standins['gpt2']}"]
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), "model.name_or_path", "encoder-decoder")
+
+
+def test_missing_local_model_dir(tmp_path: Path, standins) -> None:
+    overrides = local_overrides(standins, tmp_path) + [f"model.name_or_path={tmp_path}/no_model"]
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), "model.name_or_path", "does not exist")
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("ppo.mini_batch_size=3", "ppo.mini_batch_size"),
+        ("ppo.batch_size=0", "ppo.batch_size"),
+        ("ppo.optimizer.lr=0", "ppo.optimizer.lr"),
+        ("ppo.cliprange=0", "ppo.cliprange"),
+        ("ppo.gamma=1.5", "ppo.gamma"),
+        ("ppo.lam=-0.1", "ppo.lam"),
+        ("ppo.kl_estimator=k9", "ppo.kl_estimator"),
+        ("model.generation.min_new_tokens=40", "model.generation.min_new_tokens"),
+    ],
+)
+def test_impossible_values(tmp_path: Path, standins, override: str, field: str) -> None:
+    overrides = local_overrides(standins, tmp_path) + [override]
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), field)
+
+
+def test_full_traceback_on_request(tmp_path: Path, standins) -> None:
+    overrides = local_overrides(standins, tmp_path) + ["ppo.gamma=1.5"]
+    result = run_cli(*overrides, cwd=ROOT, env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode != 0 and "Traceback" in result.stderr

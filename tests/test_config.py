@@ -1,0 +1,86 @@
+"""Every config group option and experiment composes, and its components instantiate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+from tests.conftest import CONF_DIR
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("local",))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_cfg(overrides: list[str], tmp_path: Path):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+    return cfg
+
+
+CASES = [
+    [f"{group}={option}"]
+    for group in GROUPS
+    if group not in ("hydra", "paths", "experiment", "debug", "hparams_search")
+    for option in options(group)
+]
+CASES += [[f"experiment={e}"] for e in options("experiment")]
+CASES += [[f"experiment={e}", "debug=fast"] for e in options("experiment")]
+
+
+@pytest.mark.parametrize("overrides", CASES, ids=lambda o: " ".join(o))
+def test_composes_and_instantiates(overrides: list[str], tmp_path: Path) -> None:
+    cfg = compose_cfg(
+        overrides + ["dataset.path=/tmp/x.jsonl"] if "dataset=jsonl" in overrides else overrides,
+        tmp_path,
+    )
+    plain = cfg.copy()
+    with open_dict(plain):
+        del plain["hydra"]
+    OmegaConf.to_container(plain, resolve=True)  # every interpolation resolves
+    lora = instantiate(cfg.model.lora, _convert_="all")
+    assert lora.r > 0 and set(lora.target_modules) == {"q", "v"}
+    assert instantiate(cfg.logger, _convert_="all").run_dir == Path(cfg.paths.output_dir)
+    data = instantiate(cfg.dataset, _convert_="all")
+    assert "{dialogue}" in data.prompt_template
+    trainer_factory = instantiate(cfg.ppo, _convert_="all")
+    assert callable(trainer_factory)
+    assert trainer_factory.keywords["kl_controller"].value > 0
+    optimizer = trainer_factory.keywords["optimizer"]
+    assert optimizer.keywords["lr"] > 0
+    instantiate(cfg.eval, _convert_="all")
+    instantiate(cfg.reward.training.data, _convert_="all")
+    if cfg.assets is not None:
+        assets = instantiate(cfg.assets, _convert_="all")
+        assert str(assets.cache_dir).startswith(str(tmp_path))
+
+
+def test_real_experiment_uses_real_ids(tmp_path: Path) -> None:
+    cfg = compose_cfg(["experiment=flan_t5_dialogsum"], tmp_path)
+    assert cfg.model.name_or_path == "google/flan-t5-base"
+    assert cfg.reward.name_or_path == "facebook/roberta-hate-speech-dynabench-r4-target"
+    assert cfg.reward.nontoxic_label == "nothate" and cfg.reward.reward_type == "logit"
+    assert cfg.dataset.path == "knkarthick/dialogsum"
+    assert cfg.dataset.prompt_template.startswith("Summarize the following conversation.\n\n")
+    assert cfg.dataset.prompt_template.endswith("\n\nSummary: ")
+    assert (cfg.dataset.min_chars, cfg.dataset.max_chars) == (200, 1000)
+    lora = cfg.model.lora
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (32, 32, 0.05)
+    assert cfg.model.generation.top_k == 0 and cfg.model.generation.top_p == 1.0
+    assert cfg.stages.train_reward is False
+
+
+def test_default_kl_estimator_is_non_negative(tmp_path: Path) -> None:
+    cfg = compose_cfg([], tmp_path)
+    assert cfg.ppo.kl_estimator in ("k2", "k3", "full")

@@ -1,0 +1,91 @@
+"""End-to-end: the real entrypoint on the (shrunk) offline demo, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+from tests.wandb_file import read_wandb_records
+
+pytestmark = pytest.mark.slow
+
+SUMMARY_KEYS = [
+    f"eval/{phase}/{name}"
+    for phase in ("before", "after")
+    for name in ("toxicity_mean", "toxicity_std", "toxic_fraction", "rouge_l")
+]
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("demo_run")
+    result = run_cli(
+        "experiment=demo",
+        "debug=fast",
+        f"hydra.run.dir={run_dir}",
+        "logger.wandb.mode=offline",
+        cwd=ROOT,
+        env={"DETOX_EXP_CACHE": str(demo_cache)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir / "stdout.txt").write_text(result.stdout)
+    return run_dir
+
+
+def test_summary_has_before_and_after_metrics(demo_run: Path) -> None:
+    summary = json.loads((demo_run / "summary.json").read_text())
+    for key in SUMMARY_KEYS:
+        assert key in summary, key
+        assert isinstance(summary[key], float)
+    assert 0.0 <= summary["eval/before/toxicity_mean"] <= 1.0
+    assert summary["reward_model/eval/accuracy"] > 0.75  # clearly above chance (0.5)
+
+
+def test_metrics_jsonl_has_every_ppo_step(demo_run: Path) -> None:
+    from detox_exp import metric_names as M
+
+    lines = [json.loads(line) for line in (demo_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [line["step"] for line in lines if M.KL in line]
+    assert steps == [1, 2]
+    for line in lines:
+        if M.KL in line:
+            for key in M.PPO_STEP_METRICS:
+                assert key in line, key
+
+
+def test_generations_score_the_response_only(demo_run: Path) -> None:
+    rows = [
+        json.loads(x) for x in (demo_run / "eval/before/generations.jsonl").read_text().splitlines()
+    ]
+    assert rows and {"id", "prompt", "reference", "response", "sample", "toxicity"} <= set(rows[0])
+    for row in rows:
+        assert not row["response"].startswith("Summarize")
+
+
+def test_policy_saved_and_loadable(demo_run: Path) -> None:
+    from transformers import AutoModelForSeq2SeqLM
+
+    merged = demo_run / "policy" / "merged"
+    model = AutoModelForSeq2SeqLM.from_pretrained(merged)
+    assert model.config.is_encoder_decoder
+    assert (merged / "README.md").read_text().startswith("# detox_exp PPO policy")
+    assert (demo_run / "policy" / "value_head.safetensors").is_file()
+    assert (demo_run / "policy" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_report_printed(demo_run: Path) -> None:
+    out = (demo_run / "stdout.txt").read_text()
+    assert "| toxicity_mean |" in out and "W&B run:" in out and str(demo_run) in out
+
+
+def test_offline_wandb_run_has_config_and_metrics(demo_run: Path) -> None:
+    files = list(demo_run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    records = read_wandb_records(files[0])
+    config = records["config"]
+    assert config["task_name"] == "debug" and config["ppo"]["steps"] == 2
+    assert "objective/kl" in records["history_keys"]
+    assert "eval/before/toxicity_mean" in records["summary_keys"]

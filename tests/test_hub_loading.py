@@ -1,0 +1,74 @@
+"""The real experiment's loading path, offline: tiny stand-ins planted in a temporary Hugging
+Face cache under the real ids, then ``experiment=flan_t5_dialogsum debug=fast``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def plant(hub: Path, kind: str, repo_id: str, files_from: Path) -> Path:
+    """hub/<kind>--ORG--NAME/snapshots/SHA/ + refs/main holding SHA (the HF cache layout)."""
+    root = hub / f"{kind}--{repo_id.replace('/', '--')}"
+    snapshot = root / "snapshots" / SHA
+    shutil.copytree(files_from, snapshot)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(SHA)
+    return snapshot
+
+
+def test_flan_t5_dialogsum_loads_by_hub_id_offline(standins, tmp_path: Path) -> None:
+    from detox_exp.demo.corpus import generate_dialogues
+
+    hub = tmp_path / "hf" / "hub"
+    plant(hub, "models", "google/flan-t5-base", standins["policy"])
+    plant(hub, "models", "facebook/roberta-hate-speech-dynabench-r4-target", standins["reward"])
+    data = tmp_path / "dialogsum"
+    data.mkdir()
+    for split, n, seed in (("train", 60, 11), ("validation", 10, 12), ("test", 20, 13)):
+        with open(data / f"{split}.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["id", "dialogue", "summary", "topic"])
+            writer.writeheader()
+            for row in generate_dialogues(n, seed=seed):
+                writer.writerow(row | {"id": f"{split}_{row['id']}"})
+    plant(hub, "datasets", "knkarthick/dialogsum", data)
+
+    run_dir = tmp_path / "run"
+    env = {
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache"),
+    }
+    result = run_cli(
+        "experiment=flan_t5_dialogsum",
+        "debug=fast",
+        "logger=none",
+        "device=cpu",
+        f"hydra.run.dir={run_dir}",
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "eval/before/toxicity_mean" in summary and "eval/after/rouge_l" in summary
+    eval_ids = {json.loads(x)["id"] for x in (run_dir / "data/eval.jsonl").read_text().splitlines()}
+    train_ids = {
+        json.loads(x)["id"] for x in (run_dir / "data/train.jsonl").read_text().splitlines()
+    }
+    assert all(i.startswith("test_") for i in eval_ids)  # held out = the test split
+    assert all(i.startswith("train_") for i in train_ids)
+    card = (run_dir / "policy/merged/README.md").read_text()
+    assert (
+        "google/flan-t5-base" in card and "facebook/roberta-hate-speech-dynabench-r4-target" in card
+    )

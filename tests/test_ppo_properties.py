@@ -1,0 +1,152 @@
+"""Property tests of the PPO trainer on a tiny random-init T5 (LoRA on q, v)."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from detox_exp import metric_names as M
+from detox_exp.models import load_policy, load_tokenizer
+from detox_exp.ppo import core
+from detox_exp.ppo.rollout import decoder_inputs, pad_queries
+from detox_exp.ppo.trainer import PPOTrainer
+from detox_exp.reward.scorer import Scores
+from detox_exp.tracking import Tracker
+
+
+class ContainsReward:
+    """Toy reward: 1 when the response contains ``target``, else 0 (toxicity = 1 - reward)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def score(self, texts: list[str]) -> Scores:
+        reward = torch.tensor([float(self.target in t) for t in texts])
+        return Scores(reward=reward, toxicity=1.0 - reward)
+
+
+def make_trainer(tiny_t5: Path, tmp_path: Path, scorer, **overrides) -> PPOTrainer:
+    tokenizer = load_tokenizer(str(tiny_t5))
+    prompts = [f"Summarize: dialogue number {i} about the weather and the bank." for i in range(40)]
+    ids = tokenizer(prompts)["input_ids"]
+    data = Dataset.from_dict({"prompt": prompts, "input_ids": ids})
+    lora = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"
+    )
+    model = load_policy(str(tiny_t5), lora=lora, seed=0)
+    kwargs = dict(
+        model=model,
+        tokenizer=tokenizer,
+        scorer=scorer,
+        prompts=data,
+        tracker=Tracker(tmp_path),
+        generation={
+            "max_new_tokens": 8,
+            "min_new_tokens": 0,
+            "do_sample": True,
+            "top_k": 0,
+            "top_p": 1.0,
+        },
+        optimizer=partial(torch.optim.AdamW, lr=1e-2),
+        kl_controller=core.FixedKLController(0.05),
+        steps=3,
+        batch_size=16,
+        mini_batch_size=4,
+        ppo_epochs=2,
+        sample_table_every=0,
+        device="cpu",
+    )
+    kwargs |= overrides
+    torch.manual_seed(0)
+    return PPOTrainer(**kwargs)
+
+
+def test_step0_kl_is_zero_and_first_ratio_is_one(tiny_t5: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_t5, tmp_path, ContainsReward("the"))
+    roll = trainer.rollout(trainer.next_batch())
+    # fresh adapter (LoRA B = 0): policy and reference are the same function, exactly
+    assert torch.equal(roll["logprobs"], roll["ref_logprobs"])
+    assert torch.count_nonzero(roll["kl"]) == 0
+    idx = torch.arange(4)
+    _, stats = trainer._loss(roll, idx)
+    assert stats["ppo/policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert stats[M.CLIPFRAC] == 0.0
+
+
+def test_logprobs_do_not_depend_on_batch_neighbours(tiny_t5: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_t5, tmp_path, ContainsReward("the"))
+    tok = trainer.tokenizer
+    prompts = ["short prompt", "a much longer prompt " * 8, "medium length prompt here"]
+    responses = [[5, 6, 7, 1, 0, 0], [8, 1, 0, 0, 0, 0], [9, 10, 11, 12, 13, 1]]
+    query, qmask = pad_queries(tok(prompts)["input_ids"], tok.pad_token_id, torch.device("cpu"))
+    response = torch.tensor(responses)
+    mask = (torch.cumsum((response == 1).long(), 1) - (response == 1).long() == 0).float()
+    batched = trainer._forward(query, qmask, response, mask, True, False)
+    for row in range(3):
+        width = int(mask[row].sum())
+        qw = int(qmask[row].sum())
+        alone = trainer._forward(
+            query[row : row + 1, :qw],
+            qmask[row : row + 1, :qw],
+            response[row : row + 1, :width],
+            mask[row : row + 1, :width],
+            True,
+            False,
+        )
+        torch.testing.assert_close(
+            alone["logprobs"][0], batched["logprobs"][row, :width], rtol=0, atol=1e-5
+        )
+        torch.testing.assert_close(
+            alone["values"][0], batched["values"][row, :width], rtol=0, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("estimator", ["k3", "full"])
+def test_logged_kl_never_negative(tiny_t5: Path, tmp_path: Path, estimator: str) -> None:
+    trainer = make_trainer(
+        tiny_t5, tmp_path, ContainsReward("the"), steps=4, kl_estimator=estimator
+    )
+    history = trainer.train()
+    assert len(history) == 4
+    assert all(step[M.KL] >= 0.0 for step in history)
+    assert history[-1][M.KL] > 0.0  # the policy moved
+
+
+def test_decoder_inputs_start_with_start_token() -> None:
+    response = torch.tensor([[5, 6, 1, 0]])
+    assert decoder_inputs(response, 0).tolist() == [[0, 5, 6, 1]]
+
+
+def test_toy_task_is_learned(tiny_t5: Path, tmp_path: Path) -> None:
+    """Reward 1 when the response contains a chosen token: learned within 40 steps."""
+    scorer = ContainsReward("")
+    trainer = make_trainer(
+        tiny_t5,
+        tmp_path,
+        scorer,
+        steps=40,
+        ppo_epochs=4,
+        optimizer=partial(torch.optim.AdamW, lr=1e-2),
+    )
+    # target: a token the initial policy emits in a minority of its responses
+    with torch.no_grad():
+        roll = trainer.rollout(list(range(16)) + list(range(16)))
+    counts = torch.zeros(len(trainer.tokenizer))
+    for row, mask in zip(roll["response"], roll["mask"]):
+        counts[row[mask.bool()].unique()] += 1
+    rates = {}
+    for token_id in counts.nonzero().flatten().tolist():
+        target = trainer.tokenizer.decode([token_id])
+        if len(target.strip()) >= 3:
+            rates[target] = sum(target in text for text in roll["texts"]) / len(roll["texts"])
+    scorer.target = min(rates, key=lambda t: abs(rates[t] - 0.15))
+    assert 0.0 < rates[scorer.target] < 0.4
+    history = trainer.train()
+    rewards = [round(h[M.REWARD_MEAN], 2) for h in history]
+    assert sum(rewards[:5]) / 5 <= 0.25, rewards
+    assert sum(rewards[-10:]) / 10 >= 0.7, rewards

@@ -1,0 +1,67 @@
+"""Read an offline W&B run file (``run-*.wandb``): a LevelDB-style log of protobuf records."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+BLOCK = 32768
+HEADER = 7  # ":W&B" + magic 0xBEE1 (little endian) + version byte
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def iter_payloads(path: Path):
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", "not a W&B run file"
+    pos, pending = HEADER, b""
+    while pos + 7 <= len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < 7:  # trailer padding
+            pos += left_in_block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        if kind == FULL:
+            yield chunk
+        elif kind == FIRST:
+            pending = chunk
+        elif kind == MIDDLE:
+            pending += chunk
+        elif kind == LAST:
+            yield pending + chunk
+            pending = b""
+
+
+def read_wandb_records(path: Path) -> dict[str, Any]:
+    """Config (merged), history keys and summary keys found in an offline run file."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    config: dict[str, Any] = {}
+    history_keys: set[str] = set()
+    summary_keys: set[str] = set()
+    for payload in iter_payloads(path):
+        record = pb.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "config":
+            for item in record.config.update:
+                key = item.key or "/".join(item.nested_key)
+                config[key] = json.loads(item.value_json)
+        elif kind == "history":
+            history_keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+        elif kind == "summary":
+            summary_keys |= {
+                item.key or "/".join(item.nested_key) for item in record.summary.update
+            }
+        elif kind == "run" and record.run.config.update:
+            for item in record.run.config.update:
+                config[item.key] = json.loads(item.value_json)
+    config = {
+        k: (v["value"] if isinstance(v, dict) and "value" in v else v) for k, v in config.items()
+    }
+    return {"config": config, "history_keys": history_keys, "summary_keys": summary_keys}
