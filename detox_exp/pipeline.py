@@ -68,13 +68,34 @@ def check_run_config(cfg: DictConfig) -> None:
 
 
 def run_task(cfg: DictConfig) -> float | None:
-    """Hydra task: run the pipeline, always finish the logger, return the optimised metric."""
-    metrics, _ = run(cfg)
-    value = metrics.get(cfg.get("optimized_metric") or "")
-    return None if value is None else float(value)
+    """Hydra task: run the pipeline and return the optimised value (see sweeps.objective).
+
+    In a multirun a failing job is logged and recorded, returns NaN (a failed trial for
+    Optuna), and the sweep goes on; in a single run the error propagates to the CLI.
+    """
+    from detox_exp import sweeps
+
+    info = sweeps.job_info()
+    try:
+        metrics, _ = run(cfg, wandb_defaults=sweeps.wandb_defaults(cfg, info))
+    except Exception as err:
+        if info is None or not info.multirun:
+            raise
+        from detox_exp.cli import bad_input_message
+
+        message = bad_input_message(err) or f"{type(err).__name__}: {err}"
+        log.error("job %d failed: %s", info.num, message, exc_info=bad_input_message(err) is None)
+        sweeps.record_job(info, "failed", {}, Path(cfg.paths.output_dir), message)
+        return float("nan")
+    value = sweeps.objective(metrics, cfg)
+    if info is not None and info.multirun:
+        sweeps.record_job(info, "ok", metrics | {"objective": value}, Path(cfg.paths.output_dir))
+    return value
 
 
-def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def run(
+    cfg: DictConfig, wandb_defaults: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the configured stages; returns (summary metrics, built objects)."""
     check_run_config(cfg)
     if cfg.torch_threads:
@@ -83,7 +104,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     run_dir = Path(cfg.paths.output_dir)
     tracker: Tracker = build(cfg.logger)
     config = OmegaConf.to_container(cfg, resolve=True)
-    tracker.start(config)
+    tracker.start(config, defaults=wandb_defaults)
     location = tracker.location
     exit_code = 1
     try:
@@ -164,9 +185,23 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path):
     if stages.evaluate_after:
         evaluate("after", model)
     if "before" in results and "after" in results:
-        from detox_exp.evaluation.report import paired_deltas
+        from detox_exp.evaluation import report
 
-        tracker.log_summary(paired_deltas(results["before"], results["after"], evaluator.bootstrap))
+        before, after = results["before"], results["after"]
+        tracker.log_summary(report.paired_deltas(before, after, evaluator.bootstrap))
+        tracker.log_table(
+            "eval/side_by_side",
+            report.SIDE_BY_SIDE_COLUMNS,
+            report.side_by_side_rows(before, after),
+            step=None,
+        )
+        tracker.log_histograms(
+            {
+                "eval/before/toxicity_hist": before.toxicity.ravel(),
+                "eval/after/toxicity_hist": after.toxicity.ravel(),
+            },
+            step=None,
+        )
     if stages.ppo:
         objects["ppo"].save(summary=dict(tracker.summary), config=cfg)
     tracker.log_summary(timings)

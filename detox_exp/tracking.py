@@ -58,14 +58,21 @@ class Tracker:
                 )
 
     # ----------------------------------------------------------------- lifecycle
-    def start(self, config: Mapping[str, Any]) -> None:
-        """Create the run dir and start the W&B run with the full resolved config."""
+    def start(self, config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> None:
+        """Create the run dir and start the W&B run with the full resolved config.
+
+        ``defaults`` fill W&B settings that are null / empty in the config (group, job_type,
+        tags, name: set per sweep job by :mod:`detox_exp.sweeps`).
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.wandb_settings is None:
             return
         import wandb
 
         settings = dict(self.wandb_settings)
+        for key, value in (defaults or {}).items():
+            if not settings.get(key):
+                settings[key] = value
         mode = settings.pop("mode", None) or (
             "online" if os.environ.get("WANDB_API_KEY") else "offline"
         )
@@ -96,6 +103,7 @@ class Tracker:
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log one step's scalar metrics."""
         record = {"step": int(step)} | {k: _to_float(v) for k, v in metrics.items()}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         self._wandb_call(lambda run: run.log(dict(record), step=int(step)))

@@ -150,3 +150,43 @@ def test_toy_task_is_learned(tiny_t5: Path, tmp_path: Path) -> None:
     rewards = [round(h[M.REWARD_MEAN], 2) for h in history]
     assert sum(rewards[:5]) / 5 <= 0.25, rewards
     assert sum(rewards[-10:]) / 10 >= 0.7, rewards
+
+
+def test_trains_only_lora_and_value_head(tiny_t5: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_t5, tmp_path, ContainsReward("the"))
+    names = [n for n, p in trainer.policy.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or n.startswith("value_head") for n in names)
+    base_before = {
+        n: p.clone()
+        for n, p in trainer.policy.named_parameters()
+        if "lora_" not in n and not n.startswith("value_head")
+    }
+    trainer.train_step()
+    for name, param in trainer.policy.named_parameters():
+        if name in base_before:
+            assert torch.equal(param, base_before[name]), name
+
+
+def test_full_finetune_uses_frozen_reference(tiny_t5: Path, tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_t5))
+    model = load_policy(str(tiny_t5), full_finetune=True)
+    trainer = make_trainer(
+        tiny_t5,
+        tmp_path,
+        ContainsReward("the"),
+        model=model,
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+    )
+    assert trainer.policy.ref_model is not None
+    assert not any(p.requires_grad for p in trainer.policy.ref_model.parameters())
+    trainer.train_step()
+    roll = trainer.rollout(trainer.next_batch())
+    assert not torch.equal(roll["logprobs"], roll["ref_logprobs"])  # policy moved, ref did not
+    assert tokenizer.pad_token_id == 0
+
+
+def test_separate_value_model(tiny_t5: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_t5, tmp_path, ContainsReward("the"), separate_value_model=True)
+    assert trainer.policy.value_model is not None
+    metrics = trainer.train_step()
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())

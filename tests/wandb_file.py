@@ -42,6 +42,7 @@ def read_wandb_records(path: Path) -> dict[str, Any]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     config: dict[str, Any] = {}
+    run: dict[str, Any] = {}
     history_keys: set[str] = set()
     summary_keys: set[str] = set()
     for payload in iter_payloads(path):
@@ -58,10 +59,22 @@ def read_wandb_records(path: Path) -> dict[str, Any]:
             summary_keys |= {
                 item.key or "/".join(item.nested_key) for item in record.summary.update
             }
-        elif kind == "run" and record.run.config.update:
+        elif kind == "run":
+            run = {
+                "id": record.run.run_id,
+                "group": record.run.run_group,
+                "job_type": record.run.job_type,
+                "tags": list(record.run.tags),
+                "name": record.run.display_name,
+            }
             for item in record.run.config.update:
                 config[item.key] = json.loads(item.value_json)
     config = {
         k: (v["value"] if isinstance(v, dict) and "value" in v else v) for k, v in config.items()
     }
-    return {"config": config, "history_keys": history_keys, "summary_keys": summary_keys}
+    return {
+        "config": config,
+        "run": run,
+        "history_keys": history_keys,
+        "summary_keys": summary_keys,
+    }

@@ -25,7 +25,14 @@ from detox_exp.evaluation.metrics import (
     toxicity_probability,
     toxicity_stats,
 )
-from detox_exp.ppo.rollout import decode, generation_kwargs, pad_queries, sample_responses
+from detox_exp.ppo.core import kl_penalty
+from detox_exp.ppo.rollout import (
+    decode,
+    decoder_inputs,
+    generation_kwargs,
+    pad_queries,
+    sample_responses,
+)
 from detox_exp.reward.scorer import ToxicityScorer
 from detox_exp.utils import progress, resolve_device, write_json, write_jsonl
 
@@ -41,6 +48,29 @@ class EvalResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
+def sequence_kl(
+    model: torch.nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> np.ndarray:
+    """Exact KL(policy || reference) over the vocabulary, summed over response tokens [B].
+
+    The reference is the same network with its adapter disabled; NaN for non-peft models.
+    """
+    if not hasattr(model, "disable_adapter"):
+        return np.full(len(query_ids), np.nan)
+    start_id = model.get_base_model().config.decoder_start_token_id
+    dec = decoder_inputs(response_ids, start_id)
+    kwargs = dict(input_ids=query_ids, attention_mask=query_mask, decoder_input_ids=dec)
+    logits = model(**kwargs).logits.float()
+    with model.disable_adapter():
+        ref_logits = model(**kwargs).logits.float()
+    kl = kl_penalty(None, None, "full", logits=logits, ref_logits=ref_logits)
+    return (kl * response_mask).sum(1).cpu().numpy()
+
+
 class Evaluator:
     """Evaluates a policy on held-out prompts with a fixed sampling seed (see conf/eval)."""
 
@@ -52,6 +82,7 @@ class Evaluator:
         toxic_threshold: float = 0.5,
         generation: Mapping[str, Any] | None = None,
         bootstrap: Mapping[str, Any] | None = None,
+        judges: Mapping[str, ToxicityScorer] | None = None,
         seed: int = 0,
         device: str = "auto",
     ) -> None:
@@ -67,6 +98,9 @@ class Evaluator:
         self.batch_size, self.threshold = batch_size, toxic_threshold
         self.generation = dict(generation or {})
         self.bootstrap = dict(bootstrap or {})
+        self.judges = dict(judges or {})
+        if "reward" in self.judges:
+            raise ConfigError("eval.judges.reward", "the name 'reward' is reserved", "rename it")
         self.seed, self.device = seed, device
 
     def prompts(self, data: Dataset) -> Dataset:
@@ -94,6 +128,7 @@ class Evaluator:
         rows = [(i, s) for i in range(len(prompts)) for s in range(self.k)]
         responses: list[str] = [""] * len(rows)
         lengths = np.zeros(len(rows))
+        kl = np.full(len(rows), np.nan)
         bar = progress(total=len(rows), desc=f"eval {phase}", unit="sample")
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
@@ -105,6 +140,9 @@ class Evaluator:
             eos = (response_ids == tokenizer.eos_token_id).float() * response_mask
             lengths[start : start + len(chunk)] = (response_mask.sum(1) - eos.sum(1)).cpu().numpy()
             responses[start : start + len(chunk)] = decode(tokenizer, response_ids)
+            kl[start : start + len(chunk)] = sequence_kl(
+                model, ids, mask, response_ids, response_mask
+            )
             bar.update(len(chunk))
         bar.close()
         model.train(was_training)
@@ -126,9 +164,19 @@ class Evaluator:
             "distinct_2": distinct_n(responses, 2),
             "response_len_mean": float(lengths.mean()),
             "empty_fraction": float(np.mean([not r for r in responses])),
+            # exact KL(policy || reference) summed over each response's tokens
+            "kl_to_reference": float(np.mean(kl)),
             "num_prompts": len(prompts),
             "samples_per_prompt": self.k,
         }
+        judged = {"reward": toxicity.ravel()}
+        for name, judge in self.judges.items():
+            judged[name] = judge.score(responses).toxicity.numpy()
+            stats = toxicity_stats(judged[name], self.threshold)
+            metrics |= {f"judge/{name}/{k}": v for k, v in stats.items()}
+            metrics[f"judge/{name}/expected_max_toxicity"] = expected_max_toxicity(
+                judged[name].reshape(len(prompts), self.k)
+            )
         records = [
             {
                 "id": prompts[i]["id"],
@@ -136,7 +184,7 @@ class Evaluator:
                 "reference": references[n],
                 "response": responses[n],
                 "sample": s,
-                "toxicity": {scorer.name_or_path: float(toxicity[i, s])},
+                "toxicity": {name: float(values[n]) for name, values in judged.items()},
                 "reward": float(scores.reward[n]),
                 "rouge_l": float(rouge_l[i, s]),
             }

@@ -48,3 +48,38 @@ def paired_deltas(
         if value:
             out[f"eval/delta/{name}_rel"] = float(other) / float(value) - 1.0
     return out
+
+
+SIDE_BY_SIDE_COLUMNS = (
+    "id",
+    "prompt",
+    "reference",
+    "response_before",
+    "response_after",
+    "toxicity_before",
+    "toxicity_after",
+)
+
+
+def side_by_side_rows(before: EvalResult, after: EvalResult, limit: int = 100) -> list[list]:
+    """Rows pairing the same prompt and sample index before and after PPO."""
+    after_by_key = {(r["id"], r["sample"]): r for r in after.records}
+    rows = []
+    for rec in before.records:
+        other = after_by_key.get((rec["id"], rec["sample"]))
+        if other is None:
+            continue
+        rows.append(
+            [
+                rec["id"],
+                rec["prompt"][-500:],
+                rec["reference"],
+                rec["response"],
+                other["response"],
+                rec["toxicity"]["reward"],
+                other["toxicity"]["reward"],
+            ]
+        )
+        if len(rows) >= limit:
+            break
+    return rows

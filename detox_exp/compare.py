@@ -1,0 +1,349 @@
+"""``detox-exp-compare``: compare finished runs (run dirs, sweep dirs, W&B runs) side by side.
+
+Prints a markdown table (one row per run: the config keys that differ between the runs, then
+the key metrics) and writes pareto.png (toxicity vs ROUGE-L, Pareto front marked) and
+curves.png (PPO reward and KL per step) to --out. Examples:
+
+  detox-exp-compare outputs/tune/a outputs/tune/b     # run dirs
+  detox-exp-compare outputs/demo/multiruns/<time> --sort eval/after/rouge_l --desc
+  detox-exp-compare my-entity/detox/abc123 --no-plots # a W&B run (needs WANDB_API_KEY)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from detox_exp import metric_names as M
+
+PROG = "detox-exp-compare"
+TOXICITY, ROUGE = "eval/after/toxicity_mean", "eval/after/rouge_l"
+DEFAULT_METRICS = (TOXICITY, "eval/delta/toxicity_mean", ROUGE) + tuple(
+    f"eval/after/{name}" for name in ("distinct_1", "response_len_mean")
+)
+CURVES = (M.REWARD_MEAN, M.KL)
+SKIP_PREFIXES = ("paths.", "hydra.", "_wandb")
+SKIP = frozenset({"logger.wandb.dir"})
+WANDB_PATH = re.compile(r"^(?:https?://[^/]+/)?([\w.-]+)/([\w.-]+)/(?:runs/)?([\w-]+)/?$")
+
+
+class CompareError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+@dataclass
+class RunRecord:
+    """One run: short name, final metrics, flat (dotted) config and per-step history."""
+
+    name: str
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+    source: str = ""
+    run_dirs: tuple[str, ...] = field(default_factory=tuple)  # strings meaning "this run dir"
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": value}; lists and scalars are leaves."""
+    if not isinstance(node, Mapping) or (not node and prefix):
+        return {prefix: node} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The composed Hydra config, flattened WITHOUT resolving (``${...}`` stay as text)."""
+    try:
+        return flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+    except Exception as err:  # a malformed or half-written file
+        raise CompareError(f"{path}: cannot read ({_first_line(err)}); fix: check it") from None
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl records; skips a torn last line of a run that is still writing."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return [r for r in records if isinstance(r, dict)]
+
+
+def load_run(path: str | Path, name: str | None = None) -> RunRecord:
+    """Read a local run dir (summary.json, metrics.jsonl, .hydra/config.yaml)."""
+    run_dir, summary_path = Path(path), Path(path) / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text("utf-8")) if summary_path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise CompareError(f"{summary_path}: not valid JSON ({err}); fix: rerun") from None
+    dirs = tuple(sorted({str(run_dir.resolve()), os.path.abspath(run_dir)}))  # absolute only
+    config_path, history = run_dir / ".hydra/config.yaml", _read_history(run_dir / "metrics.jsonl")
+    config = _read_config(config_path) if config_path.is_file() else {}
+    return RunRecord(name or run_dir.resolve().name, summary, config, history, str(run_dir), dirs)
+
+
+def load_wandb_run(run_path: str) -> RunRecord:
+    """Fetch summary, config and reward / KL history of ``entity/project/run_id`` from W&B."""
+    try:
+        import wandb
+
+        run = wandb.Api(timeout=30).run(run_path)
+        summary = {k: v for k, v in dict(run.summary).items() if isinstance(v, (int, float))}
+        config = flatten(dict(run.config))
+        rows = run.history(keys=list(CURVES), pandas=False)
+    except Exception as err:
+        raise CompareError(
+            f"{run_path}: W&B run could not be fetched ({_first_line(err)}); fix: check the run "
+            "path (entity/project/run_id), network access and WANDB_API_KEY, or the local path"
+        ) from None
+    history = [r | {"step": r.get("step", r.get("_step"))} for r in rows]
+    output_dir = config.get("paths.output_dir")
+    dirs = (output_dir,) if isinstance(output_dir, str) and "${" not in output_dir else ()
+    return RunRecord(run_path, summary, config, history, f"wandb:{run_path}", dirs)
+
+
+def _job_dirs(path: Path) -> list[Path]:
+    """Job dirs of a sweep dir (or any dir of run dirs) that have a summary.json."""
+    jobs = [p for p in path.iterdir() if p.is_dir() and (p / "summary.json").is_file()]
+    return sorted(jobs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+
+
+def expand_paths(paths: Sequence[str]) -> list[Path | str]:
+    """Run dirs stay, sweep dirs become their job dirs, the rest must be W&B run paths."""
+    out: list[Path | str] = []
+    for raw in paths:
+        path = Path(raw)
+        if (path / "summary.json").is_file() or (path / ".hydra" / "config.yaml").is_file():
+            out.append(path)
+        elif path.is_dir() and _job_dirs(path):
+            out.extend(_job_dirs(path))
+        elif not path.exists() and WANDB_PATH.match(raw):
+            out.append("/".join(WANDB_PATH.match(raw).groups()))  # type: ignore[union-attr]
+        else:
+            raise CompareError(
+                f"{raw}: not a run dir, sweep dir or W&B run path; fix: pass a Hydra run dir (with "
+                "summary.json), a sweep dir (job dirs with summary.json) or entity/project/run_id"
+            )
+    keys = [str(i.resolve()) if isinstance(i, Path) else i for i in out]
+    return [item for n, (key, item) in enumerate(zip(keys, out)) if key not in keys[:n]]
+
+
+def load_runs(paths: Sequence[str]) -> list[RunRecord]:
+    """Expand and load every PATH; local runs are named relative to their common parent."""
+    items = expand_paths(paths)
+    local = [p.resolve() for p in items if isinstance(p, Path)]
+    parent = Path(os.path.commonpath([str(p.parent) for p in local])) if local else None
+    name = {p: os.path.relpath(p.resolve(), parent) for p in items if isinstance(p, Path)}
+    return [load_wandb_run(i) if isinstance(i, str) else load_run(i, name[i]) for i in items]
+
+
+def _normalise(value: Any, run_dirs: Sequence[str]) -> str:
+    """A comparable form of a config value, with the run's own dir replaced by a marker."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    for run_dir in sorted(filter(None, run_dirs), key=len, reverse=True):
+        text = re.sub(r"(?<![\w.-])" + re.escape(run_dir) + r"(?![\w.-])", "<run_dir>", text)
+    return text
+
+
+def differing_keys(runs: Sequence[RunRecord | Mapping[str, Any]]) -> list[str]:
+    """Flat config keys whose values differ between runs (missing counts as a value).
+
+    Skips ``paths.*``, ``hydra.*``, ``logger.wandb.dir`` and values that differ only by the
+    run's own dir. Accepts RunRecords or plain flat config dicts; keeps first-seen key order.
+    """
+    configs = [r.config if isinstance(r, RunRecord) else dict(r) for r in runs]
+    dirs = [r.run_dirs if isinstance(r, RunRecord) else () for r in runs]
+    keys = list(dict.fromkeys(k for config in configs for k in config))
+
+    def differs(key: str) -> bool:
+        return len({(key in c, _normalise(c.get(key), d)) for c, d in zip(configs, dirs)}) > 1
+
+    return [k for k in keys if not k.startswith(SKIP_PREFIXES) and k not in SKIP and differs(k)]
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points, minimising x and maximising y.
+
+    A point is dominated when another is at least as good in both and strictly better in one;
+    equal points do not dominate each other (all are kept). NaN / None points are never on it.
+    """
+    ok = [all(v is not None and not math.isnan(v) for v in p) for p in points]
+    valid = [p for p, good in zip(points, ok) if good]
+
+    def dominated(x: float, y: float) -> bool:
+        return any(xo <= x and yo >= y and (xo < x or yo > y) for xo, yo in valid)
+
+    return [i for i, (x, y) in enumerate(points) if ok[i] and not dominated(x, y)]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def format_metric(summary: Mapping[str, Any], metric: str) -> str:
+    """Value with 3 decimals, plus the "[lo, hi]" CI when ``<metric>_ci_low/high`` exist."""
+    value = _number(summary.get(metric))
+    if value is None:
+        return "-"
+    text = _f3(value) if isinstance(summary.get(metric), float) else str(summary[metric])
+    lo, hi = _number(summary.get(f"{metric}_ci_low")), _number(summary.get(f"{metric}_ci_high"))
+    return text + (f" [{_f3(lo)}, {_f3(hi)}]" if lo is not None and hi is not None else "")
+
+
+def _f3(value: float) -> str:
+    return f"{round(value, 3) + 0.0:.3f}"  # + 0.0: no "-0.000"
+
+
+def _format_config(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    if value is None or isinstance(value, (bool, list, dict)):  # YAML / override spelling
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def markdown_table(
+    runs: Sequence[RunRecord],
+    keys: Sequence[str],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    sort: str = TOXICITY,
+    desc: bool = False,
+) -> str:
+    """One row per run: name, config ``keys``, ``metrics``; sorted by ``sort``.
+
+    ``sort`` is a summary metric (or else a config key); runs without it come last.
+    """
+
+    def value(run: RunRecord) -> Any:
+        return run.summary.get(sort, run.config.get(sort))
+
+    def sort_key(run: RunRecord) -> tuple[bool, float, str]:  # numbers, then text
+        number = _number(value(run))
+        return number is None, 0.0 if number is None else number, str(value(run))
+
+    present = sorted((r for r in runs if value(r) is not None), key=sort_key, reverse=desc)
+    absent = [r for r in runs if value(r) is None]
+
+    def row(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    lines = [row(["run", *keys, *metrics]), row(["---"] * (1 + len(keys) + len(metrics)))]
+    for run in present + absent:
+        config = [_format_config(run.config[k]) if k in run.config else "-" for k in keys]
+        lines.append(row([run.name, *config, *(format_metric(run.summary, m) for m in metrics)]))
+    return "\n".join(lines)
+
+
+def _figure(**kwargs: Any) -> Any:
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    matplotlib.use("Agg")
+    return Figure(**kwargs)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_pareto(runs: Sequence[RunRecord], path: str | Path) -> Path:
+    """Toxicity (x, lower is better) vs ROUGE-L (y, higher is better); Pareto runs marked."""
+    fig = _figure(figsize=(7, 5), layout="constrained")
+    ax = fig.add_subplot()
+    shown = [r for r in runs if None not in (_number(r.summary.get(k)) for k in (TOXICITY, ROUGE))]
+    points = [(float(r.summary[TOXICITY]), float(r.summary[ROUGE])) for r in shown]
+    front = set(pareto_front(points))
+    for on, label, colour in ((True, "Pareto-optimal", "tab:red"), (False, "dominated", "gray")):
+        xy = [p for i, p in enumerate(points) if (i in front) == on]
+        if xy:
+            ax.scatter(*zip(*xy), s=70 if on else 35, c=colour, zorder=3, label=label)
+    for (x, y), run in zip(points, shown):
+        ax.annotate(run.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if front:
+        ax.step(*zip(*sorted(points[i] for i in front)), where="post", ls="--", c="tab:red", lw=1)
+        ax.legend(loc="best")
+        ax.margins(0.12)
+    if not points:
+        ax.text(0.5, 0.5, "no run has both metrics", ha="center", transform=ax.transAxes)
+    ax.set(xlabel=f"{TOXICITY} (lower is better)", ylabel=f"{ROUGE} (higher is better)")
+    ax.set(title="toxicity vs ROUGE-L after PPO")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_curves(runs: Sequence[RunRecord], path: str | Path) -> Path:
+    """Two panels: env/reward_mean and objective/kl vs step, one line per run."""
+    fig = _figure(figsize=(13, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, metric in zip(axes, CURVES):
+        for i, run in enumerate(runs):
+            xy = [(r.get("step"), _number(r.get(metric))) for r in run.history]
+            xy = sorted((s, v) for s, v in xy if s is not None and v is not None)
+            if xy:  # 10 colours per line style, then the next style
+                marker = "." if len(xy) < 30 else None
+                ax.plot(*zip(*xy), ls="-:-"[i // 10 % 2], marker=marker, label=run.name)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no data", ha="center", transform=ax.transAxes)
+        ax.set(xlabel="PPO step", ylabel=metric, title=metric)
+        ax.grid(alpha=0.3)
+    legend = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    if legend:  # one entry per run, from whichever panel has it
+        fig.legend(list(legend.values()), list(legend), loc="outside right upper", fontsize=8)
+    return _save(fig, path)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run dir, sweep dir or W&B run")
+    parser.add_argument("--sort", default=TOXICITY, metavar="METRIC", help="sort rows by this")
+    parser.add_argument("--desc", action="store_true", help="sort descending")
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated")
+    parser.add_argument("--out", default="compare", help="folder for the PNGs")
+    parser.add_argument("--no-plots", action="store_true", help="only print the table")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script; exits 2 with one line on stderr for bad input."""
+    args = parse_args(argv)
+    try:
+        runs = load_runs(args.paths)
+    except CompareError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if not any(args.sort in r.summary or args.sort in r.config for r in runs):
+        print(f"{PROG}: warning: no run has {args.sort!r}; rows are unsorted", file=sys.stderr)
+    print(markdown_table(runs, differing_keys(runs), metrics, args.sort, args.desc))
+    if not args.no_plots:
+        out = Path(args.out)
+        written = [plot_pareto(runs, out / "pareto.png"), plot_curves(runs, out / "curves.png")]
+        print("", *(f"wrote {path}" for path in written), sep="\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
