@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detox_exp import metric_names as M
 from detox_exp.data.dialogues import PromptSplits
+from detox_exp.distributed import Dist
 from detox_exp.errors import ConfigError
 from detox_exp.tracking import Tracker
 from detox_exp.utils import resolve_device, seed_everything
@@ -101,22 +102,28 @@ def run(
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
     seed_everything(cfg.seed)
+    dist = Dist(resolve_device(cfg.device))
+    if dist.enabled:  # every process works in the main process's run dir
+        with open_dict(cfg):
+            cfg.paths.output_dir = dist.broadcast(str(cfg.paths.output_dir))
     run_dir = Path(cfg.paths.output_dir)
     tracker: Tracker = build(cfg.logger)
+    tracker.enabled = dist.is_main
     config = OmegaConf.to_container(cfg, resolve=True)
     tracker.start(config, defaults=wandb_defaults)
     location = tracker.location
     exit_code = 1
     try:
-        summary, objects = _run_stages(cfg, tracker, run_dir)
+        summary, objects = _run_stages(cfg, tracker, run_dir, dist)
         exit_code = 0
     finally:
         tracker.finish(exit_code)
-    print_report(summary, run_dir, location)
+    if dist.is_main:
+        print_report(summary, run_dir, location)
     return summary, objects | {"tracker": tracker}
 
 
-def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path):
+def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist):
     stages = cfg.stages
     timings: dict[str, float] = {}
     objects: dict[str, Any] = {}
@@ -126,11 +133,14 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path):
 
     start = time.perf_counter()
     if stages.prepare_data and cfg.get("assets") is not None:
-        build(cfg.assets).build()
+        if dist.is_main:
+            build(cfg.assets).build()
+        dist.barrier()
     tokenizer = build(cfg.model.tokenizer)
     if stages.prepare_data:
-        splits = build(cfg.dataset).prepare(tokenizer)
-        splits.save(cfg.paths.data_dir)
+        splits = build(cfg.dataset).prepare(tokenizer)  # deterministic on every process
+        if dist.is_main:
+            splits.save(cfg.paths.data_dir)
         tracker.log_summary(
             {M.DATA_TRAIN_PROMPTS: len(splits.train), M.DATA_EVAL_PROMPTS: len(splits.eval)}
         )
@@ -142,7 +152,9 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path):
     if stages.train_reward:
         start = time.perf_counter()
         trainer = build(cfg.reward.training)
-        trainer.train(tracker)
+        if dist.is_main:
+            trainer.train(tracker)
+        dist.barrier()
         reward_path = str(trainer.output_dir)
         timed("train_reward", start)
 
@@ -160,12 +172,16 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path):
     objects |= {"tokenizer": tokenizer, "scorer": scorer, "splits": splits}
 
     def evaluate(phase: str, policy: torch.nn.Module) -> None:
+        if not dist.is_main:  # evaluation runs on the main process; the others wait
+            dist.barrier()
+            return
         start = time.perf_counter()
         results[phase] = evaluator.evaluate(
             policy, tokenizer, scorer, splits.eval, phase, run_dir, generation
         )
         tracker.log_summary(results[phase].metrics)
         timed(f"evaluate_{phase}", start)
+        dist.barrier()
 
     if stages.evaluate_before:
         evaluate("before", model)
@@ -202,8 +218,9 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path):
             },
             step=None,
         )
-    if stages.ppo:
+    if stages.ppo and dist.is_main:
         objects["ppo"].save(summary=dict(tracker.summary), config=cfg)
+    dist.barrier()
     tracker.log_summary(timings)
     objects["model"] = model
     return dict(tracker.summary), objects

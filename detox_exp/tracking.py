@@ -48,6 +48,8 @@ class Tracker:
         self.summary: dict[str, Any] = {}
         self.run: Any = None
         self._wandb_failed = False
+        # False on the non-main processes of a multi-process run: they log nothing
+        self.enabled = True
         if self.wandb_settings is not None:
             mode = self.wandb_settings.get("mode")
             if mode is not None and mode not in WANDB_MODES:
@@ -64,6 +66,8 @@ class Tracker:
         ``defaults`` fill W&B settings that are null / empty in the config (group, job_type,
         tags, name: set per sweep job by :mod:`detox_exp.sweeps`).
         """
+        if not self.enabled:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.wandb_settings is None:
             return
@@ -91,6 +95,8 @@ class Tracker:
 
     def finish(self, exit_code: int = 0) -> None:
         """Write summary.json and close the W&B run (always called, also on failure)."""
+        if not self.enabled:
+            return
         write_json(self.summary_path, self.summary)
         if self.run is not None:
             try:
@@ -102,6 +108,8 @@ class Tracker:
     # ------------------------------------------------------------------ logging
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log one step's scalar metrics."""
+        if not self.enabled:
+            return
         record = {"step": int(step)} | {k: _to_float(v) for k, v in metrics.items()}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
@@ -112,6 +120,8 @@ class Tracker:
         """Record final metrics in summary.json and the W&B run summary."""
         clean = {k: _to_float(v) for k, v in metrics.items()}
         self.summary.update(clean)
+        if not self.enabled:
+            return
         write_json(self.summary_path, self.summary)
         self._wandb_call(lambda run: run.summary.update(clean))
 

@@ -21,6 +21,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from detox_exp import metric_names as M
+from detox_exp.distributed import Dist, masked_whiten_global
 from detox_exp.errors import ConfigError
 from detox_exp.ppo import core
 from detox_exp.ppo.policy import ActorCritic
@@ -67,6 +68,7 @@ class PPOTrainer:
         kl_estimator: str = "k3",
         score: Mapping[str, Any] | None = None,
         separate_value_model: bool = False,
+        debug_param_digest: bool = False,
         sample_table_every: int = 10,
         num_table_samples: int = 4,
         save_dir: str = "policy",
@@ -110,7 +112,29 @@ class PPOTrainer:
             f"unknown keys {score}",
             "use scale, normalize, clip",
         )
-        self.device = resolve_device(device)
+        self.dist = Dist(resolve_device(device))
+        self.device = self.dist.device
+        world = self.dist.world_size
+        _check(
+            batch_size % world == 0,
+            "batch_size",
+            f"{batch_size} is not divisible by the {world} processes",
+            "use a multiple",
+        )
+        _check(
+            mini_batch_size % world == 0,
+            "mini_batch_size",
+            f"{mini_batch_size} is not divisible by the {world} processes",
+            "use a multiple",
+        )
+        self.local_batch, self.local_mini = batch_size // world, mini_batch_size // world
+        _check(
+            self.local_mini % gradient_accumulation_steps == 0,
+            "gradient_accumulation_steps",
+            f"must divide the per-process mini-batch {self.local_mini}",
+            "lower it",
+        )
+        self.debug_param_digest = debug_param_digest
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.tokenizer, self.scorer, self.prompts, self.tracker = (
             tokenizer,
@@ -134,6 +158,10 @@ class PPOTrainer:
 
         self.policy = ActorCritic(model, separate_value_model).to(self.device)
         self.policy.eval()  # no dropout: see module docstring
+        self.ddp: torch.nn.Module = self.policy
+        if self.dist.enabled:  # gradients averaged over processes; DDP syncs initial weights
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.policy, device_ids=ids)
         params = self.policy.trainable_parameters()
         self.optimizer = optimizer(params)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -151,7 +179,8 @@ class PPOTrainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def next_batch(self) -> list[int]:
-        """Prompt indices for the next rollout: a seeded permutation per pass over the data."""
+        """This process's prompt indices for the next rollout: every process draws the same
+        seeded permutation per pass over the data and takes its share of the global batch."""
         indices = []
         while len(indices) < self.batch_size:
             if self._position >= len(self._order):
@@ -160,7 +189,7 @@ class PPOTrainer:
             take = min(self.batch_size - len(indices), len(self._order) - self._position)
             indices += self._order[self._position : self._position + take]
             self._position += take
-        return indices
+        return indices[self.dist.rank :: self.dist.world_size]
 
     def _forward(self, query, query_mask, response, mask, with_ref: bool, keep_logits: bool):
         """Log-probs (+ values, entropy, reference log-probs) of given responses, no grad."""
@@ -203,8 +232,8 @@ class PPOTrainer:
         t2 = time.perf_counter()
         full = self.kl_estimator == "full"
         chunks = defaultdict(list)
-        for start in range(0, len(indices), self.mini_batch_size):
-            sl = slice(start, start + self.mini_batch_size)
+        for start in range(0, len(indices), self.local_mini):
+            sl = slice(start, start + self.local_mini)
             out = self._forward(query[sl], query_mask[sl], response[sl], mask[sl], True, full)
             for key, value in out.items():
                 chunks[key].append(value)
@@ -212,13 +241,15 @@ class PPOTrainer:
         t3 = time.perf_counter()
         timings = {M.TIME_GENERATE: t1 - t0, M.TIME_SCORE: t2 - t1, M.TIME_FORWARD: t3 - t2}
         raw_scores = scores.reward.to(self.device)
+        # normalisation statistics come from the global batch; keep this process's share
+        n = len(indices)
         processed = core.process_scores(
-            raw_scores,
+            self.dist.gather(raw_scores),
             scale=self.score_scale,
             clip=self.score_clip,
             normalize=self.running is not None,
             running=self.running,
-        )
+        )[self.dist.rank * n : (self.dist.rank + 1) * n]
         rewards, kl = core.compute_rewards(
             processed,
             batch["logprobs"],
@@ -231,7 +262,11 @@ class PPOTrainer:
         )
         advantages, returns = core.compute_gae(rewards, batch["values"], mask, self.gamma, self.lam)
         if self.whiten_advantages:
-            advantages = torch.where(mask.bool(), core.masked_whiten(advantages, mask), 0.0)
+            if self.dist.enabled:  # statistics over every process's tokens
+                whitened = masked_whiten_global(advantages, mask, self.dist)
+            else:
+                whitened = core.masked_whiten(advantages, mask)
+            advantages = torch.where(mask.bool(), whitened, 0.0)
         batch.pop("logits", None)
         batch.pop("ref_logits", None)
         return {
@@ -255,14 +290,14 @@ class PPOTrainer:
         """PPO epochs x minibatches (with gradient accumulation) on one rollout batch."""
         stats = defaultdict(list)
         n = len(roll["indices"])
-        micro = self.mini_batch_size // self.accum
+        micro = self.local_mini // self.accum
         epochs_run = 0
         for _ in range(self.ppo_epochs):
             epochs_run += 1
             order = torch.randperm(n, generator=self.generator).tolist()
             epoch_kl = []
-            for mb_start in range(0, n, self.mini_batch_size):
-                mb = order[mb_start : mb_start + self.mini_batch_size]
+            for mb_start in range(0, n, self.local_mini):
+                mb = order[mb_start : mb_start + self.local_mini]
                 for mc_start in range(0, len(mb), micro):
                     idx = torch.tensor(mb[mc_start : mc_start + micro], device=self.device)
                     loss, mstats = self._loss(roll, idx)
@@ -279,11 +314,11 @@ class PPOTrainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
-            if (
-                self.target_approx_kl is not None
-                and sum(epoch_kl) / len(epoch_kl) > self.target_approx_kl
-            ):
-                break  # early stop: the policy moved too far from the rollout policy
+            if self.target_approx_kl is not None:
+                # decided on the global mean, so every process runs the same number of epochs
+                kl = self.dist.mean(torch.tensor(sum(epoch_kl) / len(epoch_kl))).item()
+                if kl > self.target_approx_kl:
+                    break  # early stop: the policy moved too far from the rollout policy
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         out[M.EPOCHS_RUN] = epochs_run
         return out
@@ -297,7 +332,7 @@ class PPOTrainer:
         response = roll["response"][idx][:, :width]
         dec = decoder_inputs(response, self.policy.config.decoder_start_token_id)
         with self._autocast():
-            out = self.policy(query, query_mask, dec)
+            out = self.ddp(query, query_mask, dec)
         logits = out.logits.float()
         logprobs = core.logprobs_from_logits(logits, response)
         values = out.values.float()
@@ -338,25 +373,35 @@ class PPOTrainer:
         opt_stats = self.optimize(roll)
         t_end = time.perf_counter()
         mask = roll["mask"]
-        kl_per_sample = roll["kl"].sum(1)
+        # exact global statistics from gathered per-sample values; means of the rest
+        kl_per_sample = self.dist.gather(roll["kl"].sum(1))
+        scores = self.dist.gather(roll["scores"])
+        toxicity = self.dist.gather(roll["toxicity"].to(self.device))
+        lengths = self.dist.gather(mask.sum(1).float())
         mean_kl = kl_per_sample.mean().item()
-        metrics = {
-            M.KL: mean_kl,
-            M.KL_COEF: self.kl_ctl.value,
+        local = {
             M.ENTROPY: core.masked_mean(roll["entropy"], mask).item(),
-            M.REWARD_MEAN: roll["scores"].mean().item(),
-            M.REWARD_STD: roll["scores"].std().item() if len(roll["scores"]) > 1 else 0.0,
-            M.TOXICITY_MEAN: roll["toxicity"].mean().item(),
-            M.RESPONSE_LEN_MEAN: mask.sum(1).float().mean().item(),
             M.VAR_EXPLAINED: core.explained_variance(roll["values"], roll["returns"], mask).item(),
             M.VALUE_MEAN: core.masked_mean(roll["values"], mask).item(),
             M.RETURNS_MEAN: core.masked_mean(roll["returns"], mask).item(),
             M.TIME_OPTIMIZE: t_end - t_opt,
             M.STEP_TIME: t_end - start,
-            M.SAMPLES_PER_S: self.batch_size / (t_end - start),
             **roll["timings"],
             **opt_stats,
         }
+        local = self.dist.mean_dict(local, sorted(local))
+        metrics = {
+            M.KL: mean_kl,
+            M.KL_COEF: self.kl_ctl.value,
+            M.REWARD_MEAN: scores.mean().item(),
+            M.REWARD_STD: scores.std().item() if len(scores) > 1 else 0.0,
+            M.TOXICITY_MEAN: toxicity.mean().item(),
+            M.RESPONSE_LEN_MEAN: lengths.mean().item(),
+            M.SAMPLES_PER_S: self.batch_size / local[M.STEP_TIME],
+            **local,
+        }
+        if self.debug_param_digest:
+            self._write_param_digest(roll["scores"])
         self.kl_ctl.update(mean_kl, self.batch_size)  # Ziegler et al.: n_steps = batch size
         self.step += 1
         self.tracker.log(metrics, step=self.step)
@@ -381,6 +426,25 @@ class PPOTrainer:
             if not math.isfinite(metrics[key]):
                 raise FloatingPointError(f"ppo step {self.step}: {key} is {metrics[key]}")
         return metrics
+
+    def _write_param_digest(self, local_scores: torch.Tensor) -> None:
+        """Debug: a hash of this process's trainable weights after the step (DDP tests)."""
+        import hashlib
+        import json
+
+        digest = hashlib.sha256()
+        for param in self.policy.trainable_parameters():
+            digest.update(param.detach().cpu().float().numpy().tobytes())
+        path = Path(self.tracker.run_dir) / "param_digests" / f"rank{self.dist.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "step": self.step + 1,
+            "digest": digest.hexdigest(),
+            "reward_sum": local_scores.sum().item(),
+            "n": len(local_scores),
+        }
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def train(self) -> list[dict[str, float]]:
         """Run ``steps`` PPO steps with a progress bar; returns every step's metrics."""

@@ -1,0 +1,61 @@
+"""Two CPU processes (torchrun, gloo) run PPO together: shared weights, global metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, local_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_process_ppo(standins, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [o for o in local_overrides(standins, run_dir) if not o.startswith("hydra.run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "detox_exp",
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+        "ppo.steps=2",
+        "ppo.batch_size=8",
+        "ppo.mini_batch_size=4",
+        "ppo.debug_param_digest=true",
+        "eval.num_prompts=4",
+    ]
+    env = os.environ | {"CI": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    digests = {
+        rank: [
+            json.loads(x)
+            for x in (run_dir / f"param_digests/rank{rank}.jsonl").read_text().splitlines()
+        ]
+        for rank in (0, 1)
+    }
+    assert [d["step"] for d in digests[0]] == [1, 2] == [d["step"] for d in digests[1]]
+    for a, b in zip(digests[0], digests[1]):
+        assert a["digest"] == b["digest"]  # identical weights after every step
+        assert a["n"] == b["n"] == 4  # each process scored its half of the batch of 8
+    assert digests[0][0]["digest"] != digests[0][1]["digest"]  # and they did train
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]  # logged once, by the main process
+    for line, a, b in zip(lines, digests[0], digests[1]):
+        global_mean = (a["reward_sum"] + b["reward_sum"]) / (a["n"] + b["n"])
+        assert line["env/reward_mean"] == pytest.approx(global_mean, abs=1e-5)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "eval/after/toxicity_mean" in summary
+    assert (run_dir / "policy/merged/config.json").is_file()
