@@ -64,6 +64,45 @@ def _load_local_file(path: Path) -> Dataset:
     return datasets.load_dataset(builder, data_files=str(path), split="train")
 
 
+def load_splits(
+    path: str,
+    field: str,
+    default_split: str,
+    name: str | None = None,
+    data_files: dict[str, str] | None = None,
+    revision: str | None = None,
+) -> DatasetDict:
+    """Splits of a hub dataset id, a local folder, a local file (as ``default_split``) or
+    explicit ``data_files`` (split -> file). ``field`` names the config node in errors."""
+    if data_files:
+        splits = {}
+        for split, file in data_files.items():
+            if not Path(file).is_file():
+                raise DataError(f"{field}.data_files.{split}", f"file {file} not found", "check it")
+            splits[split] = _load_local_file(Path(file))
+        return DatasetDict(splits)
+    source = Path(path).expanduser()
+    if source.is_file():
+        return DatasetDict({default_split: _load_local_file(source)})
+    if source.is_dir():
+        return datasets.load_dataset(str(source), name)
+    if path.startswith(("/", "./", "../", "~")) or source.suffix in (".jsonl", ".csv", ".json"):
+        raise DataError(f"{field}.path", f"file {path} not found", "check the path")
+    # snapshot_download + load_dataset(folder) works online and from a planted cache with
+    # HF_HUB_OFFLINE=1 (load_dataset(repo_id) refuses to run offline).
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(path, repo_type="dataset", revision=revision)
+    except Exception as err:
+        raise DataError(
+            f"{field}.path",
+            f"cannot fetch hub dataset {path!r} ({type(err).__name__})",
+            "check the id and network access, or use a local file",
+        ) from err
+    return datasets.load_dataset(folder, name)
+
+
 class DialogueData:
     """Builds :class:`PromptSplits` from a dialogue-summary data set (see conf/dataset)."""
 
@@ -112,38 +151,13 @@ class DialogueData:
     # ------------------------------------------------------------------ loading
     def load_raw(self) -> DatasetDict:
         """Load every split of the source as a DatasetDict (no filtering yet)."""
-        if self.data_files:
-            splits = {}
-            for split, file in self.data_files.items():
-                if not Path(file).is_file():
-                    raise DataError(
-                        f"dataset.data_files.{split}", f"file {file} not found", "check the path"
-                    )
-                splits[split] = _load_local_file(Path(file))
-            return DatasetDict(splits)
-        source = Path(self.path).expanduser()
-        if source.is_file():
-            return DatasetDict({self.train_split: _load_local_file(source)})
-        if source.is_dir():
-            return datasets.load_dataset(str(source))
-        if self.path.startswith(("/", "./", "../", "~")) or source.suffix in (".jsonl", ".csv"):
-            raise DataError("dataset.path", f"file {self.path} not found", "check the path")
-        return self._load_hub()
-
-    def _load_hub(self) -> DatasetDict:
-        # snapshot_download + load_dataset(folder) works online and from a planted cache with
-        # HF_HUB_OFFLINE=1 (load_dataset(repo_id) refuses to run offline).
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = snapshot_download(self.path, repo_type="dataset", revision=self.revision)
-        except Exception as err:
-            raise DataError(
-                "dataset.path",
-                f"cannot fetch hub dataset {self.path!r} ({type(err).__name__})",
-                "check the id and network access, or use dataset=jsonl with a local file",
-            ) from err
-        return datasets.load_dataset(folder)
+        return load_splits(
+            self.path,
+            "dataset",
+            self.train_split,
+            data_files=self.data_files,
+            revision=self.revision,
+        )
 
     # ---------------------------------------------------------------- preparing
     def prepare(self, tokenizer: PreTrainedTokenizerBase) -> PromptSplits:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 
-from detox_exp.data.dialogues import _load_local_file
+from detox_exp.data.dialogues import load_splits
 from detox_exp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -67,27 +66,13 @@ class LabeledTextData:
         self.seed = seed
 
     def _load(self) -> datasets.DatasetDict:
-        field = "reward.training.data.path"
-        if self.data_files:
-            return datasets.DatasetDict(
-                {s: _load_local_file(Path(f)) for s, f in self.data_files.items()}
-            )
-        source = Path(self.path).expanduser()
-        if source.is_file():
-            return datasets.DatasetDict({self.train_split: _load_local_file(source)})
-        if source.is_dir():
-            return datasets.load_dataset(str(source), self.name)
-        if self.path.startswith(("/", "./", "../", "~")) or source.suffix in (".jsonl", ".csv"):
-            raise DataError(field, f"file {self.path} not found", "check the path")
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = snapshot_download(self.path, repo_type="dataset")
-        except Exception as err:
-            raise DataError(
-                field, f"cannot fetch hub dataset {self.path!r}", "check the id and network access"
-            ) from err
-        return datasets.load_dataset(folder, self.name)
+        return load_splits(
+            self.path,
+            "reward.training.data",
+            self.train_split,
+            name=self.name,
+            data_files=self.data_files,
+        )
 
     def _columns(self, split: datasets.Dataset) -> tuple[list[str], list[str]]:
         for column in (self.text_column, self.label_column):

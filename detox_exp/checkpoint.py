@@ -1,0 +1,168 @@
+"""Atomic PPO checkpoints and exact resume.
+
+A checkpoint is a folder ``<run_dir>/checkpoints/step-<N>/`` with
+- ``trainable.safetensors``: every trainable tensor (LoRA adapter + value head, or the whole
+  network with full fine-tuning),
+- ``state.pt``: optimizer, grad scaler, KL controller, score statistics, data order and
+  position, step counter, RNG states (python, numpy, torch, CUDA), all plain tensors and
+  containers so that it loads with ``torch.load(weights_only=True)``,
+- ``meta.json``: step, W&B run id, the tracked metric.
+It is written to a temporary folder and renamed into place, so a crash never leaves a
+half-written checkpoint; the newest ``keep`` are kept, plus ``best`` (by ``best_metric``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from detox_exp.errors import ConfigError, DataError
+
+PREFIX = "step-"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors / lists (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+            "kind": kind,
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [
+        p for p in folder.iterdir() if p.name.startswith(PREFIX) and (p / "meta.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """``resume=auto``: the newest checkpoint of this run dir (None if there is none);
+    ``resume=PATH``: a checkpoint folder, or a run dir / checkpoints folder holding one."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir / "checkpoints")
+        return found[-1] if found else None
+    path = Path(resume).expanduser()
+    if (path / "meta.json").is_file():
+        return path
+    for folder in (path / "checkpoints", path):
+        found = list_checkpoints(folder)
+        if found:
+            return found[-1]
+    raise DataError(
+        "resume", f"no checkpoint at {resume}", "pass a checkpoint dir, a run dir, or resume=auto"
+    )
+
+
+class CheckpointManager:
+    """Writes checkpoints every ``every`` steps, keeps the newest ``keep`` and the best."""
+
+    def __init__(
+        self,
+        folder: Path,
+        every: int = 0,
+        keep: int = 2,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+    ) -> None:
+        if every < 0:
+            raise ConfigError("checkpoint.every", f"must be >= 0, got {every}", "0 turns it off")
+        if keep < 1:
+            raise ConfigError("checkpoint.keep", f"must be >= 1, got {keep}", "raise it")
+        if best_mode not in ("max", "min"):
+            raise ConfigError("checkpoint.best_mode", f"unknown {best_mode!r}", "use max or min")
+        self.folder, self.every, self.keep = Path(folder), every, keep
+        self.best_metric, self.best_mode = best_metric, best_mode
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def save(
+        self,
+        step: int,
+        tensors: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        meta: dict[str, Any],
+    ) -> Path:
+        """Atomically write checkpoint ``step``; prune; refresh ``best``."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final = self.folder / f"{PREFIX}{step}"
+        tmp = self.folder / f".tmp-{PREFIX}{step}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            str(tmp / "trainable.safetensors"),
+        )
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta | {"step": step}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self._update_best(final, meta)
+        for old in list_checkpoints(self.folder)[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _update_best(self, path: Path, meta: dict[str, Any]) -> None:
+        value = (meta.get("metrics") or {}).get(self.best_metric or "")
+        if value is None:
+            return
+        best = self.folder / "best"
+        if (best / "meta.json").is_file():
+            old = (
+                json.loads((best / "meta.json").read_text())
+                .get("metrics", {})
+                .get(self.best_metric)
+            )
+            if old is not None and (value <= old if self.best_mode == "max" else value >= old):
+                return
+        tmp = self.folder / f".tmp-best-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(path, tmp)
+        shutil.rmtree(best, ignore_errors=True)
+        os.replace(tmp, best)
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(trainable tensors, state, meta) of a checkpoint, loaded safely."""
+    tensors = load_file(str(path / "trainable.safetensors"))
+    state = torch.load(path / "state.pt", weights_only=True)
+    meta = json.loads((path / "meta.json").read_text())
+    return tensors, state, meta
