@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EXIT_BAD_INPUT = 2
+EXIT_TRAINING_FAILED = 3
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -46,6 +47,11 @@ def bad_input_message(err: BaseException) -> str | None:
             return str(item)
     for item in _chain(err):
         text = str(item)
+        if isinstance(item, (PermissionError, NotADirectoryError, FileExistsError)):
+            return (
+                f"paths.output_dir: cannot write {item.filename} ({item.strerror}); "
+                "fix: choose a writable hydra.run.dir / hydra.sweep.dir"
+            )
         if isinstance(item, MissingConfigException):
             group = re.search(r"Could not find '([^']+)/([^']+)'", text)
             options = re.findall(r"^\t(\S+)$", text, flags=re.M)
@@ -84,8 +90,11 @@ def main() -> None:
         message = bad_input_message(err)
         if message is None or user_full_error:
             raise
+        from detox_exp.errors import TrainingError
+
         print(f"detox-exp: error: {message}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        failed = any(isinstance(e, TrainingError) for e in _chain(err))
+        sys.exit(EXIT_TRAINING_FAILED if failed else EXIT_BAD_INPUT)
     finally:
         if not user_full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -17,3 +17,8 @@ class ConfigError(DetoxError):
 
 class DataError(DetoxError):
     """A missing, malformed or empty data file or model directory."""
+
+
+class TrainingError(DetoxError):
+    """Training cannot go on (e.g. NaN / inf in scores, rewards, advantages or the loss).
+    The CLI prints it as one line and exits with code 3."""

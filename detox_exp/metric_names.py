@@ -27,6 +27,7 @@ TIME_SCORE = "time/score"
 TIME_FORWARD = "time/forward"
 TIME_OPTIMIZE = "time/optimize"
 SAMPLES_PER_S = "perf/samples_per_s"
+SKIPPED_BATCHES = "ppo/skipped_batches"  # batches dropped for NaN / inf (ppo.on_nonfinite=skip)
 SAMPLES_TABLE = "samples"
 
 # data

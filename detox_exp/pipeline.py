@@ -6,6 +6,7 @@ module only orders the stages and hands results from one to the next.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -16,10 +17,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from detox_exp import checkpoint
 from detox_exp import metric_names as M
 from detox_exp.data.dialogues import PromptSplits
 from detox_exp.distributed import Dist
-from detox_exp.errors import ConfigError
+from detox_exp.errors import ConfigError, DataError
+from detox_exp.evaluation.evaluator import EvalResult
 from detox_exp.tracking import Tracker
 from detox_exp.utils import resolve_device, seed_everything
 
@@ -42,6 +45,21 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         if cause is not None:
             raise cause from None
         raise
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run dir must be creatable and writable before any work starts."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise DataError(
+            "paths.output_dir",
+            f"cannot write to {run_dir} ({err.strerror})",
+            "choose a writable hydra.run.dir / hydra.sweep.dir",
+        ) from err
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -106,15 +124,26 @@ def run(
     if dist.enabled:  # every process works in the main process's run dir
         with open_dict(cfg):
             cfg.paths.output_dir = dist.broadcast(str(cfg.paths.output_dir))
+    resume = checkpoint.resolve_resume(cfg.get("resume"), Path(cfg.paths.output_dir))
+    if resume is not None and cfg.resume != "auto":  # continue in the checkpoint's run dir
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(resume.parent.parent)
     run_dir = Path(cfg.paths.output_dir)
+    if dist.is_main:
+        check_writable(run_dir)
     tracker: Tracker = build(cfg.logger)
     tracker.enabled = dist.is_main
+    if resume is not None:
+        meta = json.loads((resume / "meta.json").read_text())
+        tracker.resume_from(int(meta["step"]), meta.get("wandb_id"))
+    elif cfg.get("resume") == "auto":
+        log.info("resume=auto: no checkpoint in %s, starting from scratch", run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     tracker.start(config, defaults=wandb_defaults)
     location = tracker.location
     exit_code = 1
     try:
-        summary, objects = _run_stages(cfg, tracker, run_dir, dist)
+        summary, objects = _run_stages(cfg, tracker, run_dir, dist, resume)
         exit_code = 0
     finally:
         tracker.finish(exit_code)
@@ -123,7 +152,7 @@ def run(
     return summary, objects | {"tracker": tracker}
 
 
-def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist):
+def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, resume: Path | None):
     stages = cfg.stages
     timings: dict[str, float] = {}
     objects: dict[str, Any] = {}
@@ -152,7 +181,8 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist):
     if stages.train_reward:
         start = time.perf_counter()
         trainer = build(cfg.reward.training)
-        if dist.is_main:
+        done = resume is not None and (trainer.output_dir / "metrics.json").is_file()
+        if dist.is_main and not done:  # on resume the trained classifier is reused
             trainer.train(tracker)
         dist.barrier()
         reward_path = str(trainer.output_dir)
@@ -176,9 +206,12 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist):
             dist.barrier()
             return
         start = time.perf_counter()
-        results[phase] = evaluator.evaluate(
-            policy, tokenizer, scorer, splits.eval, phase, run_dir, generation
-        )
+        if resume is not None and (run_dir / "eval" / phase / "metrics.json").is_file():
+            results[phase] = EvalResult.load(run_dir, phase)  # done before the crash
+        else:
+            results[phase] = evaluator.evaluate(
+                policy, tokenizer, scorer, splits.eval, phase, run_dir, generation
+            )
         tracker.log_summary(results[phase].metrics)
         timed(f"evaluate_{phase}", start)
         dist.barrier()
@@ -195,6 +228,10 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist):
             tracker=tracker,
             generation=generation,
         )
+        ppo.checkpoints = build(cfg.checkpoint)
+        ppo.wandb_id = tracker.run.id if tracker.run is not None else None
+        if resume is not None:
+            ppo.resume(resume)
         ppo.train()
         timed("ppo", start)
         objects["ppo"] = ppo

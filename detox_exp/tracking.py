@@ -50,6 +50,7 @@ class Tracker:
         self._wandb_failed = False
         # False on the non-main processes of a multi-process run: they log nothing
         self.enabled = True
+        self.resume_id: str | None = None
         if self.wandb_settings is not None:
             mode = self.wandb_settings.get("mode")
             if mode is not None and mode not in WANDB_MODES:
@@ -60,6 +61,24 @@ class Tracker:
                 )
 
     # ----------------------------------------------------------------- lifecycle
+    def resume_from(self, step: int, wandb_id: str | None) -> None:
+        """Continue a run: keep summary.json, drop metrics.jsonl lines after ``step`` (they
+        are recomputed), and continue the W&B run ``wandb_id``."""
+        if self.summary_path.is_file():
+            self.summary = json.loads(self.summary_path.read_text())
+        if self.enabled and self.metrics_path.is_file():
+            kept = []
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a line cut off by the crash
+            tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.metrics_path)
+        self.resume_id = wandb_id
+
     def start(self, config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> None:
         """Create the run dir and start the W&B run with the full resolved config.
 
@@ -83,15 +102,22 @@ class Tracker:
         wandb_dir = Path(settings.pop("dir", None) or self.run_dir)
         wandb_dir.mkdir(parents=True, exist_ok=True)
         tags = [str(t) for t in settings.pop("tags", None) or []]
-        self.run = wandb.init(
-            config=dict(config),
-            mode=mode,
-            dir=str(wandb_dir),
-            tags=tags,
-            reinit="finish_previous",
-            settings=wandb.Settings(console="off", silent=True),
-            **{k: v for k, v in settings.items() if v is not None},
-        )
+        init_timeout = float(settings.pop("init_timeout", None) or 90)
+        if self.resume_id:
+            settings |= {"id": self.resume_id, "resume": "allow"}
+        try:
+            self.run = wandb.init(
+                config=dict(config),
+                mode=mode,
+                dir=str(wandb_dir),
+                tags=tags,
+                reinit="finish_previous",
+                settings=wandb.Settings(console="off", silent=True, init_timeout=init_timeout),
+                **{k: v for k, v in settings.items() if v is not None},
+            )
+        except Exception as err:  # no W&B (server down, bad key...): the run goes on
+            self._warn_once(err)
+            self.run = None
 
     def finish(self, exit_code: int = 0) -> None:
         """Write summary.json and close the W&B run (always called, also on failure)."""

@@ -6,6 +6,7 @@ Writes ``<run_dir>/eval/<phase>/generations.jsonl`` (one line per prompt x sampl
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from detox_exp.ppo.rollout import (
     sample_responses,
 )
 from detox_exp.reward.scorer import ToxicityScorer
-from detox_exp.utils import progress, resolve_device, write_json, write_jsonl
+from detox_exp.utils import progress, read_jsonl, resolve_device, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,19 @@ class EvalResult:
     toxicity: np.ndarray  # [n_prompts, k] toxicity of each sample
     rouge_l: np.ndarray  # [n_prompts, k]
     records: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, phase: str) -> EvalResult:
+        """Read back an evaluation written by :meth:`Evaluator.evaluate` (used on resume)."""
+        out = Path(run_dir) / "eval" / phase
+        metrics = json.loads((out / "metrics.json").read_text())
+        records = [r for _, r in read_jsonl(out / "generations.jsonl")]
+        k = int(metrics["samples_per_prompt"])
+        toxicity = np.array([r["toxicity"]["reward"] for r in records]).reshape(-1, k)
+        rouge_l = np.array([r["rouge_l"] for r in records]).reshape(-1, k)
+        return cls(
+            phase, {f"eval/{phase}/{n}": v for n, v in metrics.items()}, toxicity, rouge_l, records
+        )
 
 
 def sequence_kl(

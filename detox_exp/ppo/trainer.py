@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
+import os
+import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -20,9 +21,11 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from detox_exp import checkpoint
 from detox_exp import metric_names as M
+from detox_exp.checkpoint import CheckpointManager, restore_trainer, trainer_state
 from detox_exp.distributed import Dist, masked_whiten_global
-from detox_exp.errors import ConfigError
+from detox_exp.errors import ConfigError, TrainingError
 from detox_exp.ppo import core
 from detox_exp.ppo.policy import ActorCritic
 from detox_exp.ppo.rollout import decode, decoder_inputs, pad_queries, sample_responses
@@ -31,6 +34,10 @@ from detox_exp.tracking import Tracker
 from detox_exp.utils import progress, resolve_device
 
 log = logging.getLogger(__name__)
+
+
+class _SkipBatch(Exception):
+    """Raised inside a step to drop the batch (ppo.on_nonfinite=skip)."""
 
 
 def _check(condition: bool, field: str, problem: str, fix: str) -> None:
@@ -69,6 +76,9 @@ class PPOTrainer:
         score: Mapping[str, Any] | None = None,
         separate_value_model: bool = False,
         debug_param_digest: bool = False,
+        on_nonfinite: str = "error",
+        debug_nan_at_step: int | None = None,
+        debug_kill_after_step: int | None = None,
         sample_table_every: int = 10,
         num_table_samples: int = 4,
         save_dir: str = "policy",
@@ -135,6 +145,21 @@ class PPOTrainer:
             "lower it",
         )
         self.debug_param_digest = debug_param_digest
+        _check(
+            on_nonfinite in ("error", "skip"),
+            "on_nonfinite",
+            f"unknown {on_nonfinite!r}",
+            "use error or skip",
+        )
+        self.on_nonfinite = on_nonfinite
+        self.debug_nan_at_step, self.debug_kill_after_step = (
+            debug_nan_at_step,
+            debug_kill_after_step,
+        )
+        self.skipped = 0  # batches skipped for NaN / inf (on_nonfinite=skip)
+        self.checkpoints: CheckpointManager | None = None
+        self.last_checkpoint: Path | None = None
+        self.wandb_id: str | None = None
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.tokenizer, self.scorer, self.prompts, self.tracker = (
             tokenizer,
@@ -240,7 +265,10 @@ class PPOTrainer:
         batch = {k: torch.cat(v) for k, v in chunks.items()}
         t3 = time.perf_counter()
         timings = {M.TIME_GENERATE: t1 - t0, M.TIME_SCORE: t2 - t1, M.TIME_FORWARD: t3 - t2}
-        raw_scores = scores.reward.to(self.device)
+        raw_scores = scores.reward.to(self.device).clone()  # a normal tensor, not inference
+        if self.debug_nan_at_step == self.step + 1:  # fault injection for tests
+            raw_scores[0] = float("nan")
+        self._check_finite("scores", raw_scores)
         # normalisation statistics come from the global batch; keep this process's share
         n = len(indices)
         processed = core.process_scores(
@@ -267,6 +295,8 @@ class PPOTrainer:
             else:
                 whitened = core.masked_whiten(advantages, mask)
             advantages = torch.where(mask.bool(), whitened, 0.0)
+        self._check_finite("rewards", rewards)
+        self._check_finite("advantages", advantages)
         batch.pop("logits", None)
         batch.pop("ref_logits", None)
         return {
@@ -301,6 +331,7 @@ class PPOTrainer:
                 for mc_start in range(0, len(mb), micro):
                     idx = torch.tensor(mb[mc_start : mc_start + micro], device=self.device)
                     loss, mstats = self._loss(roll, idx)
+                    self._check_finite("loss", loss)
                     self.scaler.scale(loss / self.accum).backward()
                     for key, value in mstats.items():
                         stats[key].append(value)
@@ -365,12 +396,35 @@ class PPOTrainer:
         }
         return loss, stats
 
+    def _check_finite(self, quantity: str, values: torch.Tensor) -> None:
+        """NaN / inf guard: stop with a clear error, or skip the batch (ppo.on_nonfinite)."""
+        bad = self.dist.sum(torch.tensor(float(not torch.isfinite(values).all()))).item() > 0
+        if not bad:
+            return
+        if self.on_nonfinite == "skip":
+            raise _SkipBatch(quantity)
+        where = self.last_checkpoint or "none (set checkpoint.every)"
+        raise TrainingError(
+            f"ppo step {self.step + 1}",
+            f"{quantity} contain NaN or inf; last good checkpoint: {where}",
+            "lower ppo.optimizer.lr, check the reward model, or set ppo.on_nonfinite=skip",
+        )
+
     def train_step(self) -> dict[str, float]:
         """One PPO step; returns (and logs) its metrics."""
         start = time.perf_counter()
-        roll = self.rollout(self.next_batch())
-        t_opt = time.perf_counter()
-        opt_stats = self.optimize(roll)
+        try:
+            roll = self.rollout(self.next_batch())
+            t_opt = time.perf_counter()
+            opt_stats = self.optimize(roll)
+        except _SkipBatch as skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.step += 1
+            log.warning("ppo step %d: %s not finite, batch skipped", self.step, skip)
+            metrics = {M.SKIPPED_BATCHES: self.skipped, M.STEP_TIME: time.perf_counter() - start}
+            self.tracker.log(metrics, step=self.step)
+            return metrics
         t_end = time.perf_counter()
         mask = roll["mask"]
         # exact global statistics from gathered per-sample values; means of the rest
@@ -398,6 +452,7 @@ class PPOTrainer:
             M.TOXICITY_MEAN: toxicity.mean().item(),
             M.RESPONSE_LEN_MEAN: lengths.mean().item(),
             M.SAMPLES_PER_S: self.batch_size / local[M.STEP_TIME],
+            M.SKIPPED_BATCHES: self.skipped,
             **local,
         }
         if self.debug_param_digest:
@@ -422,9 +477,6 @@ class PPOTrainer:
                 rows,
                 step=self.step,
             )
-        for key in (M.REWARD_MEAN, M.LOSS_POLICY, M.KL):
-            if not math.isfinite(metrics[key]):
-                raise FloatingPointError(f"ppo step {self.step}: {key} is {metrics[key]}")
         return metrics
 
     def _write_param_digest(self, local_scores: torch.Tensor) -> None:
@@ -446,14 +498,35 @@ class PPOTrainer:
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
+    def _maybe_checkpoint(self, metrics: dict[str, float]) -> None:
+        if self.checkpoints is not None and self.checkpoints.due(self.step):
+            if self.dist.is_main:
+                tensors, state = trainer_state(self)
+                meta = {"wandb_id": self.wandb_id, "metrics": metrics}
+                self.last_checkpoint = self.checkpoints.save(self.step, tensors, state, meta)
+            self.dist.barrier()
+        if self.debug_kill_after_step == self.step:  # fault injection: a hard crash
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def resume(self, path: Path) -> None:
+        """Continue from checkpoint ``path`` (weights, optimizer, RNG, data position...)."""
+        tensors, state, meta = checkpoint.load(path)
+        restore_trainer(self, tensors, state)
+        self.last_checkpoint = path
+        log.info("resumed from %s at step %d", path, self.step)
+
     def train(self) -> list[dict[str, float]]:
         """Run ``steps`` PPO steps with a progress bar; returns every step's metrics."""
         history = []
         bar = progress(total=self.steps, desc="ppo", unit="step")
+        bar.update(self.step)
         while self.step < self.steps:
             metrics = self.train_step()
             history.append(metrics)
+            self._maybe_checkpoint(metrics)
             bar.update(1)
+            if M.REWARD_MEAN not in metrics:  # skipped batch
+                continue
             bar.set_postfix(
                 reward=f"{metrics[M.REWARD_MEAN]:.2f}",
                 kl=f"{metrics[M.KL]:.2f}",

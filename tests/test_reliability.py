@@ -1,0 +1,139 @@
+"""Crash and fault handling: exact resume after SIGKILL, NaN guard, W&B failures, secrets."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, local_overrides, run_cli
+from tests.test_bad_input import check_one_line_error
+from tests.wandb_file import read_wandb_records
+
+pytestmark = pytest.mark.slow
+
+TIMING = ("time/", "perf/")
+
+
+def steps(run_dir: Path) -> dict[int, dict]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    by_step = {}
+    for line in lines:
+        assert line["step"] not in by_step, f"duplicate step {line['step']}"
+        by_step[line["step"]] = line
+    return by_step
+
+
+def ppo_overrides(standins, run_dir: Path) -> list[str]:
+    return local_overrides(standins, run_dir) + [
+        "ppo.steps=6",
+        "ppo.batch_size=8",
+        "ppo.mini_batch_size=4",
+        "checkpoint.every=1",
+        "checkpoint.keep=2",
+        "stages.evaluate_before=false",
+        "eval.num_prompts=4",
+        "logger=wandb",
+        "logger.wandb.mode=offline",
+    ]
+
+
+def test_exact_resume_after_sigkill(standins, tmp_path: Path) -> None:
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    assert run_cli(*ppo_overrides(standins, full), cwd=ROOT).returncode == 0
+    killed = run_cli(*ppo_overrides(standins, crashed), "ppo.debug_kill_after_step=3", cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(steps(crashed)) == [1, 2, 3]
+    checkpoints = sorted(p.name for p in (crashed / "checkpoints").iterdir())
+    assert checkpoints == ["best", "step-2", "step-3"]  # keep=2, plus the best
+    resumed = run_cli(*ppo_overrides(standins, crashed), "resume=auto", cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    a, b = steps(full), steps(crashed)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        for key, value in a[step].items():
+            if key.startswith(TIMING) or value is None:
+                continue
+            assert b[step][key] == pytest.approx(value, abs=1e-6), (step, key)
+    weights_a = load_file(full / "policy/adapter/adapter_model.safetensors")
+    weights_b = load_file(crashed / "policy/adapter/adapter_model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=1e-6)
+    # the same W&B run continues (a SIGKILLed offline writer may lose its buffered records,
+    # metrics.jsonl does not): one run id across both processes' offline folders
+    folders = sorted(crashed.glob("wandb/offline-run-*"))
+    assert len(folders) == 2 and len({f.name.rsplit("-", 1)[1] for f in folders}) == 1
+    resumed_run = read_wandb_records(next(folders[1].glob("*.wandb")))["run"]
+    assert resumed_run["id"] == folders[0].name.rsplit("-", 1)[1]
+
+
+def test_nan_stops_with_clear_error_after_keeping_a_checkpoint(standins, tmp_path: Path) -> None:
+    result = run_cli(*ppo_overrides(standins, tmp_path), "ppo.debug_nan_at_step=3", cwd=ROOT)
+    assert result.returncode == 3
+    line = [x for x in result.stderr.splitlines() if x.startswith("detox-exp: error:")]
+    assert len(line) == 1 and "Traceback" not in result.stderr
+    assert "ppo step 3" in line[0] and "scores" in line[0] and "step-2" in line[0]
+    assert (tmp_path / "checkpoints" / "step-2" / "trainable.safetensors").is_file()
+    assert sorted(steps(tmp_path)) == [1, 2]
+
+
+def test_nan_batch_skipped_when_configured(standins, tmp_path: Path) -> None:
+    result = run_cli(
+        *ppo_overrides(standins, tmp_path),
+        "ppo.debug_nan_at_step=2",
+        "ppo.on_nonfinite=skip",
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    by_step = steps(tmp_path)
+    assert sorted(by_step) == [1, 2, 3, 4, 5, 6]
+    assert by_step[2]["ppo/skipped_batches"] == 1 and "env/reward_mean" not in by_step[2]
+    assert by_step[6]["ppo/skipped_batches"] == 1
+
+
+def test_wandb_unreachable_run_goes_on(standins, tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{port}"}
+    overrides = ppo_overrides(standins, tmp_path) + [
+        "logger.wandb.mode=online",
+        "logger.wandb.init_timeout=10",
+        "ppo.steps=2",
+    ]
+    result = run_cli(*overrides, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(steps(tmp_path)) == [1, 2]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "eval/after/toxicity_mean" in summary
+    log = (tmp_path / "cli.log").read_text()
+    assert log.count("W&B failed") == 1
+
+
+def test_secrets_never_reach_the_run_dir(standins, tmp_path: Path) -> None:
+    secret = "s3cr3t" + "k" * 34
+    overrides = ppo_overrides(standins, tmp_path) + ["ppo.steps=1"]
+    result = run_cli(*overrides, cwd=ROOT, env={"WANDB_API_KEY": secret})
+    assert result.returncode == 0, result.stderr[-2000:]
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_resume_path_without_checkpoint(standins, tmp_path: Path) -> None:
+    overrides = local_overrides(standins, tmp_path / "run") + [f"resume={tmp_path}"]
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), "resume", "no checkpoint")
+
+
+def test_unwritable_output_dir(standins, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    overrides = local_overrides(standins, blocker / "run")
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), "paths.output_dir", "writable")
