@@ -23,6 +23,7 @@ from detox_exp.data.dialogues import PromptSplits
 from detox_exp.distributed import Dist
 from detox_exp.errors import ConfigError, DataError
 from detox_exp.evaluation.evaluator import EvalResult
+from detox_exp.perf import perf_summary
 from detox_exp.tracking import Tracker
 from detox_exp.utils import resolve_device, seed_everything
 
@@ -232,7 +233,8 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
         ppo.wandb_id = tracker.run.id if tracker.run is not None else None
         if resume is not None:
             ppo.resume(resume)
-        ppo.train()
+        history = ppo.train()
+        tracker.log_summary(perf_summary(history, ppo.batch_size))
         timed("ppo", start)
         objects["ppo"] = ppo
     if stages.evaluate_after:
@@ -255,7 +257,7 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
             },
             step=None,
         )
-    if stages.ppo and dist.is_main:
+    if stages.ppo and dist.is_main and objects["ppo"].save_dir is not None:
         objects["ppo"].save(summary=dict(tracker.summary), config=cfg)
     dist.barrier()
     tracker.log_summary(timings)

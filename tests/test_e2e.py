@@ -42,6 +42,7 @@ def test_summary_has_before_and_after_metrics(demo_run: Path) -> None:
         assert isinstance(summary[key], float)
     assert 0.0 <= summary["eval/before/toxicity_mean"] <= 1.0
     assert summary["reward_model/eval/accuracy"] > 0.75  # clearly above chance (0.5)
+    assert summary["perf/median_step_s"] > 0 and summary["perf/peak_rss_mb"] > 100
 
 
 def test_metrics_jsonl_has_every_ppo_step(demo_run: Path) -> None:

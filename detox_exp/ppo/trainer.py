@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from detox_exp import checkpoint
 from detox_exp import metric_names as M
 from detox_exp.checkpoint import CheckpointManager, restore_trainer, trainer_state
-from detox_exp.distributed import Dist, masked_whiten_global
+from detox_exp.distributed import Dist, masked_whiten_global, write_param_digest
 from detox_exp.errors import ConfigError, TrainingError
 from detox_exp.ppo import core
 from detox_exp.ppo.policy import ActorCritic
@@ -81,7 +81,7 @@ class PPOTrainer:
         debug_kill_after_step: int | None = None,
         sample_table_every: int = 10,
         num_table_samples: int = 4,
-        save_dir: str = "policy",
+        save_dir: str | None = "policy",
         seed: int = 0,
         device: str = "auto",
         precision: str = "fp32",
@@ -179,7 +179,8 @@ class PPOTrainer:
         self.score_clip = score.get("clip")
         self.running = core.RunningMoments() if score.get("normalize") else None
         self.sample_table_every, self.num_table_samples = sample_table_every, num_table_samples
-        self.save_dir, self.seed = Path(save_dir), seed
+        self.save_dir = Path(save_dir) if save_dir else None
+        self.seed = seed
 
         self.policy = ActorCritic(model, separate_value_model).to(self.device)
         self.policy.eval()  # no dropout: see module docstring
@@ -456,7 +457,9 @@ class PPOTrainer:
             **local,
         }
         if self.debug_param_digest:
-            self._write_param_digest(roll["scores"])
+            write_param_digest(
+                self.policy, self.tracker.run_dir, self.dist.rank, self.step + 1, roll["scores"]
+            )
         self.kl_ctl.update(mean_kl, self.batch_size)  # Ziegler et al.: n_steps = batch size
         self.step += 1
         self.tracker.log(metrics, step=self.step)
@@ -478,25 +481,6 @@ class PPOTrainer:
                 step=self.step,
             )
         return metrics
-
-    def _write_param_digest(self, local_scores: torch.Tensor) -> None:
-        """Debug: a hash of this process's trainable weights after the step (DDP tests)."""
-        import hashlib
-        import json
-
-        digest = hashlib.sha256()
-        for param in self.policy.trainable_parameters():
-            digest.update(param.detach().cpu().float().numpy().tobytes())
-        path = Path(self.tracker.run_dir) / "param_digests" / f"rank{self.dist.rank}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "step": self.step + 1,
-            "digest": digest.hexdigest(),
-            "reward_sum": local_scores.sum().item(),
-            "n": len(local_scores),
-        }
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
 
     def _maybe_checkpoint(self, metrics: dict[str, float]) -> None:
         if self.checkpoints is not None and self.checkpoints.due(self.step):
@@ -544,8 +528,10 @@ class PPOTrainer:
         bar.close()
         return history
 
-    def save(self, summary: Mapping[str, Any], config: Any) -> Path:
+    def save(self, summary: Mapping[str, Any], config: Any) -> Path | None:
         """Adapter + value head + merged model (with a model card) under ``save_dir``."""
+        if self.save_dir is None:
+            return None
         from detox_exp.ppo.saving import save_policy
 
         return save_policy(self.policy, self.tokenizer, self.save_dir, summary, config)

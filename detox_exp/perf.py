@@ -1,0 +1,34 @@
+"""Throughput and memory numbers for a PPO run (the bench experiment's summary)."""
+
+from __future__ import annotations
+
+from detox_exp import metric_names as M
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KB
+
+
+def perf_summary(history: list[dict[str, float]], batch_size: int) -> dict[str, float]:
+    """Median step time over the steps after the first (warm-up), throughput, peak memory,
+    and the median time of each phase."""
+    import statistics
+
+    timed = [h for h in history if M.REWARD_MEAN in h]  # skipped batches do not count
+    steady = timed[1:] or timed
+    if not steady:
+        return {M.PEAK_RSS_MB: peak_rss_mb()}
+    median = statistics.median(h[M.STEP_TIME] for h in steady)
+    out = {
+        M.MEDIAN_STEP_S: median,
+        M.SAMPLES_PER_S: batch_size / median,
+        M.PEAK_RSS_MB: peak_rss_mb(),
+    }
+    for key in (M.TIME_GENERATE, M.TIME_SCORE, M.TIME_FORWARD, M.TIME_OPTIMIZE):
+        out[f"perf/median_{key}"] = statistics.median(h[key] for h in steady)
+    return out
