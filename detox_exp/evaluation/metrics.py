@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-from rouge_score import rouge_scorer
 
 __all__ = [
     "distinct_n",
@@ -174,8 +174,11 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 
 
 @functools.lru_cache(maxsize=1)
-def _get_rouge_scorer() -> rouge_scorer.RougeScorer:
+def _get_rouge_scorer() -> Any:
     """Return a cached ``RougeScorer`` for rouge1/rouge2/rougeL with Porter stemming."""
+    # imported here: rouge_score pulls in nltk, which training-only runs do not need
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(list(_ROUGE_TYPES), use_stemmer=True)
 
 

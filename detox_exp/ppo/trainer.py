@@ -75,6 +75,7 @@ class PPOTrainer:
         kl_estimator: str = "k3",
         score: Mapping[str, Any] | None = None,
         separate_value_model: bool = False,
+        forward_batch_size: int | None = None,
         debug_param_digest: bool = False,
         on_nonfinite: str = "error",
         debug_nan_at_step: int | None = None,
@@ -145,6 +146,13 @@ class PPOTrainer:
             "lower it",
         )
         self.debug_param_digest = debug_param_digest
+        _check(
+            forward_batch_size is None or forward_batch_size >= 1,
+            "forward_batch_size",
+            "must be >= 1 or null",
+            "null runs the whole batch at once",
+        )
+        self.forward_batch = forward_batch_size or self.local_batch
         _check(
             on_nonfinite in ("error", "skip"),
             "on_nonfinite",
@@ -258,8 +266,8 @@ class PPOTrainer:
         t2 = time.perf_counter()
         full = self.kl_estimator == "full"
         chunks = defaultdict(list)
-        for start in range(0, len(indices), self.local_mini):
-            sl = slice(start, start + self.local_mini)
+        for start in range(0, len(indices), self.forward_batch):
+            sl = slice(start, start + self.forward_batch)
             out = self._forward(query[sl], query_mask[sl], response[sl], mask[sl], True, full)
             for key, value in out.items():
                 chunks[key].append(value)
