@@ -90,3 +90,30 @@ def test_offline_wandb_run_has_config_and_metrics(demo_run: Path) -> None:
     assert config["task_name"] == "debug" and config["ppo"]["steps"] == 2
     assert "objective/kl" in records["history_keys"]
     assert "eval/before/toxicity_mean" in records["summary_keys"]
+
+
+def test_standalone_evaluation_of_a_saved_policy(
+    demo_run: Path, demo_cache: Path, tmp_path: Path
+) -> None:
+    """Evaluation only, on the saved merged policy and the trained reward model."""
+    result = run_cli(
+        "experiment=demo",
+        "debug=fast",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+        "stages.train_reward=false",
+        "stages.ppo=false",
+        "stages.evaluate_after=false",
+        f"model.name_or_path={demo_run}/policy/merged",
+        f"reward.name_or_path={demo_run}/reward_model",
+        cwd=ROOT,
+        env={"DETOX_EXP_CACHE": str(demo_cache)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    original = json.loads((demo_run / "summary.json").read_text())
+    assert "eval/after/toxicity_mean" not in summary and not (tmp_path / "metrics.jsonl").exists()
+    # the same prompts and sampling seed as the original run's "after" evaluation
+    assert summary["eval/before/toxicity_mean"] == pytest.approx(
+        original["eval/after/toxicity_mean"], abs=0.1
+    )
