@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 # A CPU build of torch by default (small, on this project's machines); on a GPU machine use
-# e.g. `make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+# e.g. `make setup TORCH=torch` (the default CUDA build of the newest torch).
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
