@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
 
 
 @dataclass
@@ -54,9 +55,22 @@ class ActorCritic(nn.Module):
         """Context in which ``self.model`` computes the reference distribution (peft only)."""
         return self.model.disable_adapter() if self.is_peft else nullcontext()
 
-    def _run(self, model: nn.Module, query_ids, query_mask, decoder_ids, hidden: bool):
+    def _run(
+        self,
+        model: nn.Module,
+        query_ids,
+        query_mask,
+        decoder_ids,
+        hidden: bool,
+        encoder_hidden: torch.Tensor | None = None,
+    ):
+        inputs = (
+            {"input_ids": query_ids}
+            if encoder_hidden is None
+            else {"encoder_outputs": BaseModelOutput(last_hidden_state=encoder_hidden)}
+        )
         return model(
-            input_ids=query_ids,
+            **inputs,
             attention_mask=query_mask,
             decoder_input_ids=decoder_ids,
             output_hidden_states=hidden,
@@ -64,16 +78,24 @@ class ActorCritic(nn.Module):
             return_dict=True,
         )
 
+    def encode(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        """The policy's encoder output [B, S, d] (adapter on), to share between generation
+        and the rollout's forward pass instead of running the encoder twice."""
+        encoder = self.model.get_encoder()
+        return encoder(input_ids=query_ids, attention_mask=query_mask).last_hidden_state
+
     def forward(
         self,
         query_ids: torch.Tensor,
         query_mask: torch.Tensor,
         decoder_ids: torch.Tensor,
         with_values: bool = True,
+        encoder_hidden: torch.Tensor | None = None,
     ) -> ForwardOutput:
-        """Policy logits and values for teacher-forced ``decoder_ids`` [B, T]."""
+        """Policy logits and values for teacher-forced ``decoder_ids`` [B, T]; pass
+        ``encoder_hidden`` (from :meth:`encode`) to skip the policy's encoder."""
         shared = with_values and self.value_model is None
-        out = self._run(self.model, query_ids, query_mask, decoder_ids, hidden=shared)
+        out = self._run(self.model, query_ids, query_mask, decoder_ids, shared, encoder_hidden)
         values = None
         if with_values:
             if shared:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.modeling_outputs import BaseModelOutput
 
 GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "top_k", "top_p", "temperature")
 
@@ -63,10 +64,12 @@ def sample_responses(
     query_ids: torch.Tensor,
     query_mask: torch.Tensor,
     gen: Mapping[str, Any],
+    encoder_hidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batched ``generate`` call (KV cache on). Returns (response_ids, mask), [B, T].
 
     ``response_ids`` excludes the decoder start token and holds pad after the first EOS.
+    ``encoder_hidden`` [B, S, d]: the prompts' encoder output, if already computed.
     """
     config = model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
     out = model.generate(
@@ -76,6 +79,7 @@ def sample_responses(
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=config.decoder_start_token_id,
         use_cache=True,
+        **({} if encoder_hidden is None else {"encoder_outputs": BaseModelOutput(encoder_hidden)}),
         **generation_kwargs(gen),
     )
     response_ids = out[:, 1:]

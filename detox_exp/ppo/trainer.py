@@ -225,11 +225,20 @@ class PPOTrainer:
             self._position += take
         return indices[self.dist.rank :: self.dist.world_size]
 
-    def _forward(self, query, query_mask, response, mask, with_ref: bool, keep_logits: bool):
+    def _forward(
+        self,
+        query,
+        query_mask,
+        response,
+        mask,
+        with_ref: bool,
+        keep_logits: bool,
+        encoder_hidden: torch.Tensor | None = None,
+    ):
         """Log-probs (+ values, entropy, reference log-probs) of given responses, no grad."""
         dec = decoder_inputs(response, self.policy.config.decoder_start_token_id)
         with self._autocast():
-            out = self.policy(query, query_mask, dec)
+            out = self.policy(query, query_mask, dec, encoder_hidden=encoder_hidden)
             logits = out.logits.float()
             result = {
                 "logprobs": core.logprobs_from_logits(logits, response),
@@ -257,8 +266,15 @@ class PPOTrainer:
             self.device,
         )
         with self._autocast():
+            # the encoder runs once: its output serves generation and the forward pass below
+            encoder_hidden = self.policy.encode(query, query_mask)
             response, mask = sample_responses(
-                self.policy.model, self.tokenizer, query, query_mask, self.generation
+                self.policy.model,
+                self.tokenizer,
+                query,
+                query_mask,
+                self.generation,
+                encoder_hidden,
             )
         texts = decode(self.tokenizer, response)
         t1 = time.perf_counter()
@@ -268,7 +284,9 @@ class PPOTrainer:
         chunks = defaultdict(list)
         for start in range(0, len(indices), self.forward_batch):
             sl = slice(start, start + self.forward_batch)
-            out = self._forward(query[sl], query_mask[sl], response[sl], mask[sl], True, full)
+            out = self._forward(
+                query[sl], query_mask[sl], response[sl], mask[sl], True, full, encoder_hidden[sl]
+            )
             for key, value in out.items():
                 chunks[key].append(value)
         batch = {k: torch.cat(v) for k, v in chunks.items()}
