@@ -17,13 +17,9 @@ from transformers import (
 )
 
 from detox_exp.errors import ConfigError, DataError
+from detox_exp.utils import is_local_path
 
 log = logging.getLogger(__name__)
-
-
-def is_local_path(name_or_path: str) -> bool:
-    """True for filesystem paths (absolute, ./, ../, ~), False for hub ids like org/name."""
-    return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
 
 
 def check_source(name_or_path: str, field: str) -> None:

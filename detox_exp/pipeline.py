@@ -34,18 +34,11 @@ REPORT_KEYS = ("toxicity_mean", "toxic_fraction", "rouge_l", "response_len_mean"
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
-    """instantiate with plain Python containers; unwrap our own errors from Hydra's wrapper."""
-    from detox_exp.errors import DetoxError
+    """``instantiate`` with plain Python containers (lists and dicts, not OmegaConf nodes).
 
-    try:
-        return instantiate(node, _convert_="all", **kwargs)
-    except Exception as err:
-        cause = err
-        while cause is not None and not isinstance(cause, DetoxError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
+    Our errors raised inside come wrapped in Hydra's InstantiationException; the CLI finds
+    them in the exception chain (cli.bad_input_message)."""
+    return instantiate(node, _convert_="all", **kwargs)
 
 
 def check_writable(run_dir: Path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from detox_exp.errors import ConfigError
+from detox_exp.errors import ConfigError, DataError
 
 
 def seed_everything(seed: int) -> None:
@@ -48,6 +48,12 @@ def resolve_device(spec: str | None) -> torch.device:
     return device
 
 
+def is_local_path(name_or_path: str) -> bool:
+    """True for filesystem paths (absolute, ./, ../, ~, or existing), False for hub ids such
+    as org/name."""
+    return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
+
+
 def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
     """A tqdm bar with rate and ETA on a terminal; silent in CI logs and pipes."""
     quiet = os.environ.get("CI", "").lower() in ("1", "true") or not sys.stderr.isatty()
@@ -59,8 +65,6 @@ def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) for each non-empty line; malformed lines raise DataError."""
-    from detox_exp.errors import DataError
-
     with open(path, encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, start=1):
             if not line.strip():

@@ -13,15 +13,9 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import (
-    RobertaConfig,
-    RobertaForSequenceClassification,
-    T5Config,
-    T5ForConditionalGeneration,
-)
 
-from detox_exp.demo.assets import roberta_tokenizer, t5_tokenizer
-from detox_exp.demo.corpus import LABELS, generate_classifier_corpus, generate_dialogues
+from detox_exp.demo.assets import random_classifier, random_t5, roberta_tokenizer, t5_tokenizer
+from detox_exp.demo.corpus import generate_classifier_corpus, generate_dialogues
 from detox_exp.utils import write_jsonl
 
 SIZES = {
@@ -93,30 +87,12 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     tok = t5_tokenizer(texts, vocab_size=min(shape["t5"]["vocab_size"], 8192))
-    config = T5Config(
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        feed_forward_proj="gated-gelu",
-        **shape["t5"],
-    )
-    policy = T5ForConditionalGeneration(config)
-    policy.generation_config.decoder_start_token_id = 0
+    policy = random_t5(**shape["t5"])
     policy.save_pretrained(out / "policy", safe_serialization=True)
     tok.save_pretrained(out / "policy")
 
     rtok = roberta_tokenizer(texts, vocab_size=min(shape["roberta"]["vocab_size"], 8192))
-    rconfig = RobertaConfig(
-        max_position_embeddings=514,
-        type_vocab_size=1,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        id2label=dict(enumerate(LABELS)),
-        label2id={n: i for i, n in enumerate(LABELS)},
-        **shape["roberta"],
-    )
-    RobertaForSequenceClassification(rconfig).save_pretrained(
+    random_classifier(rtok, max_position_embeddings=514, **shape["roberta"]).save_pretrained(
         out / "reward", safe_serialization=True
     )
     rtok.save_pretrained(out / "reward")

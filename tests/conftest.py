@@ -48,9 +48,7 @@ def run_cli(
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init tiny T5 + byte-level BPE tokenizer saved to disk (no SFT)."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    from detox_exp.demo.assets import t5_tokenizer
+    from detox_exp.demo.assets import random_t5, t5_tokenizer
     from detox_exp.demo.corpus import generate_dialogues
 
     out = tmp_path_factory.mktemp("tiny_t5")
@@ -58,21 +56,16 @@ def tiny_t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
     texts = [d["dialogue"] for d in dialogues] + [d["summary"] for d in dialogues]
     tokenizer = t5_tokenizer(texts, vocab_size=400)
     torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=len(tokenizer),
+    random_t5(
+        len(tokenizer),
         d_model=32,
         d_ff=64,
         num_layers=2,
         num_decoder_layers=2,
         num_heads=2,
         d_kv=16,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        feed_forward_proj="gated-gelu",
         dropout_rate=0.1,
-    )
-    T5ForConditionalGeneration(config).save_pretrained(out)
+    ).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -81,14 +74,9 @@ def tiny_t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def standins(tiny_t5: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Small local stand-ins: a reward classifier (nothate / hate), one with other labels, a
     decoder-only model, and a prompts.jsonl of demo dialogues."""
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        RobertaConfig,
-        RobertaForSequenceClassification,
-    )
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from detox_exp.demo.assets import roberta_tokenizer
+    from detox_exp.demo.assets import random_classifier, roberta_tokenizer
     from detox_exp.demo.corpus import generate_dialogues
     from detox_exp.utils import write_jsonl
 
@@ -101,21 +89,15 @@ def standins(tiny_t5: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         ("reward_badlabels", ["LABEL_0", "LABEL_1"]),
     ):
         torch.manual_seed(0)
-        config = RobertaConfig(
-            vocab_size=len(tokenizer),
+        random_classifier(
+            tokenizer,
+            labels,
             hidden_size=32,
             num_hidden_layers=1,
             num_attention_heads=2,
             intermediate_size=64,
             max_position_embeddings=130,
-            type_vocab_size=1,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            id2label=dict(enumerate(labels)),
-            label2id={n: i for i, n in enumerate(labels)},
-        )
-        RobertaForSequenceClassification(config).save_pretrained(out / name)
+        ).save_pretrained(out / name)
         tokenizer.save_pretrained(out / name)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=32, n_layer=1, n_head=2))
     gpt2.save_pretrained(out / "gpt2")

@@ -86,7 +86,7 @@ def test_logprobs_do_not_depend_on_batch_neighbours(tiny_t5: Path, tmp_path: Pat
     query, qmask = pad_queries(tok(prompts)["input_ids"], tok.pad_token_id, torch.device("cpu"))
     response = torch.tensor(responses)
     mask = (torch.cumsum((response == 1).long(), 1) - (response == 1).long() == 0).float()
-    batched = trainer._forward(query, qmask, response, mask, True, False)
+    batched = trainer._forward(query, qmask, response)
     for row in range(3):
         width = int(mask[row].sum())
         qw = int(qmask[row].sum())
@@ -94,9 +94,6 @@ def test_logprobs_do_not_depend_on_batch_neighbours(tiny_t5: Path, tmp_path: Pat
             query[row : row + 1, :qw],
             qmask[row : row + 1, :qw],
             response[row : row + 1, :width],
-            mask[row : row + 1, :width],
-            True,
-            False,
         )
         torch.testing.assert_close(
             alone["logprobs"][0], batched["logprobs"][row, :width], rtol=0, atol=1e-5

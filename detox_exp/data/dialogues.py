@@ -16,7 +16,7 @@ from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from detox_exp.errors import ConfigError, DataError
-from detox_exp.utils import read_jsonl, write_jsonl
+from detox_exp.utils import is_local_path, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def load_splits(
         return DatasetDict({default_split: _load_local_file(source)})
     if source.is_dir():
         return datasets.load_dataset(str(source), name)
-    if path.startswith(("/", "./", "../", "~")) or source.suffix in (".jsonl", ".csv", ".json"):
+    if is_local_path(path) or source.suffix in (".jsonl", ".csv", ".json"):
         raise DataError(f"{field}.path", f"file {path} not found", "check the path")
     # snapshot_download + load_dataset(folder) works online and from a planted cache with
     # HF_HUB_OFFLINE=1 (load_dataset(repo_id) refuses to run offline).

@@ -87,6 +87,45 @@ def roberta_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerF
     )
 
 
+def random_t5(vocab_size: int, **dims: Any) -> T5ForConditionalGeneration:
+    """A random-init T5 (gated-gelu) from torch's global RNG. A fresh T5Config lacks T5's
+    special ids, so they are set here: pad=0, eos=1, decoder start = pad."""
+    config = T5Config(
+        vocab_size=vocab_size,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        feed_forward_proj="gated-gelu",
+        **dims,
+    )
+    model = T5ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 1
+    model.generation_config.decoder_start_token_id = 0
+    return model
+
+
+def random_classifier(
+    tokenizer: PreTrainedTokenizerFast,
+    labels: tuple[str, ...] | list[str] = LABELS,
+    vocab_size: int | None = None,
+    **dims: Any,
+) -> RobertaForSequenceClassification:
+    """A random-init RoBERTa sequence classifier with ``labels`` (index = label id) and the
+    special ids of ``tokenizer`` (from :func:`roberta_tokenizer`)."""
+    config = RobertaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        type_vocab_size=1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        **dims,
+    )
+    return RobertaForSequenceClassification(config)
+
+
 class DemoAssets:
     """Builds the demo's data, tokenizers and tiny models into ``cache_dir``; see conf."""
 
@@ -163,17 +202,8 @@ class DemoAssets:
 
     def _build_classifier(self, out: Path, tokenizer: PreTrainedTokenizerFast) -> None:
         torch.manual_seed(self.params["seed"])
-        config = RobertaConfig(
-            vocab_size=len(tokenizer),
-            type_vocab_size=1,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            id2label=dict(enumerate(LABELS)),
-            label2id={name: i for i, name in enumerate(LABELS)},
-            **self.params["classifier"],
-        )
-        RobertaForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
+        model = random_classifier(tokenizer, **self.params["classifier"])
+        model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
 
     def _build_policy(
@@ -187,17 +217,7 @@ class DemoAssets:
             "max_target_tokens": 40,
         } | self.params["sft"]
         torch.manual_seed(self.params["seed"])
-        # A random-init T5 needs its special ids set explicitly (pad=0, eos=1, start=pad).
-        config = T5Config(
-            vocab_size=len(tokenizer),
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
-            **self.params["policy"],
-        )
-        model = T5ForConditionalGeneration(config)
+        model = random_t5(len(tokenizer), tie_word_embeddings=False, **self.params["policy"])
         src = tokenizer(prompts, truncation=True, max_length=sft["max_source_tokens"])["input_ids"]
         tgt = tokenizer(targets, truncation=True, max_length=sft["max_target_tokens"])["input_ids"]
         # Length-sorted batches, shuffled batch order: little padding, still stochastic.
@@ -229,8 +249,5 @@ class DemoAssets:
         if not math.isfinite(loss.item()):
             raise RuntimeError("demo policy SFT diverged (non-finite loss)")
         log.info("demo policy SFT: final batch loss %.3f", loss.item())
-        model.generation_config.pad_token_id = 0
-        model.generation_config.eos_token_id = 1
-        model.generation_config.decoder_start_token_id = 0
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)

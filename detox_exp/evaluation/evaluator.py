@@ -22,11 +22,13 @@ from detox_exp.errors import ConfigError
 from detox_exp.evaluation.metrics import (
     distinct_n,
     expected_max_toxicity,
+    rouge_l_per_example,
     rouge_scores,
     toxicity_probability,
     toxicity_stats,
 )
 from detox_exp.ppo.core import kl_penalty
+from detox_exp.ppo.policy import base_config
 from detox_exp.ppo.rollout import (
     decode,
     decoder_inputs,
@@ -75,7 +77,7 @@ def sequence_kl(
     """
     if not hasattr(model, "disable_adapter"):
         return np.full(len(query_ids), np.nan)
-    start_id = model.get_base_model().config.decoder_start_token_id
+    start_id = base_config(model).decoder_start_token_id
     dec = decoder_inputs(response_ids, start_id)
     kwargs = dict(input_ids=query_ids, attention_mask=query_mask, decoder_input_ids=dec)
     logits = model(**kwargs).logits.float()
@@ -163,8 +165,6 @@ class Evaluator:
         scores = scorer.score(responses)
         toxicity = scores.toxicity.numpy().reshape(len(prompts), self.k)
         references = [prompts[i]["reference"] for i, _ in rows]
-        from detox_exp.evaluation.metrics import rouge_l_per_example
-
         rouge_l = rouge_l_per_example(responses, references).reshape(len(prompts), self.k)
         metrics = toxicity_stats(toxicity.ravel(), self.threshold)
         metrics |= {

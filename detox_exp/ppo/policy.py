@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
 
@@ -22,7 +22,8 @@ class ForwardOutput:
     values: torch.Tensor | None  # [B, T]
 
 
-def base_config(model: nn.Module):
+def base_config(model: nn.Module) -> PretrainedConfig:
+    """The config of ``model``, or of the model inside a ``peft`` wrapper."""
     return model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
 
 

@@ -14,6 +14,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutput
 
+from detox_exp.ppo.policy import base_config
+
 GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "top_k", "top_p", "temperature")
 
 
@@ -71,7 +73,7 @@ def sample_responses(
     ``response_ids`` excludes the decoder start token and holds pad after the first EOS.
     ``encoder_hidden`` [B, S, d]: the prompts' encoder output, if already computed.
     """
-    config = model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
+    config = base_config(model)
     out = model.generate(
         input_ids=query_ids,
         attention_mask=query_mask,

@@ -227,15 +227,14 @@ class PPOTrainer:
 
     def _forward(
         self,
-        query,
-        query_mask,
-        response,
-        mask,
-        with_ref: bool,
-        keep_logits: bool,
+        query: torch.Tensor,
+        query_mask: torch.Tensor,
+        response: torch.Tensor,
+        keep_logits: bool = False,
         encoder_hidden: torch.Tensor | None = None,
-    ):
-        """Log-probs (+ values, entropy, reference log-probs) of given responses, no grad."""
+    ) -> dict[str, torch.Tensor]:
+        """Policy log-probs, values and entropy, and reference log-probs, of given responses
+        (the rollout calls it without grad). ``keep_logits`` also returns both logits."""
         dec = decoder_inputs(response, self.policy.config.decoder_start_token_id)
         with self._autocast():
             out = self.policy(query, query_mask, dec, encoder_hidden=encoder_hidden)
@@ -247,11 +246,10 @@ class PPOTrainer:
             }
             if keep_logits:
                 result["logits"] = logits
-            if with_ref:
-                ref_logits = self.policy.reference_logits(query, query_mask, dec).float()
-                result["ref_logprobs"] = core.logprobs_from_logits(ref_logits, response)
-                if keep_logits:
-                    result["ref_logits"] = ref_logits
+            ref_logits = self.policy.reference_logits(query, query_mask, dec).float()
+            result["ref_logprobs"] = core.logprobs_from_logits(ref_logits, response)
+            if keep_logits:
+                result["ref_logits"] = ref_logits
         return result
 
     # ------------------------------------------------------------------ one step
@@ -284,9 +282,7 @@ class PPOTrainer:
         chunks = defaultdict(list)
         for start in range(0, len(indices), self.forward_batch):
             sl = slice(start, start + self.forward_batch)
-            out = self._forward(
-                query[sl], query_mask[sl], response[sl], mask[sl], True, full, encoder_hidden[sl]
-            )
+            out = self._forward(query[sl], query_mask[sl], response[sl], full, encoder_hidden[sl])
             for key, value in out.items():
                 chunks[key].append(value)
         batch = {k: torch.cat(v) for k, v in chunks.items()}
