@@ -24,6 +24,7 @@ from detox_exp.distributed import Dist
 from detox_exp.errors import ConfigError, DataError
 from detox_exp.evaluation.evaluator import EvalResult
 from detox_exp.perf import perf_summary
+from detox_exp.ppo.rollout import make_sampling
 from detox_exp.tracking import Tracker
 from detox_exp.utils import resolve_device, seed_everything
 
@@ -61,23 +62,17 @@ def check_run_config(cfg: DictConfig) -> None:
     resolve_device(cfg.device)
     if cfg.precision not in PRECISIONS:
         raise ConfigError("precision", f"unknown {cfg.precision!r}", f"use one of {PRECISIONS}")
-    if cfg.precision != "fp32" and resolve_device(cfg.device).type != "cuda":
-        raise ConfigError("precision", f"{cfg.precision} needs CUDA", "set precision=fp32 on CPU")
+    if cfg.precision == "fp16" and resolve_device(cfg.device).type != "cuda":
+        raise ConfigError("precision", "fp16 needs CUDA", "use precision=bf16 or fp32 on CPU")
     stage_names = {"prepare_data", "train_reward", "evaluate_before", "ppo", "evaluate_after"}
     unknown = set(cfg.stages) - stage_names
     if unknown:
         raise ConfigError(
             f"stages.{sorted(unknown)[0]}", "unknown stage", f"use {sorted(stage_names)}"
         )
-    gen = cfg.model.generation
-    if gen.max_new_tokens < 1:
-        raise ConfigError("model.generation.max_new_tokens", "must be >= 1", "raise it")
-    if gen.min_new_tokens > gen.max_new_tokens:
-        raise ConfigError(
-            "model.generation.min_new_tokens",
-            f"{gen.min_new_tokens} exceeds max_new_tokens={gen.max_new_tokens}",
-            "lower min_new_tokens or raise max_new_tokens",
-        )
+    gen = OmegaConf.to_container(cfg.model.generation, resolve=True)
+    make_sampling(gen)  # one-line errors for impossible values
+    make_sampling({**gen, **OmegaConf.to_container(cfg.eval.generation)}, "eval.generation")
 
 
 def run_task(cfg: DictConfig) -> float | None:
@@ -189,7 +184,11 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
     device = resolve_device(cfg.device)
     scorer = build(cfg.reward.scorer, name_or_path=str(reward_path))
     seed_everything(cfg.seed)
-    model = build(cfg.model.policy).to(device)
+    # bf16 with LoRA: the frozen base weights are stored in bf16 (half the memory and memory
+    # traffic); the adapters and the value head stay fp32 and the passes run under autocast
+    bf16_base = cfg.precision == "bf16" and not cfg.model.full_finetune
+    model = build(cfg.model.policy, **({"torch_dtype": torch.bfloat16} if bf16_base else {}))
+    model = model.to(device)
     evaluator = build(cfg.eval)
     generation = OmegaConf.to_container(cfg.model.generation, resolve=True)
     results = {}

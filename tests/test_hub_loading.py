@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, run_cli
 
@@ -71,4 +72,31 @@ def test_flan_t5_dialogsum_loads_by_hub_id_offline(standins, tmp_path: Path) -> 
     card = (run_dir / "policy/merged/README.md").read_text()
     assert (
         "google/flan-t5-base" in card and "facebook/roberta-hate-speech-dynabench-r4-target" in card
+    )
+
+
+def test_fused_gelu_matches_the_original_activation(tiny_t5: Path) -> None:
+    from transformers import AutoModelForSeq2SeqLM
+
+    from detox_exp.models import fuse_activations
+
+    original = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5).eval()
+    fused = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5).eval()
+    assert (
+        fuse_activations(fused) == original.config.num_layers + original.config.num_decoder_layers
+    )
+    ids = torch.randint(2, 300, (3, 20))
+    dec = torch.randint(2, 300, (3, 7))
+    with torch.no_grad():
+        want = original(input_ids=ids, decoder_input_ids=dec).logits
+        got = fused(input_ids=ids, decoder_input_ids=dec).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    x = torch.linspace(-6, 6, 1001)
+    from transformers.activations import NewGELUActivation
+
+    torch.testing.assert_close(
+        fused.decoder.block[0].layer[2].DenseReluDense.act(x),
+        NewGELUActivation()(x),
+        rtol=0,
+        atol=1e-6,
     )

@@ -30,13 +30,19 @@ class ContainsReward:
         return Scores(reward=reward, toxicity=1.0 - reward)
 
 
-def make_trainer(tiny_t5: Path, tmp_path: Path, scorer, **overrides) -> PPOTrainer:
+def make_trainer(
+    tiny_t5: Path, tmp_path: Path, scorer, lora_modules: tuple = ("q", "v"), **overrides
+) -> PPOTrainer:
     tokenizer = load_tokenizer(str(tiny_t5))
     prompts = [f"Summarize: dialogue number {i} about the weather and the bank." for i in range(40)]
     ids = tokenizer(prompts)["input_ids"]
     data = Dataset.from_dict({"prompt": prompts, "input_ids": ids})
     lora = LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=list(lora_modules),
+        task_type="SEQ_2_SEQ_LM",
     )
     model = load_policy(str(tiny_t5), lora=lora, seed=0)
     kwargs = dict(
@@ -120,21 +126,27 @@ def test_decoder_inputs_start_with_start_token() -> None:
 
 
 def test_toy_task_is_learned(tiny_t5: Path, tmp_path: Path) -> None:
-    """Reward 1 when the response contains a chosen token: learned within 40 steps."""
+    """Reward 1 when the response contains a chosen token: learned within 50 steps.
+
+    LoRA goes on every linear layer here: with q, v only, a random-init 32-wide T5 can barely
+    move its output distribution, and whether it learns at all varies with the seed (5 of 8
+    seeds under one build, 2 of 8 under another); with all layers it learns for each seed tried.
+    """
     scorer = ContainsReward("")
     trainer = make_trainer(
         tiny_t5,
         tmp_path,
         scorer,
-        steps=40,
+        lora_modules=("q", "k", "v", "o", "wi_0", "wi_1", "wo"),
+        steps=50,
         ppo_epochs=4,
         optimizer=partial(torch.optim.AdamW, lr=1e-2),
     )
     # target: a token the initial policy emits in a minority of its responses
     with torch.no_grad():
-        roll = trainer.rollout(list(range(16)) + list(range(16)))
+        roll = trainer.rollout(list(range(40)) * 2)
     counts = torch.zeros(len(trainer.tokenizer))
-    for row, mask in zip(roll["response"], roll["mask"]):
+    for row, mask in zip(roll["response"], roll["mask"], strict=True):
         counts[row[mask.bool()].unique()] += 1
     rates = {}
     for token_id in counts.nonzero().flatten().tolist():

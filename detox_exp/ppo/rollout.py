@@ -1,22 +1,87 @@
 """Sampling responses and turning them into teacher-forcing tensors with exact masks.
 
-A T5 response from ``generate`` is ``[start, y_1, ..., y_T]`` with the decoder start token
-(= pad) first and pad after EOS. We keep ``y`` (without the start token); the response mask
-is 1 up to and including the first EOS and 0 after it, so padding never enters the loss.
+A response is ``[y_1, ..., y_T]`` (the decoder start token is not part of it) with pad after
+the first EOS; the response mask is 1 up to and including the first EOS and 0 after it, so
+padding never enters the loss. Sampling is our own KV-cached loop rather than
+``generate``: it draws one uniform number per row and token (inverse CDF) instead of one per
+vocabulary entry, and skips ``generate``'s per-step processor machinery.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from detox_exp.ppo.policy import base_config
+from detox_exp.errors import ConfigError
+from detox_exp.ppo.policy import base_config, folded_adapter
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward argument that takes the KV cache (``past_key_values`` became ``cache``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (
+        "cache"
+        if "cache" in inspect.signature(type(base).forward).parameters
+        else "past_key_values"
+    )
+
 
 GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "top_k", "top_p", "temperature")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings (``model.generation``); the defaults sample from the policy itself."""
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    do_sample: bool = True
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+
+    def warp(self, logits: torch.Tensor, step: int, eos_id: int) -> torch.Tensor:
+        """The sampling distribution's logits at decoding ``step`` (0-based), in the order
+        ``transformers`` applies them: min length (EOS banned), temperature, top-k, top-p."""
+        if step < self.min_new_tokens:
+            logits = logits.clone()
+            logits[:, eos_id] = -float("inf")
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        if self.top_p < 1.0:
+            # keep the smallest set of most likely tokens whose probability reaches top_p
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop_sorted = cum <= 1 - self.top_p
+            drop_sorted[:, -1] = False  # always keep the most likely token
+            drop = drop_sorted.scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, -float("inf"))
+        return logits
+
+
+def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None):
+    """One token per row from ``softmax(logits)`` [B, V] -> [B], by inverse-CDF sampling.
+
+    Draws one uniform number per row (``torch.multinomial`` draws one per vocabulary entry);
+    the cumulative sum is in float64 so that rare tokens keep their probability.
+    """
+    cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)
+    u = torch.rand(
+        (logits.shape[0], 1), dtype=torch.float64, device=logits.device, generator=generator
+    )
+    # searchsorted(..., right=True) skips zero-probability tokens (flat cdf steps)
+    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return token.clamp_(max=logits.shape[-1] - 1).squeeze(1)
 
 
 def pad_queries(
@@ -46,13 +111,32 @@ def decoder_inputs(response_ids: torch.Tensor, start_id: int) -> torch.Tensor:
     return torch.cat([start, response_ids[:, :-1]], dim=1)
 
 
-def generation_kwargs(gen: Mapping[str, Any]) -> dict[str, Any]:
+def make_sampling(gen: Mapping[str, Any], field: str = "model.generation") -> Sampling:
+    """Validated decoding settings from a ``model.generation``-style mapping."""
+    sampling = Sampling(**generation_kwargs(gen, field))
+    checks = [
+        (sampling.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
+        (
+            0 <= sampling.min_new_tokens <= sampling.max_new_tokens,
+            "min_new_tokens",
+            f"must be in [0, max_new_tokens={sampling.max_new_tokens}]",
+        ),
+        (sampling.top_k >= 0, "top_k", "must be >= 0 (0: off)"),
+        (0 < sampling.top_p <= 1, "top_p", "must be in (0, 1]"),
+        (sampling.temperature > 0, "temperature", "must be > 0"),
+    ]
+    for ok, key, problem in checks:
+        if not ok:
+            value = getattr(sampling, key)
+            raise ConfigError(f"{field}.{key}", f"{problem}, got {value}", "fix the value")
+    return sampling
+
+
+def generation_kwargs(gen: Mapping[str, Any], field: str = "model.generation") -> dict[str, Any]:
     unknown = set(gen) - set(GENERATION_KEYS)
     if unknown:
-        from detox_exp.errors import ConfigError
-
         raise ConfigError(
-            f"model.generation.{sorted(unknown)[0]}",
+            f"{field}.{sorted(unknown)[0]}",
             "unknown generation setting",
             f"use only {GENERATION_KEYS}",
         )
@@ -67,28 +151,52 @@ def sample_responses(
     query_mask: torch.Tensor,
     gen: Mapping[str, Any],
     encoder_hidden: torch.Tensor | None = None,
+    check_every: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batched ``generate`` call (KV cache on). Returns (response_ids, mask), [B, T].
+    """Batched sampling with a KV cache. Returns (response_ids, mask), both [B, T].
 
     ``response_ids`` excludes the decoder start token and holds pad after the first EOS.
-    ``encoder_hidden`` [B, S, d]: the prompts' encoder output, if already computed.
+    ``encoder_hidden`` [B, S, d]: the prompts' encoder output, if already computed. The loop
+    stops once every row has ended, checked every ``check_every`` tokens (one host sync).
     """
+    sampling = make_sampling(gen)
     config = base_config(model)
-    out = model.generate(
-        input_ids=query_ids,
-        attention_mask=query_mask,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=config.decoder_start_token_id,
-        use_cache=True,
-        **({} if encoder_hidden is None else {"encoder_outputs": BaseModelOutput(encoder_hidden)}),
-        **generation_kwargs(gen),
-    )
-    response_ids = out[:, 1:]
-    if response_ids.shape[1] == 0:  # max_new_tokens=0 is rejected in config; be safe
-        raise ValueError("generate returned no tokens")
-    mask = response_mask(response_ids, tokenizer.eos_token_id)
-    return response_ids.masked_fill(mask == 0, tokenizer.pad_token_id), mask
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if encoder_hidden is None:
+        encoder_hidden = model.get_encoder()(
+            input_ids=query_ids, attention_mask=query_mask
+        ).last_hidden_state
+    encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden)
+    batch, cache_kwarg = query_ids.shape[0], _cache_kwarg(model)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())  # updated in place
+    token = torch.full((batch, 1), config.decoder_start_token_id, device=query_ids.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
+    tokens = []
+    with folded_adapter(model):
+        for step in range(sampling.max_new_tokens):
+            logits = (
+                model(
+                    encoder_outputs=encoder_outputs,
+                    attention_mask=query_mask,
+                    decoder_input_ids=token,
+                    use_cache=True,
+                    return_dict=True,
+                    **{cache_kwarg: cache},
+                )
+                .logits[:, -1]
+                .float()
+            )
+            logits = sampling.warp(logits, step, eos_id)
+            next_token = sample_from_logits(logits) if sampling.do_sample else logits.argmax(-1)
+            next_token = next_token.masked_fill(done, pad_id)
+            tokens.append(next_token)
+            done |= next_token == eos_id
+            token = next_token[:, None]
+            if (step + 1) % check_every == 0 and bool(done.all()):
+                break
+    response_ids = torch.stack(tokens, dim=1)
+    mask = response_mask(response_ids, eos_id)
+    return response_ids.masked_fill(mask == 0, pad_id), mask
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor) -> list[str]:

@@ -1,0 +1,151 @@
+"""The KV-cached sampling loop: same warping as transformers, exact inverse-CDF sampling,
+greedy decoding identical to ``generate``, and exact EOS masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from detox_exp.errors import ConfigError
+from detox_exp.ppo.rollout import make_sampling, pad_queries, sample_from_logits, sample_responses
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.9), (1.3, 20, 0.5), (1.0, 0, 0.01)],
+)
+def test_warp_matches_transformers(temperature: float, top_k: int, top_p: float) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(8, 50) * 3
+    ours = make_sampling({"temperature": temperature, "top_k": top_k, "top_p": top_p}).warp(
+        logits, step=0, eos_id=1
+    )
+    hf = LogitsProcessorList()
+    if temperature != 1.0:
+        hf.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        hf.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        hf.append(TopPLogitsWarper(top_p))
+    theirs = hf(torch.zeros(8, 1, dtype=torch.long), logits.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    torch.testing.assert_close(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)])
+    assert (~torch.isinf(ours)).sum(1).min() >= 1  # at least one token always survives
+
+
+def test_min_new_tokens_bans_eos_only_before_the_minimum() -> None:
+    logits = torch.zeros(2, 6)
+    sampling = make_sampling({"min_new_tokens": 3})
+    assert torch.isinf(sampling.warp(logits, step=2, eos_id=1)[:, 1]).all()
+    assert not torch.isinf(sampling.warp(logits, step=3, eos_id=1)).any()
+    assert not torch.isinf(logits).any()  # the input is not modified
+
+
+def test_inverse_cdf_sampling_has_the_right_frequencies() -> None:
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(200_000, -1)  # log(0) = -inf: never drawn
+    generator = torch.Generator().manual_seed(0)
+    draws = sample_from_logits(logits, generator)
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    assert freq[1] == 0
+    # binomial standard error <= 0.0012; 5 sigma
+    torch.testing.assert_close(freq, probs.double(), rtol=0, atol=0.006)
+
+
+@pytest.mark.parametrize(
+    ("gen", "field"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"min_new_tokens": 9, "max_new_tokens": 8}, "min_new_tokens"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"temperature": 0}, "temperature"),
+        ({"num_beams": 4}, "num_beams"),
+    ],
+)
+def test_impossible_settings_name_the_field(gen: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"eval\.generation\.{field}"):
+        make_sampling(gen, "eval.generation")
+
+
+def _prompts(tiny_t5: Path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5).eval()
+    texts = ["a short one", "a much longer prompt about a meeting " * 5, "medium prompt here"]
+    ids, mask = pad_queries(tokenizer(texts)["input_ids"], tokenizer.pad_token_id, "cpu")
+    return model, tokenizer, ids, mask
+
+
+def test_greedy_decoding_equals_generate(tiny_t5: Path) -> None:
+    model, tokenizer, ids, mask = _prompts(tiny_t5)
+    ours, ours_mask = sample_responses(
+        model, tokenizer, ids, mask, {"do_sample": False, "max_new_tokens": 12}
+    )
+    theirs = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, min_new_tokens=0
+    )[:, 1:]
+    width = max(ours.shape[1], theirs.shape[1])
+    pad = tokenizer.pad_token_id
+    ours = torch.nn.functional.pad(ours, (0, width - ours.shape[1]), value=pad)
+    theirs = torch.nn.functional.pad(theirs, (0, width - theirs.shape[1]), value=pad)
+    assert torch.equal(ours, theirs)
+    assert ours_mask.shape[1] <= 12
+
+
+def test_sampled_responses_respect_lengths_and_eos(tiny_t5: Path) -> None:
+    model, tokenizer, ids, mask = _prompts(tiny_t5)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    torch.manual_seed(0)
+    gen = {"max_new_tokens": 10, "min_new_tokens": 4, "top_k": 0, "top_p": 1.0}
+    for _ in range(5):
+        response, rmask = sample_responses(model, tokenizer, ids, mask, gen)
+        assert response.shape == rmask.shape and response.shape[1] <= 10
+        assert not (response[:, :4] == eos).any()  # min_new_tokens
+        for row, row_mask in zip(response, rmask, strict=True):
+            n = int(row_mask.sum())
+            assert (row[n:] == pad).all()  # pad after the first EOS
+            assert (row[: n - 1] != eos).all()  # no EOS before the end of the kept tokens
+            assert n == len(row) or row[n - 1] == eos
+
+
+def test_folded_adapter_gives_the_same_logits_and_restores_weights(tiny_t5: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from detox_exp.ppo.policy import folded_adapter
+
+    model, _, ids, mask = _prompts(tiny_t5)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+    torch.manual_seed(0)
+    model = get_peft_model(model, lora).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # a trained-looking, non-zero update
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    dec = torch.randint(2, 300, (ids.shape[0], 6))
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        base = model.get_base_model()
+        with model.disable_adapter():
+            plain = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        with folded_adapter(model):
+            got = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+            assert (
+                base.decoder.block[0].layer[0].SelfAttention.q.base_layer.weight.requires_grad
+                is False
+            )
+    assert (want - plain).abs().max() > 1e-2  # the adapter matters
+    # (W + sBA) x vs Wx + sB(Ax): fp32 reassociation only
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for name, param in model.named_parameters():
+        original, values = before[name]
+        assert param is original and torch.equal(param, values), name
