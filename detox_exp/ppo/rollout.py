@@ -84,11 +84,18 @@ def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None =
     return token.clamp_(max=logits.shape[-1] - 1).squeeze(1)
 
 
+def round_up(n: int, multiple: int, cap: int | None = None) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (at most ``cap``)."""
+    n = -(-n // multiple) * multiple
+    return n if cap is None else min(n, cap)
+
+
 def pad_queries(
-    input_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device
+    input_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device, multiple: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad prompt token lists -> (ids [B, S], attention mask [B, S])."""
-    width = max(len(ids) for ids in input_ids)
+    """Right-pad prompt token lists -> (ids [B, S], attention mask [B, S]); ``S`` is the
+    longest prompt rounded up to ``multiple``."""
+    width = round_up(max(len(ids) for ids in input_ids), multiple)
     ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(input_ids), width), dtype=torch.long)
     for row, seq in enumerate(input_ids):

@@ -28,12 +28,25 @@ from detox_exp.distributed import Dist, masked_whiten_global, write_param_digest
 from detox_exp.errors import ConfigError, TrainingError
 from detox_exp.ppo import core
 from detox_exp.ppo.policy import ActorCritic
-from detox_exp.ppo.rollout import decode, decoder_inputs, pad_queries, sample_responses
+from detox_exp.ppo.rollout import (
+    decode,
+    decoder_inputs,
+    pad_queries,
+    round_up,
+    sample_responses,
+)
 from detox_exp.reward.scorer import ToxicityScorer
 from detox_exp.tracking import Tracker
 from detox_exp.utils import progress, resolve_device
 
 log = logging.getLogger(__name__)
+
+
+# Tensor widths (prompt and response lengths) are rounded up to this multiple. oneDNN, which
+# runs bf16 matmuls on CPU, caches a kernel per shape: with every batch a new width, a bf16
+# benchmark run grew from 730 to 1,150 MB over 10 steps; rounded widths keep it flat. The
+# padding is masked and costs no measurable time in fp32.
+WIDTH_MULTIPLE = 16
 
 
 class _SkipBatch(Exception):
@@ -262,6 +275,7 @@ class PPOTrainer:
             [self.prompts[i]["input_ids"] for i in indices],
             self.tokenizer.pad_token_id,
             self.device,
+            WIDTH_MULTIPLE,
         )
         with self._autocast():
             # the encoder runs once: its output serves generation and the forward pass below
@@ -379,8 +393,13 @@ class PPOTrainer:
 
     def _loss(self, roll: dict[str, Any], idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
         mask = roll["mask"][idx]
-        width = int(mask.sum(1).max().item())  # trim right padding of this micro-batch
-        q_width = int(roll["query_mask"][idx].sum(1).max().item())
+        # trim the right padding of this micro-batch (widths rounded: see WIDTH_MULTIPLE)
+        width = round_up(int(mask.sum(1).max().item()), WIDTH_MULTIPLE, mask.shape[1])
+        q_width = round_up(
+            int(roll["query_mask"][idx].sum(1).max().item()),
+            WIDTH_MULTIPLE,
+            roll["query"].shape[1],
+        )
         mask = mask[:, :width]
         query, query_mask = roll["query"][idx][:, :q_width], roll["query_mask"][idx][:, :q_width]
         response = roll["response"][idx][:, :width]
