@@ -4,7 +4,7 @@ Runs in its OWN virtual environment, never the project's (trl is not a dependenc
 
     python3 -m venv /tmp/trl && /tmp/trl/bin/pip install torch==2.13.0 trl==0.11.4 \\
         transformers==4.46.3 peft==0.13.2 'accelerate<1.2' 'datasets<3.2'
-    /tmp/trl/bin/python benchmarks/trl_baseline.py DIR --steps 10
+    /tmp/trl/bin/python benchmarks/trl_baseline.py DIR --steps 10 [--mixed-precision bf16]
 
 Settings as in conf/experiment/bench.yaml: AutoModelForSeq2SeqLMWithValueHead, LoRA r=32
 alpha=32 dropout 0.05 on q,v, reference = adapter disabled, batch 16, mini-batch 4, 1 PPO
@@ -35,6 +35,13 @@ def main() -> None:
     parser.add_argument("dir", type=Path)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["no", "bf16"],
+        default="no",
+        help="accelerate's mixed precision (bf16 autocast, also on CPU); compare with "
+        "precision=bf16",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -53,7 +60,12 @@ def main() -> None:
         str(args.dir / "policy"), peft_config=lora
     )
     config = PPOConfig(
-        batch_size=16, mini_batch_size=4, ppo_epochs=1, learning_rate=1.41e-5, seed=0
+        batch_size=16,
+        mini_batch_size=4,
+        ppo_epochs=1,
+        learning_rate=1.41e-5,
+        seed=0,
+        accelerator_kwargs={"mixed_precision": args.mixed_precision},
     )
     trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tokenizer)
     reward_tok = AutoTokenizer.from_pretrained(str(args.dir / "reward"))
