@@ -101,6 +101,10 @@ def test_missing_local_model_dir(tmp_path: Path, standins) -> None:
         ("ppo.lam=-0.1", "ppo.lam"),
         ("ppo.kl_estimator=k9", "ppo.kl_estimator"),
         ("model.generation.min_new_tokens=40", "model.generation.min_new_tokens"),
+        ("model.generation.top_p=0", "model.generation.top_p"),
+        ("+eval.generation.temperature=0", "eval.generation.temperature"),
+        ("ppo.kl_controller.target=0", "ppo.kl_controller.target"),
+        ("ppo.score.clip=-1", "ppo.score.clip"),
     ],
 )
 def test_impossible_values(tmp_path: Path, standins, override: str, field: str) -> None:

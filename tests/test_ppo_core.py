@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from detox_exp.errors import ConfigError
 from detox_exp.ppo.core import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -322,7 +323,7 @@ def test_fixed_kl_controller():
     ctl = FixedKLController(0.05)
     ctl.update(100.0, 256)
     assert ctl.value == 0.05
-    with pytest.raises(ValueError, match=r"ppo\.kl_controller\.kl_coef"):
+    with pytest.raises(ConfigError, match=r"ppo\.kl_controller\.kl_coef"):
         FixedKLController(-1.0)
 
 
@@ -349,7 +350,7 @@ def test_adaptive_kl_controller_by_hand():
     ],
 )
 def test_adaptive_kl_controller_validation(kwargs, field):
-    with pytest.raises(ValueError, match=rf"ppo\.kl_controller\.{field}"):
+    with pytest.raises(ConfigError, match=rf"ppo\.kl_controller\.{field}"):
         AdaptiveKLController(**kwargs)
 
 

@@ -323,12 +323,18 @@ def process_scores(
     return scores
 
 
+def _check_arg(ok: bool, key: str, problem: str, fix: str) -> None:
+    if not ok:  # the only non-torch import: a plain-Python error type the CLI prints as one line
+        from detox_exp.errors import ConfigError
+
+        raise ConfigError(f"ppo.kl_controller.{key}", problem, fix)
+
+
 class FixedKLController:
     """Constant KL coefficient ``value``."""
 
     def __init__(self, kl_coef: float) -> None:
-        if not kl_coef >= 0:
-            raise ValueError(f"ppo.kl_controller.kl_coef must be >= 0, got {kl_coef}")
+        _check_arg(kl_coef >= 0, "kl_coef", f"must be >= 0, got {kl_coef}", "use e.g. 0.05")
         self.value = float(kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> None:
@@ -346,12 +352,11 @@ class AdaptiveKLController:
     observed KL approaches ``target``, by at most 20% per ``horizon`` samples."""
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
-        if not init_kl_coef >= 0:
-            raise ValueError(f"ppo.kl_controller.init_kl_coef must be >= 0, got {init_kl_coef}")
-        if not target > 0:
-            raise ValueError(f"ppo.kl_controller.target must be > 0, got {target}")
-        if not horizon > 0:
-            raise ValueError(f"ppo.kl_controller.horizon must be > 0, got {horizon}")
+        _check_arg(
+            init_kl_coef >= 0, "init_kl_coef", f"must be >= 0, got {init_kl_coef}", "e.g. 0.2"
+        )
+        _check_arg(target > 0, "target", f"must be > 0, got {target}", "use e.g. 6.0")
+        _check_arg(horizon > 0, "horizon", f"must be > 0, got {horizon}", "use e.g. 10000")
         self.value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = float(horizon)

@@ -136,6 +136,10 @@ class PPOTrainer:
             f"unknown keys {score}",
             "use scale, normalize, clip",
         )
+        clip = score.get("clip")
+        _check(
+            clip is None or clip > 0, "score.clip", f"must be > 0 or null, got {clip}", "or null"
+        )
         self.dist = Dist(resolve_device(device))
         self.device = self.dist.device
         world = self.dist.world_size
