@@ -72,7 +72,12 @@ def check_run_config(cfg: DictConfig) -> None:
         )
     gen = OmegaConf.to_container(cfg.model.generation, resolve=True)
     make_sampling(gen)  # one-line errors for impossible values
-    make_sampling({**gen, **OmegaConf.to_container(cfg.eval.generation)}, "eval.generation")
+    eval_gen = (
+        OmegaConf.to_container(cfg.eval.generation, resolve=True)
+        if cfg.eval.get("generation")
+        else {}
+    )
+    make_sampling({**gen, **eval_gen}, "eval.generation")
 
 
 def run_task(cfg: DictConfig) -> float | None:

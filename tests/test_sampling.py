@@ -149,3 +149,56 @@ def test_folded_adapter_gives_the_same_logits_and_restores_weights(tiny_t5: Path
     for name, param in model.named_parameters():
         original, values = before[name]
         assert param is original and torch.equal(param, values), name
+
+
+def _lora_model(tiny_t5: Path, dtype: torch.dtype | None = None):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer, ids, mask = _prompts(tiny_t5)
+    if dtype is not None:
+        model = model.to(dtype)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+    torch.manual_seed(0)
+    model = get_peft_model(model, lora).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    return model, tokenizer, ids, mask
+
+
+def _q_weight(model) -> torch.Tensor:
+    return model.get_base_model().decoder.block[0].layer[0].SelfAttention.q.base_layer.weight
+
+
+@pytest.mark.parametrize("case", ["autocast", "bf16_weights", "adapter_disabled"])
+def test_folding_is_skipped_where_it_would_be_wrong(tiny_t5: Path, case: str) -> None:
+    """In bf16 / under autocast, W + delta would round small updates away; inside
+    disable_adapter() folding would switch the adapter back on."""
+    from detox_exp.ppo.policy import folded_adapter
+
+    model, _, _, _ = _lora_model(tiny_t5, torch.bfloat16 if case == "bf16_weights" else None)
+    original = _q_weight(model)
+    outer = {
+        "autocast": torch.autocast("cpu", dtype=torch.bfloat16),
+        "bf16_weights": torch.autocast("cpu", enabled=False),
+        "adapter_disabled": model.disable_adapter(),
+    }[case]
+    with outer, folded_adapter(model):
+        assert _q_weight(model) is original
+
+
+def test_sampling_loop_with_a_trained_adapter_equals_generate(tiny_t5: Path) -> None:
+    """Greedy decoding through the KV cache with the LoRA update folded in picks the same
+    tokens as transformers' generate() with the adapter applied the usual way."""
+    model, tokenizer, ids, mask = _lora_model(tiny_t5)
+    ours, _ = sample_responses(
+        model, tokenizer, ids, mask, {"do_sample": False, "max_new_tokens": 10}, check_every=1
+    )
+    theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
+    theirs = theirs[:, 1:]
+    width = max(ours.shape[1], theirs.shape[1])
+    pad = tokenizer.pad_token_id
+    assert torch.equal(
+        torch.nn.functional.pad(ours, (0, width - ours.shape[1]), value=pad),
+        torch.nn.functional.pad(theirs, (0, width - theirs.shape[1]), value=pad),
+    )

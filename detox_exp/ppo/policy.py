@@ -33,18 +33,34 @@ def folded_adapter(model: nn.Module) -> Iterator[None]:
     """No-grad decoding with each LoRA update folded into its frozen weight (W + s B A):
     one matmul per projection instead of three, which matters when decoding one token at a
     time. The original weight tensors are put back afterwards, bit for bit (no unmerge
-    round-off). A no-op unless every LoRA layer is a plain linear one (no DoRA)."""
+    round-off).
+
+    A no-op (the adapters run unfolded) unless folding is exact enough and complete: fp32
+    weights and no autocast (in bf16 / fp16, ``W + delta`` would round small updates away),
+    every LoRA layer a plain ``nn.Linear`` with an active, unmerged, non-DoRA adapter, and no
+    other trained modules (``modules_to_save``) that disabling the adapter would switch off.
+    """
     from peft.tuners.lora import LoraLayer
+    from peft.utils import AuxiliaryTrainingWrapper
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    foldable = getattr(model, "disable_adapter", None) is not None and all(
-        isinstance(m.get_base_layer(), nn.Linear)
-        and not m.merged
-        and not any(m.use_dora.values())
-        and not any(getattr(m, "lora_bias", {}).values())
-        for m in layers
+    foldable = (
+        bool(layers)
+        and getattr(model, "disable_adapter", None) is not None
+        and not torch.is_autocast_enabled(next(model.parameters()).device.type)
+        and not any(isinstance(m, AuxiliaryTrainingWrapper) for m in model.modules())
+        and all(
+            type(m.get_base_layer()) is nn.Linear
+            and m.get_base_layer().weight.dtype == torch.float32
+            and not m.merged
+            and not m.disable_adapters
+            and not any(m.use_dora.values())
+            and not any(getattr(m, "lora_bias", {}).values())
+            and not getattr(m, "lora_variant", {})
+            for m in layers
+        )
     )
-    if not layers or not foldable:
+    if not foldable:
         yield
         return
     originals = []

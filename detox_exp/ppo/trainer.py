@@ -292,6 +292,9 @@ class PPOTrainer:
                 self.generation,
                 encoder_hidden,
             )
+        extra = round_up(response.shape[1], WIDTH_MULTIPLE) - response.shape[1]
+        response = torch.nn.functional.pad(response, (0, extra), value=self.tokenizer.pad_token_id)
+        mask = torch.nn.functional.pad(mask, (0, extra), value=0.0)
         texts = decode(self.tokenizer, response)
         t1 = time.perf_counter()
         scores = self.scorer.score(texts)
