@@ -86,6 +86,14 @@ def _prompts(tiny_t5: Path):
     return model, tokenizer, ids, mask
 
 
+def assert_same_tokens(ours: torch.Tensor, theirs: torch.Tensor, pad: int) -> None:
+    """Equal token ids once both are right-padded to the same width."""
+    width = max(ours.shape[1], theirs.shape[1])
+    ours = torch.nn.functional.pad(ours, (0, width - ours.shape[1]), value=pad)
+    theirs = torch.nn.functional.pad(theirs, (0, width - theirs.shape[1]), value=pad)
+    assert torch.equal(ours, theirs)
+
+
 def test_greedy_decoding_equals_generate(tiny_t5: Path) -> None:
     model, tokenizer, ids, mask = _prompts(tiny_t5)
     ours, ours_mask = sample_responses(
@@ -94,11 +102,7 @@ def test_greedy_decoding_equals_generate(tiny_t5: Path) -> None:
     theirs = model.generate(
         input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, min_new_tokens=0
     )[:, 1:]
-    width = max(ours.shape[1], theirs.shape[1])
-    pad = tokenizer.pad_token_id
-    ours = torch.nn.functional.pad(ours, (0, width - ours.shape[1]), value=pad)
-    theirs = torch.nn.functional.pad(theirs, (0, width - theirs.shape[1]), value=pad)
-    assert torch.equal(ours, theirs)
+    assert_same_tokens(ours, theirs, tokenizer.pad_token_id)
     assert ours_mask.shape[1] <= 12
 
 
@@ -118,18 +122,29 @@ def test_sampled_responses_respect_lengths_and_eos(tiny_t5: Path) -> None:
             assert n == len(row) or row[n - 1] == eos
 
 
-def test_folded_adapter_gives_the_same_logits_and_restores_weights(tiny_t5: Path) -> None:
+def _lora_model(tiny_t5: Path, dtype: torch.dtype | None = None):
     from peft import LoraConfig, get_peft_model
 
-    from detox_exp.ppo.policy import folded_adapter
-
-    model, _, ids, mask = _prompts(tiny_t5)
+    model, tokenizer, ids, mask = _prompts(tiny_t5)
+    if dtype is not None:
+        model = model.to(dtype)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
     torch.manual_seed(0)
     model = get_peft_model(model, lora).eval()
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)  # a trained-looking, non-zero update
+    return model, tokenizer, ids, mask
+
+
+def _q_weight(model) -> torch.Tensor:
+    return model.get_base_model().decoder.block[0].layer[0].SelfAttention.q.base_layer.weight
+
+
+def test_folded_adapter_gives_the_same_logits_and_restores_weights(tiny_t5: Path) -> None:
+    from detox_exp.ppo.policy import folded_adapter
+
+    model, _, ids, mask = _lora_model(tiny_t5)
     before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
     dec = torch.randint(2, 300, (ids.shape[0], 6))
     with torch.no_grad():
@@ -149,25 +164,6 @@ def test_folded_adapter_gives_the_same_logits_and_restores_weights(tiny_t5: Path
     for name, param in model.named_parameters():
         original, values = before[name]
         assert param is original and torch.equal(param, values), name
-
-
-def _lora_model(tiny_t5: Path, dtype: torch.dtype | None = None):
-    from peft import LoraConfig, get_peft_model
-
-    model, tokenizer, ids, mask = _prompts(tiny_t5)
-    if dtype is not None:
-        model = model.to(dtype)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
-    torch.manual_seed(0)
-    model = get_peft_model(model, lora).eval()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
-    return model, tokenizer, ids, mask
-
-
-def _q_weight(model) -> torch.Tensor:
-    return model.get_base_model().decoder.block[0].layer[0].SelfAttention.q.base_layer.weight
 
 
 @pytest.mark.parametrize("case", ["autocast", "bf16_weights", "adapter_disabled"])
@@ -195,10 +191,4 @@ def test_sampling_loop_with_a_trained_adapter_equals_generate(tiny_t5: Path) -> 
         model, tokenizer, ids, mask, {"do_sample": False, "max_new_tokens": 10}, check_every=1
     )
     theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
-    theirs = theirs[:, 1:]
-    width = max(ours.shape[1], theirs.shape[1])
-    pad = tokenizer.pad_token_id
-    assert torch.equal(
-        torch.nn.functional.pad(ours, (0, width - ours.shape[1]), value=pad),
-        torch.nn.functional.pad(theirs, (0, width - theirs.shape[1]), value=pad),
-    )
+    assert_same_tokens(ours, theirs[:, 1:], tokenizer.pad_token_id)

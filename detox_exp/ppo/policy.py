@@ -28,6 +28,12 @@ def base_config(model: nn.Module) -> PretrainedConfig:
     return model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
 
 
+def encode(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    """The encoder output [B, S, d] of a seq2seq ``model`` (adapters as currently set)."""
+    encoder = model.get_encoder()
+    return encoder(input_ids=query_ids, attention_mask=query_mask).last_hidden_state
+
+
 @contextmanager
 def folded_adapter(model: nn.Module) -> Iterator[None]:
     """No-grad decoding with each LoRA update folded into its frozen weight (W + s B A):
@@ -137,8 +143,7 @@ class ActorCritic(nn.Module):
     def encode(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         """The policy's encoder output [B, S, d] (adapter on), to share between generation
         and the rollout's forward pass instead of running the encoder twice."""
-        encoder = self.model.get_encoder()
-        return encoder(input_ids=query_ids, attention_mask=query_mask).last_hidden_state
+        return encode(self.model, query_ids, query_mask)
 
     def forward(
         self,

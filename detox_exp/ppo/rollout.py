@@ -20,7 +20,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from detox_exp.errors import ConfigError
-from detox_exp.ppo.policy import base_config, folded_adapter
+from detox_exp.ppo.policy import base_config, encode, folded_adapter
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -170,9 +170,7 @@ def sample_responses(
     config = base_config(model)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     if encoder_hidden is None:
-        encoder_hidden = model.get_encoder()(
-            input_ids=query_ids, attention_mask=query_mask
-        ).last_hidden_state
+        encoder_hidden = encode(model, query_ids, query_mask)
     encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden)
     batch, cache_kwarg = query_ids.shape[0], _cache_kwarg(model)
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())  # updated in place
