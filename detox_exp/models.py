@@ -50,7 +50,10 @@ def t5_attention(
         sdpa_attention_forward,
     )
 
-    if query.device.type != "cpu" or query.dtype == torch.float32:
+    # Decoding self-attention (one query, a cache that grows every step) stays on SDPA:
+    # oneDNN would build and keep a matmul kernel for every cache length (+25 MB RSS).
+    decoding = query.shape[2] == 1 and getattr(module, "is_causal", False)
+    if query.device.type != "cpu" or query.dtype == torch.float32 or decoding:
         return sdpa_attention_forward(
             module,
             query,
