@@ -72,3 +72,21 @@ def test_padding_keys_get_no_weight_in_bf16(tiny_t5: Path) -> None:
         narrow = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
         wide = model(input_ids=wider_ids, attention_mask=wider_mask, decoder_input_ids=dec).logits
     torch.testing.assert_close(wide, narrow, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bias_is_rebuilt_for_each_pass(tiny_t5: Path, dtype: torch.dtype) -> None:
+    """The mask folded into the position bias is cached within a pass only: a second pass
+    with the same shapes but another padding mask gives that mask's logits."""
+    ids, mask, dec = _inputs(tiny_t5)
+    other = mask.clone()
+    other[:, 3:] = 0
+    model = load_policy(str(tiny_t5), full_finetune=True).eval().to(dtype)
+    fresh = load_policy(str(tiny_t5), full_finetune=True).eval().to(dtype)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+        got = model(input_ids=ids, attention_mask=other, decoder_input_ids=dec).logits
+        want = fresh(input_ids=ids, attention_mask=other, decoder_input_ids=dec).logits
+        first = fresh(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert not torch.equal(want, first)  # the masks matter
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
