@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from detox_exp.models import ATTENTION, load_policy
-from detox_exp.ppo.rollout import pad_queries
+from detox_exp.ppo.rollout import pad_queries, sample_responses
 
 
 def _inputs(tiny_t5: Path):
@@ -35,8 +35,23 @@ def test_policy_loads_with_our_attention(tiny_t5: Path) -> None:
     assert model.config._attn_implementation == ATTENTION
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_attention_matches_sdpa(tiny_t5: Path, dtype: torch.dtype) -> None:
+def _model(tiny_t5: Path, impl: str, case: str):
+    """The tiny T5 with attention ``impl`` and the context to run it in: fp32, bf16 weights,
+    or fp32 weights under bf16 autocast (q, k, v in bf16, the position bias in fp32)."""
+    model = load_policy(str(tiny_t5), full_finetune=True).eval()
+    if case == "bf16":
+        model = model.to(torch.bfloat16)
+    for module in model.modules():  # the encoder / decoder stacks hold config copies
+        if hasattr(module, "config"):
+            module.config._attn_implementation = impl
+    return model, torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
+
+
+CASES = ["bf16", "autocast", "fp32"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_attention_matches_sdpa(tiny_t5: Path, case: str) -> None:
     """Same logits and gradients as the SDPA path, measured against an fp32 reference: in
     bf16 our error is of the same size as SDPA's own rounding error."""
     ids, mask, dec = _inputs(tiny_t5)
@@ -44,21 +59,34 @@ def test_attention_matches_sdpa(tiny_t5: Path, dtype: torch.dtype) -> None:
     want, want_grads = _loss_and_grads(reference.eval(), ids, mask, dec)
     errors = {}
     for impl in ("sdpa", ATTENTION):
-        model = load_policy(str(tiny_t5), full_finetune=True).eval().to(dtype)
-        model.config._attn_implementation = impl
-        for module in model.modules():  # the encoder / decoder stacks hold config copies
-            if hasattr(module, "config"):
-                module.config._attn_implementation = impl
-        got, grads = _loss_and_grads(model, ids, mask, dec)
+        model, precision = _model(tiny_t5, impl, case)
+        with precision:
+            got, grads = _loss_and_grads(model, ids, mask, dec)
         grad_err = max((grads[n] - want_grads[n]).abs().max().item() for n in want_grads)
         errors[impl] = ((got - want).abs().max().item(), grad_err)
-    if dtype == torch.float32:  # dispatches to SDPA itself
+    if case == "fp32":  # dispatches to SDPA itself, with the same mask
         assert errors[ATTENTION] == errors["sdpa"]
         assert errors[ATTENTION][0] < 1e-5
     else:
         assert errors["sdpa"][0] > 0  # bf16 rounding is visible
         for ours, theirs in zip(errors[ATTENTION], errors["sdpa"], strict=True):
             assert ours <= 2 * theirs + 1e-3
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cached_decoding_picks_the_same_tokens_as_sdpa(tiny_t5: Path, case: str) -> None:
+    """The rollout's KV-cached loop (cross-attention on the matmul path, self-attention with
+    one query on SDPA) decodes greedily to the same tokens as with SDPA everywhere."""
+    ids, mask, _ = _inputs(tiny_t5)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
+    gen = {"do_sample": False, "max_new_tokens": 12}
+    tokens = {}
+    for impl in ("sdpa", ATTENTION):
+        model, precision = _model(tiny_t5, impl, case)
+        with precision:
+            tokens[impl], _ = sample_responses(model, tokenizer, ids, mask, gen, check_every=1)
+    assert tokens[ATTENTION].shape[1] > 3
+    assert torch.equal(tokens[ATTENTION], tokens["sdpa"])
 
 
 def test_padding_keys_get_no_weight_in_bf16(tiny_t5: Path) -> None:
