@@ -38,24 +38,34 @@ def t5_attention(
     position_bias: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """T5 attention: ``transformers``' SDPA path with two changes.
+    """T5 attention: ``transformers``' SDPA path, except for bf16 / fp16 on CPU.
 
-    1. The additive bias (relative position bias + padding / causal mask, [B, H, Q, K]) is
-       built once per forward pass instead of once per layer (:func:`_attention_bias`).
-    2. For bf16 / fp16 on CPU, the scores come from plain matmuls in the inputs' dtype
-       (softmax accumulates in fp32 internally): the CPU flash-attention kernel is slower
-       there (benchmark T5: 0.73 vs 0.21 ms per cross-attention decoding step, 6.1 vs 2.9 ms
-       for an encoder self-attention forward + backward). The price: the scores are rounded
-       to bf16 before the softmax (the flash kernel keeps them in fp32), which makes the
-       logits' error against fp32 about 5-15% larger than SDPA's own bf16 error.
+    There, the CPU flash-attention kernel is slower than two plain matmuls (benchmark T5:
+    0.73 vs 0.21 ms per cross-attention decoding step, 6.1 vs 2.9 ms for an encoder
+    self-attention forward + backward), so the scores come from matmuls in the inputs' dtype
+    and the softmax accumulates in fp32 internally; masks and position bias are combined as
+    SDPA's path does. The price: the scores are rounded to bf16 before the softmax (the flash
+    kernel keeps them in fp32), which makes the logits' error against fp32 about 5-15%
+    larger than SDPA's own bf16 error.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import (
+        create_position_bias_mask,
+        sdpa_attention_forward,
+    )
 
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     causal = q_len > 1 and attention_mask is None and causal
-    if position_bias is None or (causal and kv_len > q_len):
-        # no T5 bias, or a causal prefill that SDPA's path crops: leave it to transformers
+    # Decoding self-attention (one query, a cache that grows every step) stays on SDPA:
+    # oneDNN would build and keep a matmul kernel for every cache length (+25 MB RSS). So does
+    # a causal prefill longer than the query, which SDPA's path crops.
+    decoding = q_len == 1 and getattr(module, "is_causal", False)
+    if (
+        query.device.type != "cpu"
+        or query.dtype == torch.float32
+        or decoding
+        or (causal and kv_len > q_len)
+    ):
         return sdpa_attention_forward(
             module,
             query,
@@ -68,14 +78,9 @@ def t5_attention(
             position_bias=position_bias,
             **kwargs,
         )
-    bias = _attention_bias(position_bias, attention_mask, causal, query, key)
-    # Decoding self-attention (one query, a cache that grows every step) stays on SDPA:
-    # oneDNN would build and keep a matmul kernel for every cache length (+25 MB RSS).
-    decoding = q_len == 1 and getattr(module, "is_causal", False)
-    if query.device.type != "cpu" or query.dtype == torch.float32 or decoding:
-        return sdpa_attention_forward(
-            module, query, key, value, bias, dropout=dropout, scaling=scaling, **kwargs
-        )
+    if position_bias is None:
+        position_bias = query.new_zeros(())
+    bias = create_position_bias_mask(position_bias, attention_mask, causal, query, key)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(-1, -2))
     if scale != 1.0:
@@ -83,29 +88,6 @@ def t5_attention(
     probs = torch.softmax(scores + bias.to(scores.dtype), dim=-1)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
-
-
-def _attention_bias(
-    position_bias: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    causal: bool,
-    query: torch.Tensor,
-    key: torch.Tensor,
-) -> torch.Tensor:
-    """``position_bias`` with the mask folded in, as SDPA's path builds it, cached on the
-    ``position_bias`` tensor: T5 passes the same bias and mask tensors to every layer, so
-    the [B, H, Q, K] ``where`` runs once per pass instead of once per layer (5% of an fp32
-    PPO step on the benchmark T5). The cache lives and dies with ``position_bias``."""
-    from transformers.integrations.sdpa_attention import create_position_bias_mask
-
-    shape = (causal, query.shape[2], key.shape[2], key.dtype, key.device)
-    cached = getattr(position_bias, "_detox_bias", None)
-    if cached is not None and cached[0] is attention_mask and cached[1] == shape:
-        return cached[2]
-    bias = create_position_bias_mask(position_bias, attention_mask, causal, query, key)
-    if bias is not position_bias:  # (no mask needed: nothing to cache, and no self-reference)
-        position_bias._detox_bias = (attention_mask, shape, bias)
-    return bias
 
 
 def register_attention() -> None:

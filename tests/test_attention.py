@@ -64,7 +64,7 @@ def test_attention_matches_sdpa(tiny_t5: Path, case: str) -> None:
             got, grads = _loss_and_grads(model, ids, mask, dec)
         grad_err = max((grads[n] - want_grads[n]).abs().max().item() for n in want_grads)
         errors[impl] = ((got - want).abs().max().item(), grad_err)
-    if case == "fp32":  # dispatches to SDPA itself, with the same mask
+    if case == "fp32":  # dispatches to SDPA itself
         assert errors[ATTENTION] == errors["sdpa"]
         assert errors[ATTENTION][0] < 1e-5
     else:
@@ -103,9 +103,9 @@ def test_padding_keys_get_no_weight_in_bf16(tiny_t5: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_bias_is_rebuilt_for_each_pass(tiny_t5: Path, dtype: torch.dtype) -> None:
-    """The mask folded into the position bias is cached within a pass only: a second pass
-    with the same shapes but another padding mask gives that mask's logits."""
+def test_each_pass_uses_its_own_mask(tiny_t5: Path, dtype: torch.dtype) -> None:
+    """Nothing of one pass's mask carries over: a second pass with the same shapes but
+    another padding mask gives that mask's logits."""
     ids, mask, dec = _inputs(tiny_t5)
     other = mask.clone()
     other[:, 3:] = 0
