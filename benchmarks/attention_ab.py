@@ -22,14 +22,7 @@ from collections import defaultdict
 
 from detox_exp import cli
 from detox_exp.ppo import trainer
-
-
-def set_attention(model, impl: str) -> None:
-    """Switch every config in ``model`` (the T5 stacks hold their own copies) to ``impl``."""
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = impl
+from detox_exp.ppo.policy import base_model
 
 
 def main() -> None:
@@ -43,7 +36,8 @@ def main() -> None:
 
     def alternating_step(self: trainer.PPOTrainer) -> dict[str, float]:
         impl = impls[self.step % len(impls)]
-        set_attention(self.policy, impl)
+        # transformers passes the choice on to the encoder / decoder stacks' config copies
+        base_model(self.policy.model).set_attn_implementation(impl)
         metrics = train_step(self)
         if self.step > 2:
             for key, value in metrics.items():

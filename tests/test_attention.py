@@ -41,9 +41,9 @@ def _model(tiny_t5: Path, impl: str, case: str):
     model = load_policy(str(tiny_t5), full_finetune=True).eval()
     if case == "bf16":
         model = model.to(torch.bfloat16)
-    for module in model.modules():  # the encoder / decoder stacks hold config copies
-        if hasattr(module, "config"):
-            module.config._attn_implementation = impl
+    model.set_attn_implementation(impl)  # also sets the encoder / decoder stacks' copies
+    configs = [m.config for m in model.modules() if hasattr(m, "config")]
+    assert {c._attn_implementation for c in configs} == {impl}
     return model, torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
 
 

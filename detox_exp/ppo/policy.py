@@ -23,9 +23,14 @@ class ForwardOutput:
     values: torch.Tensor | None  # [B, T]
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """``model`` itself, or the transformers model inside a ``peft`` wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def base_config(model: nn.Module) -> PretrainedConfig:
     """The config of ``model``, or of the model inside a ``peft`` wrapper."""
-    return model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
+    return base_model(model).config
 
 
 def encode(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:

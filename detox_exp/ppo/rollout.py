@@ -20,17 +20,13 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from detox_exp.errors import ConfigError
-from detox_exp.ppo.policy import base_config, encode, folded_adapter
+from detox_exp.ppo.policy import base_config, base_model, encode, folded_adapter
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """The forward argument that takes the KV cache (``past_key_values`` became ``cache``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return (
-        "cache"
-        if "cache" in inspect.signature(type(base).forward).parameters
-        else "past_key_values"
-    )
+    forward = type(base_model(model)).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "do_sample", "top_k", "top_p", "temperature")
