@@ -40,13 +40,13 @@ def t5_attention(
 ) -> tuple[torch.Tensor, None]:
     """T5 attention: ``transformers``' SDPA path, except for bf16 / fp16 on CPU.
 
-    There, the CPU flash-attention kernel is slower than two plain matmuls (benchmark T5:
-    0.73 vs 0.21 ms per cross-attention decoding step, 6.1 vs 2.9 ms for an encoder
-    self-attention forward + backward), so the scores come from matmuls in the inputs' dtype
-    and the softmax accumulates in fp32 internally; masks and position bias are combined as
-    SDPA's path does. The price: the scores are rounded to bf16 before the softmax (the flash
-    kernel keeps them in fp32), which makes the logits' error against fp32 about 5-15%
-    larger than SDPA's own bf16 error.
+    There, the CPU flash-attention kernel is slower than two plain matmuls (benchmark T5
+    shapes, ``benchmarks/micro.py``: 0.77 vs 0.24 ms per cross-attention decoding step, 6.3
+    vs 3.7 ms for an encoder self-attention forward + backward), so the scores come from
+    matmuls in the inputs' dtype and the softmax accumulates in fp32 internally; masks and
+    position bias are combined as SDPA's path does. The price: the scores are rounded to
+    bf16 before the softmax (the flash kernel keeps them in fp32), which makes the logits'
+    error against fp32 about 5-15% larger than SDPA's own bf16 error.
     """
     from transformers.integrations.sdpa_attention import (
         create_position_bias_mask,

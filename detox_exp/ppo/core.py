@@ -87,8 +87,8 @@ def in_row_chunks(fn: Callable[..., Tensor], *tensors: Tensor, rows: int = 2) ->
 
     For row-independent functions of [B, T, V] logits (log-probs, entropy) the result is
     bit-identical, and the float32 temporaries (17 MB each for 16 x 32 x 8192) stay in cache
-    instead of being allocated and written per op: 19 -> 7 ms for log-probs + entropy of the
-    benchmark batch on CPU.
+    instead of being allocated and written per op: 15 -> 7 ms for log-probs + entropy of the
+    benchmark batch on CPU (``benchmarks/micro.py``).
     """
     chunks = [
         fn(*(t[start : start + rows] for t in tensors))
