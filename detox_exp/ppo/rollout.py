@@ -20,6 +20,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from detox_exp.errors import ConfigError
+from detox_exp.ppo import t5_decoding
 from detox_exp.ppo.policy import base_config, base_model, encode, folded_adapter
 
 
@@ -155,12 +156,15 @@ def sample_responses(
     gen: Mapping[str, Any],
     encoder_hidden: torch.Tensor | None = None,
     check_every: int = 4,
+    step_decoder: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched sampling with a KV cache. Returns (response_ids, mask), both [B, T].
 
     ``response_ids`` excludes the decoder start token and holds pad after the first EOS.
     ``encoder_hidden`` [B, S, d]: the prompts' encoder output, if already computed. The loop
     stops once every row has ended, checked every ``check_every`` tokens (one host sync).
+    ``step_decoder``: decode T5 with :mod:`detox_exp.ppo.t5_decoding` (same logits, a
+    fraction of the per-token overhead); other models, or False, use the model's forward.
     """
     sampling = make_sampling(gen)
     config = base_config(model)
@@ -174,19 +178,22 @@ def sample_responses(
     done = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
     tokens = []
     with folded_adapter(model):
+        fast = step_decoder and t5_decoding.prepare(
+            model, encoder_hidden, query_mask, sampling.max_new_tokens
+        )
         for step in range(sampling.max_new_tokens):
-            logits = (
-                model(
+            if fast:
+                logits = fast.step(token).float()
+            else:
+                logits = model(
                     encoder_outputs=encoder_outputs,
                     attention_mask=query_mask,
                     decoder_input_ids=token,
                     use_cache=True,
                     return_dict=True,
                     **{cache_kwarg: cache},
-                )
-                .logits[:, -1]
-                .float()
-            )
+                ).logits[:, -1]
+                logits = logits.float()
             logits = sampling.warp(logits, step, eos_id)
             next_token = sample_from_logits(logits) if sampling.do_sample else logits.argmax(-1)
             next_token = next_token.masked_fill(done, pad_id)
