@@ -7,12 +7,14 @@ each version gets every other step of the same process, so drift hits both alike
         experiment=bench model.name_or_path=DIR/policy reward.name_or_path=DIR/reward \\
         dataset=jsonl dataset.path=DIR/prompts.jsonl ppo.steps=16 precision=bf16
 
-Knobs: ``attention`` (the policy's ``attn_implementation``: sdpa, detox_t5, eager) and
+Knobs: ``attention`` (the policy's ``attn_implementation``: sdpa, detox_t5, eager),
 ``decoder`` (sampling with the flat T5 step decoder, ``step``, or the model's own forward,
-``hf``). Everything after ``--`` goes to ``detox-exp``. The first two steps (warm-up) are
-dropped; prints the median of every ``time/*`` metric per version. Batches differ from step to
-step (prompt lengths), and a fixed alternation gives each version the same batches in every
-run: run both orders (``--values a,b`` and ``--values b,a``) and average them.
+``hf``) and ``lora_cast`` (peft's cast of LoRA inputs to fp32 under autocast: ``on`` or
+``off``, the default). Everything after ``--`` goes to ``detox-exp``. The first two
+steps (warm-up) are dropped; prints the median of every ``time/*`` metric per version.
+Batches differ from step to step (prompt lengths), and a fixed alternation gives each version
+the same batches in every run: run both orders (``--values a,b`` and ``--values b,a``) and
+average them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
+
+import torch
 
 from detox_exp import cli
 from detox_exp.ppo import rollout, trainer
@@ -41,9 +45,26 @@ def set_decoder(ppo: trainer.PPOTrainer, which: str) -> None:
     trainer.sample_responses = sample  # the name the trainer calls
 
 
+def set_lora_cast(ppo: trainer.PPOTrainer, which: str) -> None:
+    """``on``: peft casts LoRA inputs to fp32 under autocast too; ``off``: the trainer's
+    default (the cast switched off)."""
+    import peft.helpers
+
+    if which not in ("on", "off"):
+        raise SystemExit(f"--knob lora_cast takes on or off, got {which!r}")
+    original = ORIGINAL.setdefault("cast", peft.helpers.disable_input_dtype_casting)
+
+    def keep_casting(model: torch.nn.Module, active: bool = True):
+        return original(model, active=False)
+
+    peft.helpers.disable_input_dtype_casting = original if which == "off" else keep_casting
+
+
+ORIGINAL: dict[str, Callable] = {}
 KNOBS: dict[str, Callable[[trainer.PPOTrainer, str], None]] = {
     "attention": set_attention,
     "decoder": set_decoder,
+    "lora_cast": set_lora_cast,
 }
 
 

@@ -1,16 +1,25 @@
-"""Micro-benchmarks behind the README's per-change numbers for T5 attention and row chunks.
+"""Micro-benchmarks behind the README's per-change numbers.
 
-    .venv/bin/python benchmarks/micro.py [--threads 2]
+    .venv/bin/python benchmarks/micro.py [--threads 2] [--dir outputs/bench/small]
 
 Shapes are those of the small benchmark DIR (16 prompts of ~192 tokens, 4 heads of 64, 32
-response tokens, vocabulary 8192; minibatches of 4). Prints the best of 3 timings of 20 calls.
+response tokens, vocabulary 8192; minibatches of 4). Prints the best of 3 timings of 20 calls
+for T5 attention and row chunks. With ``--dir`` (a benchmark DIR from
+``scripts/make_bench_dir.py``) it also times, on that policy with LoRA r=32 on q, v and its
+first 16 prompts, 32 sampled tokens with the flat T5 step decoder vs the model's forward, and
+a forward (16 prompts) and forward + backward (4 prompts) with peft's LoRA input cast on vs
+off under bf16 autocast; versions alternate, medians of 8 after 2 warm-ups.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -71,20 +80,115 @@ def row_chunks() -> dict[str, float]:
     return {"whole batch": best_ms(whole, 10), "two rows at a time": best_ms(chunked, 10)}
 
 
+def alternating_ms(versions: dict[str, Callable[[], object]], rounds: int = 10) -> dict:
+    """Median ms per version, the versions called in turn (drift hits all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in versions}
+    for _ in range(rounds):
+        for name, fn in versions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t[2:]) for name, t in times.items()}
+
+
+def _policy(bench_dir: Path, bf16: bool):
+    """The benchmark policy with LoRA r=32 on q, v, its first 16 prompts and a context
+    manager for its precision."""
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    from detox_exp.models import load_policy
+    from detox_exp.ppo.rollout import pad_queries
+
+    tokenizer = AutoTokenizer.from_pretrained(bench_dir / "policy")
+    rows = [json.loads(line) for line in (bench_dir / "prompts.jsonl").open()][:16]
+    texts = [f"Summarize the following conversation.\n\n{r['dialogue']}\n\nSummary:" for r in rows]
+    ids, mask = pad_queries(tokenizer(texts)["input_ids"], tokenizer.pad_token_id, "cpu", 16)
+    lora = LoraConfig(r=32, lora_alpha=32, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+    dtype = torch.bfloat16 if bf16 else None
+    model = load_policy(str(bench_dir / "policy"), lora=lora, torch_dtype=dtype).eval()
+
+    def precision() -> AbstractContextManager:
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    return model, tokenizer, ids, mask, precision
+
+
+def sampling(bench_dir: Path, bf16: bool) -> dict[str, float]:
+    from detox_exp.ppo.policy import encode
+    from detox_exp.ppo.rollout import sample_responses
+
+    model, tokenizer, ids, mask, precision = _policy(bench_dir, bf16)
+    gen = {"max_new_tokens": 32, "min_new_tokens": 32, "top_k": 0, "top_p": 1.0}
+    with torch.no_grad(), precision():
+        hidden = encode(model, ids, mask)
+
+    def sample(step: bool) -> Callable[[], object]:
+        def call() -> None:
+            with torch.no_grad(), precision():
+                sample_responses(model, tokenizer, ids, mask, gen, hidden, step_decoder=step)
+
+        return call
+
+    return alternating_ms({"model forward": sample(False), "step decoder": sample(True)})
+
+
+def lora_cast(bench_dir: Path) -> dict[str, float]:
+    from peft.helpers import disable_input_dtype_casting
+
+    model, tokenizer, ids, mask, precision = _policy(bench_dir, bf16=True)
+    dec = torch.randint(2, len(tokenizer), (16, 32))
+
+    def forward(cast: bool) -> Callable[[], object]:
+        def call() -> None:
+            with torch.no_grad(), precision(), disable_input_dtype_casting(model, not cast):
+                model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+
+        return call
+
+    def train(cast: bool) -> Callable[[], object]:
+        def call() -> None:
+            with precision(), disable_input_dtype_casting(model, not cast):
+                out = model(input_ids=ids[:4], attention_mask=mask[:4], decoder_input_ids=dec[:4])
+            out.logits.float().logsumexp(-1).sum().backward()
+
+        return call
+
+    times = alternating_ms({"forward, cast on": forward(True), "forward, cast off": forward(False)})
+    return times | alternating_ms(
+        {"forward + backward, cast on": train(True), "forward + backward, cast off": train(False)}
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
-    torch.set_num_threads(parser.parse_args().threads)
+    parser.add_argument("--dir", type=Path, help="a benchmark DIR: also time policy passes")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     cases = {
         "bf16 cross-attention, one decoding step (16 x 1 x 192)": (16, 1, 192, False),
         "bf16 encoder self-attention fwd+bwd (4 x 192 x 192)": (4, 192, 192, True),
     }
-    for name, args in cases.items():
-        times = attention(*args)
+    for name, shape in cases.items():
+        times = attention(*shape)
         print(f"{name}: sdpa {times['sdpa']:.3f} ms, detox_t5 {times['ours']:.3f} ms")
     times = row_chunks()
     print(
         "log-probs + entropy of 16 x 32 x 8192 bf16 logits: "
+        + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items())
+    )
+    if args.dir is None:
+        return
+    for bf16 in (False, True):
+        times = sampling(args.dir, bf16)
+        print(
+            f"{'bf16' if bf16 else 'fp32'} sampling 32 tokens for 16 prompts: "
+            + ", ".join(f"{k} {v:.0f} ms" for k, v in times.items())
+        )
+    times = lora_cast(args.dir)
+    print(
+        "bf16 LoRA input cast, forward of 16 prompts / forward + backward of 4: "
         + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items())
     )
 

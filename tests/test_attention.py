@@ -118,3 +118,35 @@ def test_each_pass_uses_its_own_mask(tiny_t5: Path, dtype: torch.dtype) -> None:
         first = fresh(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     assert not torch.equal(want, first)  # the masks matter
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_lora_input_cast_is_lossless_under_autocast(tiny_t5: Path) -> None:
+    """The trainer switches off peft's cast of LoRA inputs to fp32 under autocast (autocast
+    casts them straight back): logits and adapter gradients stay bit for bit the same."""
+    from peft import LoraConfig, get_peft_model
+    from peft.helpers import disable_input_dtype_casting
+
+    ids, mask, dec = _inputs(tiny_t5)
+    model = load_policy(str(tiny_t5), full_finetune=True, torch_dtype=torch.bfloat16)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+    torch.manual_seed(0)
+    model = get_peft_model(model, lora).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    results = []
+    for cast in (True, False):
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16),
+            disable_input_dtype_casting(model, active=not cast),
+        ):
+            model.zero_grad()
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        logits.float().logsumexp(-1).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((logits.detach(), grads))
+    (want, want_grads), (got, got_grads) = results
+    assert want_grads and all(g.abs().max() > 0 for g in want_grads.values())
+    assert torch.equal(got, want)
+    for name, grad in want_grads.items():
+        assert torch.equal(got_grads[name], grad), name
