@@ -85,8 +85,13 @@ def t5_attention(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(-1, -2))
     if scale != 1.0:
-        scores = scores * scale
-    probs = torch.softmax(scores + bias.to(scores.dtype), dim=-1)
+        scores.mul_(scale)
+    bias = bias.to(scores.dtype)
+    if torch.broadcast_shapes(scores.shape, bias.shape) == scores.shape:
+        scores.add_(bias)  # in place: a fresh [B, H, q, k] buffer costs more than the add
+    else:
+        scores = scores + bias
+    probs = torch.softmax(scores, dim=-1)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
