@@ -26,7 +26,7 @@ from detox_exp.evaluation.evaluator import EvalResult
 from detox_exp.perf import perf_summary
 from detox_exp.ppo.rollout import make_sampling
 from detox_exp.tracking import Tracker
-from detox_exp.utils import resolve_device, seed_everything
+from detox_exp.utils import keep_freed_memory, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError("precision", f"unknown {cfg.precision!r}", f"use one of {PRECISIONS}")
     if cfg.precision == "fp16" and resolve_device(cfg.device).type != "cuda":
         raise ConfigError("precision", "fp16 needs CUDA", "use precision=bf16 or fp32 on CPU")
+    if not isinstance(cfg.keep_freed_memory, bool):
+        raise ConfigError(
+            "keep_freed_memory", f"must be true or false, got {cfg.keep_freed_memory!r}", "fix it"
+        )
     stage_names = {"prepare_data", "train_reward", "evaluate_before", "ppo", "evaluate_after"}
     unknown = set(cfg.stages) - stage_names
     if unknown:
@@ -113,6 +117,8 @@ def run(
     check_run_config(cfg)
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     seed_everything(cfg.seed)
     dist = Dist(resolve_device(cfg.device))
     if dist.enabled:  # every process works in the main process's run dir

@@ -24,6 +24,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds all CUDA devices
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(mmap_threshold_mb: int = 32, trim_threshold_mb: int = 1024) -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
+
+    With the defaults, a tensor above a few hundred KB is usually served by a fresh ``mmap``
+    (or from heap memory just trimmed off), so each new activation, attention-score or logits
+    buffer page-faults its memory in again: in a bf16 PPO step of the benchmark that is ~10%
+    of the time. Blocks up to ``mmap_threshold_mb`` (glibc's maximum, 32) now come from the
+    heap, and free memory at its top is trimmed only beyond ``trim_threshold_mb``. Peak RSS
+    is unchanged (freed blocks are reused, not added to). Returns False (nothing changed) off
+    glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mib = 1024 * 1024
+    # both or neither: a fixed trim threshold alone turns off glibc's adaptive mmap threshold
+    if not mallopt(_M_MMAP_THRESHOLD, mmap_threshold_mb * mib):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold_mb * mib))
+
+
 def resolve_device(spec: str | None) -> torch.device:
     """`auto` -> cuda if available else cpu; `cpu`, `cuda`, `cuda:N` as given (checked)."""
     spec = (spec or "auto").strip()

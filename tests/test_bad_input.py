@@ -105,6 +105,7 @@ def test_missing_local_model_dir(tmp_path: Path, standins) -> None:
         ("+eval.generation.temperature=0", "eval.generation.temperature"),
         ("ppo.kl_controller.target=0", "ppo.kl_controller.target"),
         ("ppo.score.clip=-1", "ppo.score.clip"),
+        ("keep_freed_memory=maybe", "keep_freed_memory"),
     ],
 )
 def test_impossible_values(tmp_path: Path, standins, override: str, field: str) -> None:
