@@ -8,7 +8,8 @@ for T5 attention and row chunks. With ``--dir`` (a benchmark DIR from
 ``scripts/make_bench_dir.py``) it also times, on that policy with LoRA r=32 on q, v and its
 first 16 prompts, 32 sampled tokens with the flat T5 step decoder vs the model's forward, and
 a forward (16 prompts) and forward + backward (4 prompts) with peft's LoRA input cast on vs
-off under bf16 autocast; versions alternate, medians of 8 after 2 warm-ups.
+off under bf16 autocast, and the rollout's and update's passes with the position bias + mask
+built once per pass or in every layer; versions alternate, medians of 8 after 2 warm-ups.
 """
 
 from __future__ import annotations
@@ -160,6 +161,44 @@ def lora_cast(bench_dir: Path) -> dict[str, float]:
     )
 
 
+def bias_per_pass(bench_dir: Path) -> dict[str, float]:
+    """Policy + reference forward of 16 prompts and 4 minibatch forward + backward passes
+    (the rollout's and the update's passes), bf16, with the position bias + mask built once
+    per pass (models.layer_bias) or in every layer."""
+    from transformers.integrations.sdpa_attention import create_position_bias_mask
+
+    from detox_exp import models
+
+    model, tokenizer, ids, mask, precision = _policy(bench_dir, bf16=True)
+    dec = torch.randint(2, len(tokenizer), (16, 32))
+    once = models.layer_bias
+
+    def every_layer(position_bias, attention_mask, causal, query, key) -> torch.Tensor:
+        bias = create_position_bias_mask(position_bias, attention_mask, causal, query, key)
+        return bias.to(query.dtype)
+
+    def passes(layer_bias: Callable) -> Callable[[], object]:
+        def call() -> None:
+            models.layer_bias = layer_bias
+            with precision():
+                with torch.no_grad():
+                    model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+                    with model.disable_adapter():
+                        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+                for rows in torch.arange(16).split(4):
+                    out = model(
+                        input_ids=ids[rows], attention_mask=mask[rows], decoder_input_ids=dec[rows]
+                    )
+                    out.logits.float().logsumexp(-1).sum().backward()
+
+        return call
+
+    try:
+        return alternating_ms({"every layer": passes(every_layer), "once per pass": passes(once)})
+    finally:
+        models.layer_bias = once
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
@@ -190,6 +229,11 @@ def main() -> None:
     print(
         "bf16 LoRA input cast, forward of 16 prompts / forward + backward of 4: "
         + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items())
+    )
+    times = bias_per_pass(args.dir)
+    print(
+        "bf16 position bias + mask, rollout forward passes + 4 minibatch updates: "
+        + ", ".join(f"{k} {v:.0f} ms" for k, v in times.items())
     )
 
 

@@ -49,10 +49,7 @@ def t5_attention(
     against fp32 is somewhat larger than SDPA's own bf16 error (tests/test_attention.py
     holds it within twice SDPA's).
     """
-    from transformers.integrations.sdpa_attention import (
-        create_position_bias_mask,
-        sdpa_attention_forward,
-    )
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
@@ -81,12 +78,11 @@ def t5_attention(
         )
     if position_bias is None:
         position_bias = query.new_zeros(())
-    bias = create_position_bias_mask(position_bias, attention_mask, causal, query, key)
+    bias = layer_bias(position_bias, attention_mask, causal, query, key)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(-1, -2))
     if scale != 1.0:
         scores.mul_(scale)
-    bias = bias.to(scores.dtype)
     if torch.broadcast_shapes(scores.shape, bias.shape) == scores.shape:
         scores.add_(bias)  # in place: a fresh [B, H, q, k] buffer costs more than the add
     else:
@@ -94,6 +90,36 @@ def t5_attention(
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def layer_bias(
+    position_bias: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    causal: bool,
+    query: torch.Tensor,
+    key: torch.Tensor,
+) -> torch.Tensor:
+    """Position bias and mask combined as SDPA's path combines them, in the query's dtype.
+
+    modeling_t5 hands every layer of a pass the same ``position_bias`` and mask tensors, so
+    the [B, H, q, k] result is built by the first layer and kept on ``position_bias`` (a
+    Python attribute: it lives as long as that pass's bias) for the others. Not when the
+    bias is trained (full fine-tuning): it would then hold its own autograd graph.
+    """
+    from transformers.integrations.sdpa_attention import create_position_bias_mask
+
+    if position_bias.requires_grad:
+        return create_position_bias_mask(position_bias, attention_mask, causal, query, key)
+    mask_version = None if attention_mask is None else attention_mask._version
+    shape = (query.shape[0], query.shape[2], key.shape[2])
+    versions = (position_bias._version, mask_version, causal, query.dtype, shape)
+    cached = getattr(position_bias, "_detox_layer_bias", None)
+    if cached is not None and cached[0] is attention_mask and cached[1] == versions:
+        return cached[2]
+    bias = create_position_bias_mask(position_bias, attention_mask, causal, query, key)
+    bias = bias.to(query.dtype)
+    position_bias._detox_layer_bias = (attention_mask, versions, bias)
+    return bias
 
 
 def register_attention() -> None:

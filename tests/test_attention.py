@@ -150,3 +150,50 @@ def test_lora_input_cast_is_lossless_under_autocast(tiny_t5: Path) -> None:
     assert torch.equal(got, want)
     for name, grad in want_grads.items():
         assert torch.equal(got_grads[name], grad), name
+
+
+def test_layers_share_one_combined_bias_per_pass(tiny_t5: Path, monkeypatch) -> None:
+    """The bias + mask tensor is built once per pass and reused by the other layers, with
+    bit-identical logits and gradients to building it in every layer."""
+    from detox_exp import models
+
+    ids, mask, dec = _inputs(tiny_t5)
+    model = load_policy(str(tiny_t5), full_finetune=True, torch_dtype=torch.bfloat16).eval()
+    model.get_input_embeddings().requires_grad_(False)
+    for module in model.modules():  # a frozen position bias, as with LoRA
+        if hasattr(module, "relative_attention_bias"):
+            module.relative_attention_bias.requires_grad_(False)
+    built = []
+    from transformers.integrations import sdpa_attention
+
+    real = sdpa_attention.create_position_bias_mask
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "create_position_bias_mask", counting)
+    shared, shared_grads = _trained_grads(model, ids, mask, dec)
+    assert len(built) == 3  # encoder self, decoder self, cross: once each, not per layer
+    built.clear()
+    monkeypatch.setattr(models, "layer_bias", _uncached_layer_bias)
+    per_layer, per_layer_grads = _trained_grads(model, ids, mask, dec)
+    assert len(built) == 3 * model.config.num_layers
+    assert torch.equal(shared, per_layer)
+    for name, grad in per_layer_grads.items():
+        assert torch.equal(shared_grads[name], grad), name
+
+
+def _trained_grads(model, ids, mask, dec):
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    logits.float().logsumexp(-1).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+def _uncached_layer_bias(position_bias, attention_mask, causal, query, key):
+    from transformers.integrations.sdpa_attention import create_position_bias_mask
+
+    bias = create_position_bias_mask(position_bias, attention_mask, causal, query, key)
+    return bias.to(query.dtype)
