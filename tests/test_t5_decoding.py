@@ -13,6 +13,8 @@ from transformers import (
     AutoTokenizer,
     BartConfig,
     BartForConditionalGeneration,
+    MT5Config,
+    MT5ForConditionalGeneration,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -85,12 +87,18 @@ def _tokens(ids: torch.Tensor) -> torch.Tensor:
         ("gated-gelu", ()),
     ],
 )
+@pytest.mark.parametrize("family", ["t5", "mt5"])
 def test_fp32_step_logits_match_the_model(
-    tiny_t5: Path, feed_forward: str, targets: tuple[str, ...]
+    tiny_t5: Path, feed_forward: str, targets: tuple[str, ...], family: str
 ) -> None:
+    """T5 scales the tied output embedding, mT5 does not: both mirrored."""
     tokenizer, ids, mask = _batch(tiny_t5)
     torch.manual_seed(0)
-    config = T5Config(
+    config_class, model_class = {
+        "t5": (T5Config, T5ForConditionalGeneration),
+        "mt5": (MT5Config, MT5ForConditionalGeneration),
+    }[family]
+    config = config_class(
         vocab_size=len(tokenizer),
         d_model=32,
         d_ff=64,
@@ -100,7 +108,7 @@ def test_fp32_step_logits_match_the_model(
         feed_forward_proj=feed_forward,
         decoder_start_token_id=0,
     )
-    model = T5ForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     if targets:
         model = _lora(model, targets)
     tokens = _tokens(ids)

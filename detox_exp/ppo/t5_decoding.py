@@ -298,5 +298,6 @@ def prepare(
         self_bias,
         cross_bias,
         heads,
-        config.d_model**-0.5 if config.scale_decoder_outputs else None,
+        # T5 scales tied-embedding outputs (scale_decoder_outputs); mT5 does not
+        config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", False) else None,
     )
