@@ -103,13 +103,17 @@ def layer_bias(
 
     modeling_t5 hands every layer of a pass the same ``position_bias`` and mask tensors, so
     the [B, H, q, k] result is built by the first layer and kept on ``position_bias`` (a
-    Python attribute: it lives as long as that pass's bias) for the others. Not when the
-    bias is trained (full fine-tuning): it would then hold its own autograd graph.
+    Python attribute: it lives as long as that pass's bias) for the others. Not kept when the
+    bias is trained (full fine-tuning: it would hold its own autograd graph), for inference
+    tensors (they have no version counter to check) or when the result is ``position_bias``
+    itself (nothing to save, and it would reference itself).
     """
     from transformers.integrations.sdpa_attention import create_position_bias_mask
 
-    if position_bias.requires_grad:
-        return create_position_bias_mask(position_bias, attention_mask, causal, query, key)
+    tensors = (position_bias,) if attention_mask is None else (position_bias, attention_mask)
+    if position_bias.requires_grad or any(t.is_inference() for t in tensors):
+        bias = create_position_bias_mask(position_bias, attention_mask, causal, query, key)
+        return bias.to(query.dtype)
     mask_version = None if attention_mask is None else attention_mask._version
     shape = (query.shape[0], query.shape[2], key.shape[2])
     versions = (position_bias._version, mask_version, causal, query.dtype, shape)
@@ -118,7 +122,8 @@ def layer_bias(
         return cached[2]
     bias = create_position_bias_mask(position_bias, attention_mask, causal, query, key)
     bias = bias.to(query.dtype)
-    position_bias._detox_layer_bias = (attention_mask, versions, bias)
+    if bias is not position_bias:
+        position_bias._detox_layer_bias = (attention_mask, versions, bias)
     return bias
 
 

@@ -197,3 +197,56 @@ def _uncached_layer_bias(position_bias, attention_mask, causal, query, key):
 
     bias = create_position_bias_mask(position_bias, attention_mask, causal, query, key)
     return bias.to(query.dtype)
+
+
+def test_trained_bias_and_inference_mode(tiny_t5: Path, monkeypatch) -> None:
+    """Full fine-tuning under bf16 autocast (the position bias trains, so it is not cached):
+    the bias still reaches the scores in their dtype, bit-identical to building it in every
+    layer. And inference-mode passes (no version counters) run."""
+    from detox_exp import models
+
+    ids, mask, dec = _inputs(tiny_t5)
+    model = load_policy(str(tiny_t5), full_finetune=True).eval()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    with autocast:
+        cached, cached_grads = _trained_grads(model, ids, mask, dec)
+    monkeypatch.setattr(models, "layer_bias", _uncached_layer_bias)
+    with autocast:
+        per_layer, per_layer_grads = _trained_grads(model, ids, mask, dec)
+    assert torch.equal(cached, per_layer)
+    for name, grad in per_layer_grads.items():
+        assert torch.equal(cached_grads[name], grad), name
+    monkeypatch.undo()
+    with autocast, torch.inference_mode():
+        inferred = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert torch.equal(inferred, cached)
+
+
+def test_bias_that_needs_no_combining_is_not_cached_on_itself() -> None:
+    """No mask, not causal: the combined bias is the position bias itself; storing it on
+    itself would be a reference cycle that outlives the pass."""
+    from detox_exp.models import layer_bias
+
+    position_bias = torch.zeros(1, 1, 1, 5, dtype=torch.bfloat16)
+    query = torch.zeros(2, 1, 1, 4, dtype=torch.bfloat16)
+    assert layer_bias(position_bias, None, False, query, query) is position_bias
+    assert not hasattr(position_bias, "_detox_layer_bias")
+
+
+@pytest.mark.parametrize(
+    ("case", "lossless"),
+    [("plain", True), ("dropout_training", False), ("dora", False), ("no_lora", False)],
+)
+def test_lora_input_cast_is_kept_where_it_is_not_a_round_trip(
+    tiny_t5: Path, case: str, lossless: bool
+) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from detox_exp.ppo.trainer import lossless_cast
+
+    model = load_policy(str(tiny_t5), full_finetune=True)
+    if case != "no_lora":
+        lora = LoraConfig(r=4, lora_dropout=0.1, target_modules=["q", "v"], use_dora=case == "dora")
+        model = get_peft_model(model, lora)
+    model.train(case == "dropout_training")
+    assert lossless_cast(model) is lossless

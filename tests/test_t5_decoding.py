@@ -204,3 +204,34 @@ def test_models_it_does_not_mirror_fall_back(tiny_t5: Path) -> None:
         )
     ).eval()
     assert t5_decoding.prepare(bart, hidden, mask, 4) is None
+
+
+def test_merged_adapters_are_used_only_while_active(tiny_t5: Path) -> None:
+    """A merged adapter lives in the base weight: mirrored while active; when disabled,
+    peft unmerges it, which the step decoder does not, so it steps aside."""
+    _, ids, mask = _batch(tiny_t5)
+    model = _lora(load_policy(str(tiny_t5), full_finetune=True).eval())
+    tokens = _tokens(ids)
+    want = _step_logits(model, ids, mask, tokens, fast=False)
+    model.base_model.merge_adapter()
+    torch.testing.assert_close(
+        _step_logits(model, ids, mask, tokens, fast=True), want, rtol=1e-5, atol=2e-5
+    )
+    with torch.no_grad(), model.disable_adapter():
+        assert t5_decoding.prepare(model, encode(model, ids, mask), mask, 4) is None
+
+
+def test_dropout_anywhere_and_prompt_learning_fall_back(tiny_t5: Path) -> None:
+    from peft import PrefixTuningConfig
+
+    _, ids, mask = _batch(tiny_t5)
+    hidden = torch.zeros(ids.shape[0], ids.shape[1], 32)
+    model = _lora(load_policy(str(tiny_t5), full_finetune=True).eval())
+    assert t5_decoding.prepare(model, hidden, mask, 4) is not None
+    next(m for m in model.modules() if isinstance(m, torch.nn.Dropout)).train()
+    assert t5_decoding.prepare(model, hidden, mask, 4) is None
+    prefix = get_peft_model(
+        load_policy(str(tiny_t5), full_finetune=True),
+        PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4),
+    ).eval()
+    assert t5_decoding.prepare(prefix, hidden, mask, 4) is None

@@ -19,8 +19,9 @@ list of tensor ops:
 Every other op mirrors ``modeling_t5`` (RMS norm in fp32, tied-embedding output scaling,
 feed-forward cast to ``wo``'s dtype). Logits agree with the model's own forward to float
 round-off (tests/test_t5_decoding.py). :func:`prepare` returns None for what it does not
-mirror (other architectures, dropout on, fp16, LoRA variants, adapters on embeddings), and
-the caller falls back to the model's forward.
+mirror (other architectures, dropout on in any module, fp16, LoRA variants, merged adapters
+that are switched off, adapters on embeddings, prompt learning), and the caller falls back to
+the model's forward.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def _part(module: nn.Module) -> _Part | None:
     base = module.get_base_layer()
     if type(base) is not nn.Linear or base.bias is not None:
         return None
-    if module.disable_adapters or module.merged:
+    if module.merged:  # W + BA in the base weight; peft unmerges it when disabled
+        return None if module.disable_adapters else _Part(base.weight)
+    if module.disable_adapters:
         return _Part(base.weight)
     adapters = [a for a in module.active_adapters if a in module.lora_A]
     for a in adapters:
@@ -220,8 +223,11 @@ def prepare(
     decode with the model's forward). Call under ``torch.no_grad()`` and the autocast of the
     forward pass it replaces; inside ``folded_adapter(model)`` LoRA is already folded in."""
     net = base_model(model)
-    if type(net).__name__ not in T5_CLASSES or net.training:
-        return None
+    if type(net).__name__ not in T5_CLASSES or any(m.training for m in model.modules()):
+        return None  # dropout on somewhere: not mirrored
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return None  # prefix / prompt tuning adds key-values this step does not have
     device = encoder_hidden.device
     dtype = _compute_dtype(net, device)
     if dtype not in (torch.float32, torch.bfloat16):

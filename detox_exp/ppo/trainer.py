@@ -49,6 +49,23 @@ log = logging.getLogger(__name__)
 WIDTH_MULTIPLE = 16
 
 
+def lossless_cast(model: torch.nn.Module) -> bool:
+    """Whether peft's cast of LoRA inputs to the adapter dtype is a lossless round trip under
+    autocast: plain LoRA only (DoRA and other variants compute in the input's dtype) and no
+    LoRA dropout active (it would scale in that dtype)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        return False
+    for layer in layers:
+        if any(layer.use_dora.values()) or getattr(layer, "lora_variant", {}):
+            return False
+        if any(d.training and getattr(d, "p", 0) > 0 for d in layer.lora_dropout.values()):
+            return False
+    return True
+
+
 class _SkipBatch(Exception):
     """Raised inside a step to drop the batch (ppo.on_nonfinite=skip)."""
 
@@ -228,8 +245,8 @@ class PPOTrainer:
     def _autocast(self) -> Iterator[None]:
         """Mixed precision (``precision``), or nothing in fp32. peft casts each LoRA layer's
         input to the adapter's fp32 before autocast casts it straight back to bf16 / fp16:
-        two copies of every projection input, forward and backward. Under autocast that
-        round trip is lossless, so it is switched off (same values, ~5% of a bf16 step)."""
+        two copies of every projection input, forward and backward. Where that round trip
+        is lossless (plain LoRA, no dropout active) it is switched off: same values."""
         if self.dtype is None:
             yield
             return
@@ -237,7 +254,7 @@ class PPOTrainer:
 
         with (
             torch.autocast(self.device.type, dtype=self.dtype),
-            disable_input_dtype_casting(self.policy.model, active=self.policy.is_peft),
+            disable_input_dtype_casting(self.policy.model, active=lossless_cast(self.policy.model)),
         ):
             yield
 
