@@ -23,10 +23,13 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from detox_exp.models import t5_attention
 from detox_exp.ppo import core
+
+CONF = Path(__file__).resolve().parent.parent / "conf"  # the real prompt template
 
 
 class _Attention(torch.nn.Module):
@@ -103,7 +106,8 @@ def _policy(bench_dir: Path, bf16: bool):
 
     tokenizer = AutoTokenizer.from_pretrained(bench_dir / "policy")
     rows = [json.loads(line) for line in (bench_dir / "prompts.jsonl").open()][:16]
-    texts = [f"Summarize the following conversation.\n\n{r['dialogue']}\n\nSummary:" for r in rows]
+    template = OmegaConf.load(CONF / "dataset" / "dialogsum.yaml").prompt_template
+    texts = [template.format(dialogue=r["dialogue"]) for r in rows]
     ids, mask = pad_queries(tokenizer(texts)["input_ids"], tokenizer.pad_token_id, "cpu", 16)
     lora = LoraConfig(r=32, lora_alpha=32, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
     dtype = torch.bfloat16 if bf16 else None

@@ -39,6 +39,16 @@ def encode(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor) 
     return encoder(input_ids=query_ids, attention_mask=query_mask).last_hidden_state
 
 
+def plain_lora(layer: nn.Module) -> bool:
+    """Whether a peft LoRA layer's adapters are all plain ``s B A x`` updates: no DoRA, no
+    LoRA bias, no other LoRA variant (those compute differently and are never mirrored)."""
+    return (
+        not any(layer.use_dora.values())
+        and not any(getattr(layer, "lora_bias", {}).values())
+        and not getattr(layer, "lora_variant", {})
+    )
+
+
 @contextmanager
 def folded_adapter(model: nn.Module) -> Iterator[None]:
     """No-grad decoding with each LoRA update folded into its frozen weight (W + s B A):
@@ -65,9 +75,7 @@ def folded_adapter(model: nn.Module) -> Iterator[None]:
             and m.get_base_layer().weight.dtype == torch.float32
             and not m.merged
             and not m.disable_adapters
-            and not any(m.use_dora.values())
-            and not any(getattr(m, "lora_bias", {}).values())
-            and not getattr(m, "lora_variant", {})
+            and plain_lora(m)
             for m in layers
         )
     )

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detox_exp.ppo.policy import base_model
+from detox_exp.ppo.policy import base_model, plain_lora
 
 T5_CLASSES = ("T5ForConditionalGeneration", "MT5ForConditionalGeneration")
 
@@ -61,14 +61,9 @@ def _part(module: nn.Module) -> _Part | None:
         return None if module.disable_adapters else _Part(base.weight)
     if module.disable_adapters:
         return _Part(base.weight)
+    if not plain_lora(module):
+        return None
     adapters = [a for a in module.active_adapters if a in module.lora_A]
-    for a in adapters:
-        if (
-            module.use_dora.get(a)
-            or getattr(module, "lora_bias", {}).get(a)
-            or a in getattr(module, "lora_variant", {})
-        ):
-            return None
     lora = tuple(
         (module.lora_A[a].weight, module.lora_B[a].weight, module.scaling[a]) for a in adapters
     )

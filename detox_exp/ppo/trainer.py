@@ -27,7 +27,7 @@ from detox_exp.checkpoint import CheckpointManager, restore_trainer, trainer_sta
 from detox_exp.distributed import Dist, masked_whiten_global, write_param_digest
 from detox_exp.errors import ConfigError, TrainingError
 from detox_exp.ppo import core
-from detox_exp.ppo.policy import ActorCritic
+from detox_exp.ppo.policy import ActorCritic, plain_lora
 from detox_exp.ppo.rollout import (
     decode,
     decoder_inputs,
@@ -51,15 +51,15 @@ WIDTH_MULTIPLE = 16
 
 def lossless_cast(model: torch.nn.Module) -> bool:
     """Whether peft's cast of LoRA inputs to the adapter dtype is a lossless round trip under
-    autocast: plain LoRA only (DoRA and other variants compute in the input's dtype) and no
-    LoRA dropout active (it would scale in that dtype)."""
+    autocast: plain LoRA only (DoRA and other variants compute in the input's dtype; see
+    ``policy.plain_lora``) and no LoRA dropout active (it would scale in that dtype)."""
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     if not layers:
         return False
     for layer in layers:
-        if any(layer.use_dora.values()) or getattr(layer, "lora_variant", {}):
+        if not plain_lora(layer):
             return False
         if any(d.training and getattr(d, "p", 0) > 0 for d in layer.lora_dropout.values()):
             return False
