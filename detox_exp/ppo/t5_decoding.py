@@ -76,7 +76,8 @@ class _Projection:
 
     def __init__(self, parts: list[_Part], dtype: torch.dtype) -> None:
         self.sizes = [p.weight.shape[0] for p in parts]
-        self.weight = torch.cat([p.weight.to(dtype) for p in parts])
+        weights = [p.weight.to(dtype) for p in parts]  # no copy where the dtype matches
+        self.weight = weights[0] if len(weights) == 1 else torch.cat(weights)
         a_rows, self.updates = [], []  # (output slice, rank slice, B, scaling)
         out_at, rank_at = 0, 0
         for part, size in zip(parts, self.sizes, strict=True):
