@@ -28,6 +28,20 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(cache) if cache else tmp_path_factory.mktemp("cache")
 
 
+def trained_lora(model: torch.nn.Module, targets: tuple[str, ...] = ("q", "v")):
+    """``model`` wrapped with a LoRA adapter (r=4) on ``targets``, in eval mode, whose B
+    matrices are random (a trained-looking, non-zero update) rather than peft's zeros."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), task_type="SEQ_2_SEQ_LM")
+    torch.manual_seed(0)
+    model = get_peft_model(model, lora).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    return model
+
+
 def run_cli(
     *overrides: str, cwd: Path, env: dict | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:

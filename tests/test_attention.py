@@ -12,6 +12,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from detox_exp.models import ATTENTION, load_policy
 from detox_exp.ppo.rollout import pad_queries, sample_responses
+from tests.conftest import trained_lora
 
 
 def _inputs(tiny_t5: Path):
@@ -26,7 +27,7 @@ def _loss_and_grads(model, ids, mask, dec):
     model.zero_grad()
     logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     logits.float().logsumexp(-1).sum().backward()
-    grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach().float(), grads
 
 
@@ -123,28 +124,18 @@ def test_each_pass_uses_its_own_mask(tiny_t5: Path, dtype: torch.dtype) -> None:
 def test_lora_input_cast_is_lossless_under_autocast(tiny_t5: Path) -> None:
     """The trainer switches off peft's cast of LoRA inputs to fp32 under autocast (autocast
     casts them straight back): logits and adapter gradients stay bit for bit the same."""
-    from peft import LoraConfig, get_peft_model
     from peft.helpers import disable_input_dtype_casting
 
     ids, mask, dec = _inputs(tiny_t5)
     model = load_policy(str(tiny_t5), full_finetune=True, torch_dtype=torch.bfloat16)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
-    torch.manual_seed(0)
-    model = get_peft_model(model, lora).eval()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
+    model = trained_lora(model)
     results = []
     for cast in (True, False):
         with (
             torch.autocast("cpu", dtype=torch.bfloat16),
             disable_input_dtype_casting(model, active=not cast),
         ):
-            model.zero_grad()
-            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-        logits.float().logsumexp(-1).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        results.append((logits.detach(), grads))
+            results.append(_loss_and_grads(model, ids, mask, dec))
     (want, want_grads), (got, got_grads) = results
     assert want_grads and all(g.abs().max() > 0 for g in want_grads.values())
     assert torch.equal(got, want)
@@ -173,23 +164,15 @@ def test_layers_share_one_combined_bias_per_pass(tiny_t5: Path, monkeypatch) -> 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sdpa_attention, "create_position_bias_mask", counting)
-    shared, shared_grads = _trained_grads(model, ids, mask, dec)
+    shared, shared_grads = _loss_and_grads(model, ids, mask, dec)
     assert len(built) == 3  # encoder self, decoder self, cross: once each, not per layer
     built.clear()
     monkeypatch.setattr(models, "layer_bias", _uncached_layer_bias)
-    per_layer, per_layer_grads = _trained_grads(model, ids, mask, dec)
+    per_layer, per_layer_grads = _loss_and_grads(model, ids, mask, dec)
     assert len(built) == 3 * model.config.num_layers
     assert torch.equal(shared, per_layer)
     for name, grad in per_layer_grads.items():
         assert torch.equal(shared_grads[name], grad), name
-
-
-def _trained_grads(model, ids, mask, dec):
-    model.zero_grad()
-    logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-    logits.float().logsumexp(-1).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return logits.detach(), grads
 
 
 def _uncached_layer_bias(position_bias, attention_mask, causal, query, key):
@@ -209,17 +192,17 @@ def test_trained_bias_and_inference_mode(tiny_t5: Path, monkeypatch) -> None:
     model = load_policy(str(tiny_t5), full_finetune=True).eval()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     with autocast:
-        cached, cached_grads = _trained_grads(model, ids, mask, dec)
+        cached, cached_grads = _loss_and_grads(model, ids, mask, dec)
     monkeypatch.setattr(models, "layer_bias", _uncached_layer_bias)
     with autocast:
-        per_layer, per_layer_grads = _trained_grads(model, ids, mask, dec)
+        per_layer, per_layer_grads = _loss_and_grads(model, ids, mask, dec)
     assert torch.equal(cached, per_layer)
     for name, grad in per_layer_grads.items():
         assert torch.equal(cached_grads[name], grad), name
     monkeypatch.undo()
     with autocast, torch.inference_mode():
         inferred = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-    assert torch.equal(inferred, cached)
+    assert torch.equal(inferred.float(), cached)
 
 
 def test_bias_that_needs_no_combining_is_not_cached_on_itself() -> None:

@@ -18,6 +18,7 @@ from transformers import (
 
 from detox_exp.errors import ConfigError
 from detox_exp.ppo.rollout import make_sampling, pad_queries, sample_from_logits, sample_responses
+from tests.conftest import trained_lora
 
 
 @pytest.mark.parametrize(
@@ -123,18 +124,10 @@ def test_sampled_responses_respect_lengths_and_eos(tiny_t5: Path) -> None:
 
 
 def _lora_model(tiny_t5: Path, dtype: torch.dtype | None = None):
-    from peft import LoraConfig, get_peft_model
-
     model, tokenizer, ids, mask = _prompts(tiny_t5)
     if dtype is not None:
         model = model.to(dtype)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
-    torch.manual_seed(0)
-    model = get_peft_model(model, lora).eval()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)  # a trained-looking, non-zero update
-    return model, tokenizer, ids, mask
+    return trained_lora(model), tokenizer, ids, mask
 
 
 def _q_weight(model) -> torch.Tensor:

@@ -25,6 +25,7 @@ from detox_exp.models import load_policy
 from detox_exp.ppo import t5_decoding
 from detox_exp.ppo.policy import encode, folded_adapter
 from detox_exp.ppo.rollout import pad_queries, sample_responses
+from tests.conftest import trained_lora
 
 STEPS = 9
 
@@ -34,16 +35,6 @@ def _batch(tiny_t5: Path):
     texts = ["a short one", "a much longer prompt about a meeting " * 5, "medium prompt here"]
     ids, mask = pad_queries(tokenizer(texts)["input_ids"], tokenizer.pad_token_id, "cpu")
     return tokenizer, ids, mask
-
-
-def _lora(model, targets=("q", "v")):
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), task_type="SEQ_2_SEQ_LM")
-    torch.manual_seed(0)
-    model = get_peft_model(model, lora).eval()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)  # a trained-looking, non-zero update
-    return model
 
 
 def _step_logits(model, ids, mask, tokens, fast: bool) -> torch.Tensor:
@@ -110,7 +101,7 @@ def test_fp32_step_logits_match_the_model(
     )
     model = model_class(config).eval()
     if targets:
-        model = _lora(model, targets)
+        model = trained_lora(model, targets)
     tokens = _tokens(ids)
     want = _step_logits(model, ids, mask, tokens, fast=False)
     got = _step_logits(model, ids, mask, tokens, fast=True)
@@ -121,7 +112,7 @@ def test_fp32_step_logits_match_the_model(
 def test_unfolded_lora_matches_too(tiny_t5: Path) -> None:
     """With folding off (adapter applied as x A^T B^T s beside the stacked projections)."""
     tokenizer, ids, mask = _batch(tiny_t5)
-    model = _lora(load_policy(str(tiny_t5), full_finetune=True).eval())
+    model = trained_lora(load_policy(str(tiny_t5), full_finetune=True).eval())
     tokens = _tokens(ids)
     with torch.no_grad():
         hidden = encode(model, ids, mask)
@@ -138,9 +129,9 @@ def test_bf16_error_is_within_bf16_rounding(tiny_t5: Path) -> None:
     decoder's error against fp32 is no larger than the model's own bf16 forward's."""
     tokenizer, ids, mask = _batch(tiny_t5)
     tokens = _tokens(ids)
-    reference = _lora(load_policy(str(tiny_t5), full_finetune=True).eval())
+    reference = trained_lora(load_policy(str(tiny_t5), full_finetune=True).eval())
     want = _step_logits(reference, ids, mask, tokens, fast=False)
-    model = _lora(load_policy(str(tiny_t5), full_finetune=True, torch_dtype=torch.bfloat16))
+    model = trained_lora(load_policy(str(tiny_t5), full_finetune=True, torch_dtype=torch.bfloat16))
     assert {p.dtype for n, p in model.named_parameters() if "lora" in n} == {torch.float32}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         theirs = _step_logits(model, ids, mask, tokens, fast=False)
@@ -154,7 +145,7 @@ def test_sampling_picks_the_same_tokens_either_way(tiny_t5: Path) -> None:
     """Greedy and seeded sampling through sample_responses: same tokens with and without
     the step decoder (fp32, LoRA folded)."""
     tokenizer, ids, mask = _batch(tiny_t5)
-    model = _lora(load_policy(str(tiny_t5), full_finetune=True).eval())
+    model = trained_lora(load_policy(str(tiny_t5), full_finetune=True).eval())
     for gen in (
         {"do_sample": False, "max_new_tokens": 12},
         {"max_new_tokens": 12, "top_k": 0, "top_p": 1.0},
@@ -210,7 +201,7 @@ def test_merged_adapters_are_used_only_while_active(tiny_t5: Path) -> None:
     """A merged adapter lives in the base weight: mirrored while active; when disabled,
     peft unmerges it, which the step decoder does not, so it steps aside."""
     _, ids, mask = _batch(tiny_t5)
-    model = _lora(load_policy(str(tiny_t5), full_finetune=True).eval())
+    model = trained_lora(load_policy(str(tiny_t5), full_finetune=True).eval())
     tokens = _tokens(ids)
     want = _step_logits(model, ids, mask, tokens, fast=False)
     model.base_model.merge_adapter()
@@ -226,7 +217,7 @@ def test_dropout_anywhere_and_prompt_learning_fall_back(tiny_t5: Path) -> None:
 
     _, ids, mask = _batch(tiny_t5)
     hidden = torch.zeros(ids.shape[0], ids.shape[1], 32)
-    model = _lora(load_policy(str(tiny_t5), full_finetune=True).eval())
+    model = trained_lora(load_policy(str(tiny_t5), full_finetune=True).eval())
     assert t5_decoding.prepare(model, hidden, mask, 4) is not None
     next(m for m in model.modules() if isinstance(m, torch.nn.Dropout)).train()
     assert t5_decoding.prepare(model, hidden, mask, 4) is None
