@@ -4,7 +4,8 @@ Runs in its OWN virtual environment, never the project's (trl is not a dependenc
 
     python3 -m venv /tmp/trl && /tmp/trl/bin/pip install torch==2.13.0 trl==0.11.4 \\
         transformers==4.46.3 peft==0.13.2 'accelerate<1.2' 'datasets<3.2'
-    /tmp/trl/bin/python benchmarks/trl_baseline.py DIR --steps 10 [--mixed-precision bf16]
+    /tmp/trl/bin/python benchmarks/trl_baseline.py DIR --steps 10 [--mixed-precision bf16] \
+        [--device cuda]
 
 Settings as in conf/experiment/bench.yaml: AutoModelForSeq2SeqLMWithValueHead, LoRA r=32
 alpha=32 dropout 0.05 on q,v, reference = adapter disabled, batch 16, mini-batch 4, 1 PPO
@@ -42,7 +43,15 @@ def main() -> None:
         help="accelerate's mixed precision (bf16 autocast, also on CPU); compare with "
         "precision=bf16",
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the policy (through accelerate) and the reward model run; compare with "
+        "device=cuda",
+    )
     args = parser.parse_args()
+    cuda = args.device == "cuda"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     random.seed(0)
@@ -65,13 +74,15 @@ def main() -> None:
         ppo_epochs=1,
         learning_rate=1.41e-5,
         seed=0,
-        accelerator_kwargs={"mixed_precision": args.mixed_precision},
+        accelerator_kwargs={"mixed_precision": args.mixed_precision, "cpu": not cuda},
     )
     trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tokenizer)
     reward_tok = AutoTokenizer.from_pretrained(str(args.dir / "reward"))
-    reward_model = AutoModelForSequenceClassification.from_pretrained(
-        str(args.dir / "reward")
-    ).eval()
+    reward_model = (
+        AutoModelForSequenceClassification.from_pretrained(str(args.dir / "reward"))
+        .eval()
+        .to(args.device)
+    )
     nothate = reward_model.config.label2id["nothate"]
     prompts = [
         TEMPLATE.format(dialogue=json.loads(line)["dialogue"])
@@ -95,8 +106,8 @@ def main() -> None:
         with torch.no_grad():
             enc = reward_tok(
                 texts, padding=True, truncation=True, max_length=512, return_tensors="pt"
-            )
-            logits = reward_model(**enc).logits[:, nothate]
+            ).to(args.device)
+            logits = reward_model(**enc).logits[:, nothate].cpu()  # waits for the GPU
         t_score = time.perf_counter()
         stats = trainer.step(queries, list(responses), [r for r in logits])
         end = time.perf_counter()
@@ -116,6 +127,9 @@ def main() -> None:
                 "perf/median_step_s": median,
                 "perf/samples_per_s": 16 / median,
                 "perf/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                **(
+                    {"perf/peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {}
+                ),
                 "perf/median_generate_score_s": statistics.median(
                     s["generate_score_s"] for s in steady
                 ),

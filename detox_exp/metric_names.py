@@ -29,6 +29,7 @@ TIME_OPTIMIZE = "time/optimize"
 SAMPLES_PER_S = "perf/samples_per_s"
 MEDIAN_STEP_S = "perf/median_step_s"  # summary: median over the steps after the first
 PEAK_RSS_MB = "perf/peak_rss_mb"  # summary: peak resident memory of the process
+PEAK_CUDA_MB = "perf/peak_cuda_mb"  # summary, CUDA runs: peak GPU memory held by tensors
 SKIPPED_BATCHES = "ppo/skipped_batches"  # batches dropped for NaN / inf (ppo.on_nonfinite=skip)
 SAMPLES_TABLE = "samples"
 

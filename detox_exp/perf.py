@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from detox_exp import metric_names as M
 
 
@@ -14,7 +16,17 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KB
 
 
-def perf_summary(history: list[dict[str, float]], batch_size: int) -> dict[str, float]:
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak resident memory, and on CUDA the peak GPU memory held by tensors, in MB."""
+    out = {M.PEAK_RSS_MB: peak_rss_mb()}
+    if device.type == "cuda":
+        out[M.PEAK_CUDA_MB] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def perf_summary(
+    history: list[dict[str, float]], batch_size: int, device: torch.device
+) -> dict[str, float]:
     """Median step time over the steps after the first (warm-up), throughput, peak memory,
     and the median time of each phase."""
     import statistics
@@ -22,13 +34,9 @@ def perf_summary(history: list[dict[str, float]], batch_size: int) -> dict[str, 
     timed = [h for h in history if M.REWARD_MEAN in h]  # skipped batches do not count
     steady = timed[1:] or timed
     if not steady:
-        return {M.PEAK_RSS_MB: peak_rss_mb()}
+        return peak_memory(device)
     median = statistics.median(h[M.STEP_TIME] for h in steady)
-    out = {
-        M.MEDIAN_STEP_S: median,
-        M.SAMPLES_PER_S: batch_size / median,
-        M.PEAK_RSS_MB: peak_rss_mb(),
-    }
+    out = {M.MEDIAN_STEP_S: median, M.SAMPLES_PER_S: batch_size / median, **peak_memory(device)}
     for key in (M.TIME_GENERATE, M.TIME_SCORE, M.TIME_FORWARD, M.TIME_OPTIMIZE):
         out[f"perf/median_{key}"] = statistics.median(h[key] for h in steady)
     return out

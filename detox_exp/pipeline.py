@@ -237,7 +237,7 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
         if resume is not None:
             ppo.resume(resume)
         history = ppo.train()
-        tracker.log_summary(perf_summary(history, ppo.batch_size))
+        tracker.log_summary(perf_summary(history, ppo.batch_size, ppo.device))
         timed("ppo", start)
         objects["ppo"] = ppo
     if stages.evaluate_after:

@@ -78,8 +78,9 @@ def test_perf_summary_skips_the_first_step() -> None:
         }
         for t in (9.0, 1.0, 3.0, 2.0)
     ]
-    out = perf_summary(history, batch_size=16)
+    out = perf_summary(history, batch_size=16, device=torch.device("cpu"))
     assert out[M.MEDIAN_STEP_S] == 2.0  # median of 1, 3, 2
     assert out[M.SAMPLES_PER_S] == 8.0
     assert out["perf/median_time/generate"] == 1.0
     assert out[M.PEAK_RSS_MB] > 10
+    assert M.PEAK_CUDA_MB not in out  # GPU memory only for CUDA runs

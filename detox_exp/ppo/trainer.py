@@ -300,12 +300,18 @@ class PPOTrainer:
                 result["ref_logits"] = ref_logits.float()
         return result
 
+    def _clock(self) -> float:
+        """``time.perf_counter()`` once the device's queued work is done: on CUDA, kernels run
+        asynchronously, so without the sync a phase's time would show up in a later one."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
     def rollout(self, indices: list[int]) -> dict[str, Any]:
         """Sample, score and evaluate one batch; everything PPO needs, on ``self.device``."""
-        timings = {}
-        t0 = time.perf_counter()
+        t0 = self._clock()
         query, query_mask = pad_queries(
             [self.prompts[i]["input_ids"] for i in indices],
             self.tokenizer.pad_token_id,
@@ -327,9 +333,9 @@ class PPOTrainer:
         response = torch.nn.functional.pad(response, (0, extra), value=self.tokenizer.pad_token_id)
         mask = torch.nn.functional.pad(mask, (0, extra), value=0.0)
         texts = decode(self.tokenizer, response)
-        t1 = time.perf_counter()
+        t1 = self._clock()
         scores = self.scorer.score(texts)
-        t2 = time.perf_counter()
+        t2 = self._clock()
         full = self.kl_estimator == "full"
         chunks = defaultdict(list)
         for start in range(0, len(indices), self.forward_batch):
@@ -338,7 +344,7 @@ class PPOTrainer:
             for key, value in out.items():
                 chunks[key].append(value)
         batch = {k: torch.cat(v) for k, v in chunks.items()}
-        t3 = time.perf_counter()
+        t3 = self._clock()
         timings = {M.TIME_GENERATE: t1 - t0, M.TIME_SCORE: t2 - t1, M.TIME_FORWARD: t3 - t2}
         raw_scores = scores.reward.to(self.device).clone()  # a normal tensor, not inference
         if self.debug_nan_at_step == self.step + 1:  # fault injection for tests
@@ -492,10 +498,10 @@ class PPOTrainer:
 
     def train_step(self) -> dict[str, float]:
         """One PPO step; returns (and logs) its metrics."""
-        start = time.perf_counter()
+        start = self._clock()
         try:
             roll = self.rollout(self.next_batch())
-            t_opt = time.perf_counter()
+            t_opt = self._clock()
             opt_stats = self.optimize(roll)
         except _SkipBatch as skip:
             self.optimizer.zero_grad(set_to_none=True)
@@ -505,7 +511,7 @@ class PPOTrainer:
             metrics = {M.SKIPPED_BATCHES: self.skipped, M.STEP_TIME: time.perf_counter() - start}
             self.tracker.log(metrics, step=self.step)
             return metrics
-        t_end = time.perf_counter()
+        t_end = self._clock()
         mask = roll["mask"]
         # exact global statistics from gathered per-sample values; means of the rest
         kl_per_sample = self.dist.gather(roll["kl"].sum(1))
