@@ -12,24 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from detox_exp import metric_names as M
 from detox_exp.models import load_policy
-from detox_exp.ppo.rollout import pad_queries, sample_responses
+from detox_exp.ppo.rollout import sample_responses
 from tests.conftest import ROOT, run_cli, trained_lora
-from tests.test_t5_decoding import _step_logits, _tokens
+from tests.test_sampling import assert_same_tokens
+from tests.test_t5_decoding import _batch, _step_logits, _tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = torch.device("cuda")
-
-
-def _batch(tiny_t5: Path):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
-    texts = ["a short one", "a much longer prompt about a meeting " * 5, "medium prompt here"]
-    ids, mask = pad_queries(tokenizer(texts)["input_ids"], tokenizer.pad_token_id, CUDA)
-    return tokenizer, ids, mask
 
 
 def _model(tiny_t5: Path, dtype: torch.dtype | None = None):
@@ -38,7 +31,7 @@ def _model(tiny_t5: Path, dtype: torch.dtype | None = None):
 
 
 def test_step_decoder_matches_the_model_on_cuda(tiny_t5: Path) -> None:
-    tokenizer, ids, mask = _batch(tiny_t5)
+    tokenizer, ids, mask = _batch(tiny_t5, "cuda")
     model = _model(tiny_t5)
     tokens = _tokens(ids).to(CUDA)
     want = _step_logits(model, ids, mask, tokens, fast=False)
@@ -49,7 +42,7 @@ def test_step_decoder_matches_the_model_on_cuda(tiny_t5: Path) -> None:
 
 
 def test_bf16_step_decoder_error_is_within_bf16_rounding_on_cuda(tiny_t5: Path) -> None:
-    tokenizer, ids, mask = _batch(tiny_t5)
+    tokenizer, ids, mask = _batch(tiny_t5, "cuda")
     tokens = _tokens(ids).to(CUDA)
     want = _step_logits(_model(tiny_t5), ids, mask, tokens, fast=False)
     model = _model(tiny_t5, torch.bfloat16)
@@ -63,19 +56,14 @@ def test_bf16_step_decoder_error_is_within_bf16_rounding_on_cuda(tiny_t5: Path) 
 
 def test_greedy_sampling_equals_generate_on_cuda(tiny_t5: Path) -> None:
     """The sampling loop (step decoder, LoRA folded) picks generate()'s tokens."""
-    tokenizer, ids, mask = _batch(tiny_t5)
+    tokenizer, ids, mask = _batch(tiny_t5, "cuda")
     model = _model(tiny_t5).eval()
     ours, _ = sample_responses(
         model, tokenizer, ids, mask, {"do_sample": False, "max_new_tokens": 10}, check_every=1
     )
     theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
-    theirs = theirs[:, 1:]
-    width = max(ours.shape[1], theirs.shape[1])
-    pad = tokenizer.pad_token_id
-    ours = torch.nn.functional.pad(ours, (0, width - ours.shape[1]), value=pad)
-    theirs = torch.nn.functional.pad(theirs, (0, width - theirs.shape[1]), value=pad)
     assert ours.device.type == "cuda"
-    assert torch.equal(ours, theirs)
+    assert_same_tokens(ours, theirs[:, 1:], tokenizer.pad_token_id)
 
 
 @pytest.mark.slow

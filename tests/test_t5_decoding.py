@@ -30,10 +30,10 @@ from tests.conftest import trained_lora
 STEPS = 9
 
 
-def _batch(tiny_t5: Path):
+def _batch(tiny_t5: Path, device: str = "cpu"):
     tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
     texts = ["a short one", "a much longer prompt about a meeting " * 5, "medium prompt here"]
-    ids, mask = pad_queries(tokenizer(texts)["input_ids"], tokenizer.pad_token_id, "cpu")
+    ids, mask = pad_queries(tokenizer(texts)["input_ids"], tokenizer.pad_token_id, device)
     return tokenizer, ids, mask
 
 
