@@ -508,7 +508,7 @@ class PPOTrainer:
             self.skipped += 1
             self.step += 1
             log.warning("ppo step %d: %s not finite, batch skipped", self.step, skip)
-            metrics = {M.SKIPPED_BATCHES: self.skipped, M.STEP_TIME: time.perf_counter() - start}
+            metrics = {M.SKIPPED_BATCHES: self.skipped, M.STEP_TIME: self._clock() - start}
             self.tracker.log(metrics, step=self.step)
             return metrics
         t_end = self._clock()
