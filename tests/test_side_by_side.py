@@ -1,0 +1,82 @@
+"""benchmarks/side_by_side.py: the table's medians, per-round ratios and phase names."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("side_by_side", ROOT / "benchmarks/side_by_side.py")
+side = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(side)
+
+
+def _record(name: str, rnd: int, sps: float, rss: float) -> dict:
+    who = side.RUNS[name][0]
+    perf = {"perf/samples_per_s": sps, "perf/median_step_s": 16 / sps, "perf/peak_rss_mb": rss}
+    if who == "trl":
+        perf |= {
+            "perf/median_generate_score_s": 1.0,
+            "perf/median_forward_s": 0.5,
+            "perf/median_optimize_s": 0.25,
+        }
+    else:
+        perf |= {
+            "perf/median_time/generate": 0.5,
+            "perf/median_time/score": 0.125,
+            "perf/median_time/forward": 0.25,
+            "perf/median_time/optimize": rnd,  # tells the rounds apart
+        }
+    return {"name": name, "round": rnd, "perf": perf, "phases": side._phases(who, perf)}
+
+
+RECORDS = [
+    _record("trl 0.11.4, fp32", 1, 4.0, 800),
+    _record("detox_exp, precision=bf16", 1, 10.0, 700),
+    _record("trl 0.11.4, fp32", 2, 8.0, 900),
+    _record("detox_exp, precision=bf16", 2, 12.0, 650),
+    _record("trl 0.11.4, fp32", 3, 5.0, 1000),
+    _record("detox_exp, precision=bf16", 3, 11.0, 600),
+]
+
+
+def test_table_reports_medians_and_same_round_ratios() -> None:
+    rows = {
+        line.split(" | ")[0][2:]: line.split(" | ") for line in side.table(RECORDS).splitlines()
+    }
+    ours = rows["detox_exp, precision=bf16"]
+    assert ours[1] == "11.00 (10.00, 12.00, 11.00)"
+    # ratio of the medians (11 / 5), then each round against that round's trl run
+    assert ours[2] == "2.20x (2.50, 1.50, 2.20)"
+    assert ours[3] == f"{16 / 11:.2f}"  # the median run's step time
+    assert ours[4] == "650 (700, 650, 600)"
+    assert ours[5:] == ["0.62 s", "0.25 s", "3.00 s |"]  # generate + score; round 3's phases
+    assert rows["trl 0.11.4, fp32"][2] == "1.00x (1.00, 1.00, 1.00)"
+    assert "malloc tuned" not in side.table(RECORDS)  # runs not made are not listed
+
+
+def test_from_results_prints_the_same_table(tmp_path) -> None:
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    done = subprocess.run(
+        [sys.executable, "benchmarks/side_by_side.py", "--from-results", str(results)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == side.table(RECORDS)
+
+
+def test_refuses_a_dir_that_is_not_a_benchmark_dir(tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/side_by_side.py", str(tmp_path), "--trl-python", "python"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "scripts/make_bench_dir.py" in done.stderr
