@@ -4,11 +4,12 @@
 
 Each round runs these one right after the other: trl fp32, trl fp32 with glibc malloc tuned
 by environment variables (our runs tune it themselves, ``keep_freed_memory``), ours fp32,
-and the same three in bf16. The VM's speed drifts from run to run, so the table reports
-medians over the rounds, and each ratio comes from runs of the same round. Every run is
-appended to ``<out>/results.jsonl`` as it finishes. ``--from-results FILE`` prints the table
-again from such a file without running anything. The trl venv is set up as described in
-benchmarks/trl_baseline.py; trl is never a project dependency.
+and the same three in bf16 (``--no-malloc-rows`` leaves the malloc-tuned trl runs out). The
+VM's speed drifts from run to run, so every ratio pairs runs of the same round; the table
+gives the median over the rounds of each column (and of the same-round ratios), with the
+per-round values in parentheses. Every run is appended to ``<out>/results.jsonl`` as it
+finishes; ``--from-results FILE`` prints the table again from such a file. The trl venv is
+set up as described in benchmarks/trl_baseline.py; trl is never a project dependency.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from detox_exp import metric_names as M
 
 ROOT = Path(__file__).resolve().parent.parent
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
@@ -35,17 +38,25 @@ RUNS = {
 }
 BASELINE = "trl 0.11.4, fp32"
 PHASES = ("generate + score", "forward passes", "optimisation")
+OURS_PHASE_KEYS = {  # summary.json keys of each phase (generate + score summed)
+    PHASES[0]: (M.TIME_GENERATE, M.TIME_SCORE),
+    PHASES[1]: (M.TIME_FORWARD,),
+    PHASES[2]: (M.TIME_OPTIMIZE,),
+}
+TRL_PHASE_KEYS = {  # printed by benchmarks/trl_baseline.py
+    PHASES[0]: "perf/median_generate_score_s",
+    PHASES[1]: "perf/median_forward_s",
+    PHASES[2]: "perf/median_optimize_s",
+}
 
 
 def _phases(who: str, perf: dict[str, float]) -> dict[str, float]:
     """Per-phase median seconds under common names (trl times generation and scoring as one)."""
     if who == "trl":
-        keys = ("perf/median_generate_score_s", "perf/median_forward_s", "perf/median_optimize_s")
-        return {name: perf[key] for name, key in zip(PHASES, keys)}
+        return {phase: perf[key] for phase, key in TRL_PHASE_KEYS.items()}
     return {
-        PHASES[0]: perf["perf/median_time/generate"] + perf["perf/median_time/score"],
-        PHASES[1]: perf["perf/median_time/forward"],
-        PHASES[2]: perf["perf/median_time/optimize"],
+        phase: sum(perf[f"perf/median_{key}"] for key in keys)
+        for phase, keys in OURS_PHASE_KEYS.items()
     }
 
 
@@ -81,42 +92,39 @@ def _num(x: float) -> str:
     return f"{x:.2f}" if x >= 1 else f"{x:.3f}"
 
 
-def _mb(values: list[float]) -> str:
-    return f"{statistics.median(values):,.0f} ({', '.join(f'{x:,.0f}' for x in values)})"
+def _cell(values: list[float], fmt=_num, unit: str = "") -> str:
+    """The median, then the per-round values."""
+    return f"{fmt(statistics.median(values))}{unit} ({', '.join(fmt(x) for x in values)})"
 
 
 def table(records: list[dict]) -> str:
-    """Markdown table: medians over the rounds, the baseline ratio per round, and the phase
-    times of the run whose samples/s is the median (the lower middle one for even counts)."""
+    """Markdown table: per column, the median over the rounds (and the per-round values);
+    ratios pair each run with the trl fp32 run of its round."""
     by_name: dict[str, list[dict]] = {}
     for record in records:
         by_name.setdefault(record["name"], []).append(record)
-    base = {r["round"]: r["perf"]["perf/samples_per_s"] for r in by_name.get(BASELINE, [])}
-    gpu = any("perf/peak_cuda_mb" in r["perf"] for r in records)
-    head = ["", "samples / s (rounds)", "vs trl fp32 (rounds)", "s / step", "peak RSS MB (rounds)"]
-    head += ["peak GPU MB (rounds)"] * gpu + list(PHASES)
+    base = {r["round"]: r["perf"][M.SAMPLES_PER_S] for r in by_name.get(BASELINE, [])}
+    gpu = any(M.PEAK_CUDA_MB in r["perf"] for r in records)
+    head = ["", "samples / s", "vs trl fp32, same round", "s / step", "peak RSS MB"]
+    head += ["peak GPU MB"] * gpu + [f"{phase} (s)" for phase in PHASES]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name in RUNS:
         runs = sorted(by_name.get(name, []), key=lambda r: r["round"])
         if not runs:
             continue
-        sps = [r["perf"]["perf/samples_per_s"] for r in runs]
-        middle = sorted(runs, key=lambda r: r["perf"]["perf/samples_per_s"])[(len(runs) - 1) // 2]
-        ratios = [r["perf"]["perf/samples_per_s"] / base[r["round"]] for r in runs if base]
-        ratio = (
-            f"{statistics.median(sps) / statistics.median(base.values()):.2f}x "
-            f"({', '.join(f'{x:.2f}' for x in ratios)})"
-            if base
-            else "n/a"
-        )
+
+        def column(key: str, runs: list[dict] = runs) -> list[float]:
+            return [r["perf"][key] for r in runs]
+
+        ratios = [r["perf"][M.SAMPLES_PER_S] / base[r["round"]] for r in runs if r["round"] in base]
         cells = [
             name,
-            f"{_num(statistics.median(sps))} ({', '.join(_num(x) for x in sps)})",
-            ratio,
-            f"{middle['perf']['perf/median_step_s']:.2f}",
-            _mb([r["perf"]["perf/peak_rss_mb"] for r in runs]),
-            *([_mb([r["perf"].get("perf/peak_cuda_mb", float("nan")) for r in runs])] * gpu),
-            *(f"{middle['phases'][p]:.2f} s" for p in PHASES),
+            _cell(column(M.SAMPLES_PER_S)),
+            _cell(ratios, lambda x: f"{x:.2f}", "x") if ratios else "n/a",
+            _cell(column(M.MEDIAN_STEP_S)),
+            _cell(column(M.PEAK_RSS_MB), lambda x: f"{x:,.0f}"),
+            *([_cell(column(M.PEAK_CUDA_MB), lambda x: f"{x:,.0f}")] if gpu else []),
+            *(_cell([r["phases"][phase] for r in runs]) for phase in PHASES),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -129,6 +137,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--no-malloc-rows", action="store_true", help="skip malloc-tuned trl")
     parser.add_argument("--out", type=Path, help="default: outputs/bench/side_by_side/<time>")
     parser.add_argument("--from-results", type=Path, help="print the table of a results.jsonl")
     args = parser.parse_args()
@@ -142,14 +151,20 @@ def main() -> None:
         parser.error(f"{args.dir} is not a benchmark DIR: build it with scripts/make_bench_dir.py")
     if args.rounds < 1 or args.steps < 2:
         parser.error("--rounds must be >= 1 and --steps >= 2 (the first step is not timed)")
-    out = args.out or ROOT / "outputs" / "bench" / "side_by_side" / time.strftime("%Y%m%d-%H%M%S")
+    out = (
+        args.out or ROOT / "outputs/bench/side_by_side" / time.strftime("%Y%m%d-%H%M%S")
+    ).resolve()
+    if (out / "results.jsonl").exists():
+        parser.error(f"{out}/results.jsonl exists: pass a new --out (rounds would be mispaired)")
     out.mkdir(parents=True, exist_ok=True)
+    trl_python = str(Path(args.trl_python).resolve()) if "/" in args.trl_python else args.trl_python
+    names = [n for n in RUNS if not (args.no_malloc_rows and RUNS[n][2])]
     records = []
-    with (out / "results.jsonl").open("a") as results:
+    with (out / "results.jsonl").open("w") as results:
         for rnd in range(1, args.rounds + 1):
-            for name in RUNS:
+            for name in names:
                 record = run_one(
-                    name, args.dir.resolve(), args.steps, args.device, args.trl_python, out, rnd
+                    name, args.dir.resolve(), args.steps, args.device, trl_python, out, rnd
                 )
                 records.append(record)
                 results.write(json.dumps(record) + "\n")

@@ -22,6 +22,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from peft import LoraConfig
@@ -52,6 +53,16 @@ def main() -> None:
     )
     args = parser.parse_args()
     cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here; use --device cpu")
+    if cuda:  # trl's phase timers (time.time()) would not wait for queued GPU work
+        import trl.trainer.ppo_trainer as trl_ppo
+
+        def synced_time() -> float:
+            torch.cuda.synchronize()
+            return time.time()
+
+        trl_ppo.time = SimpleNamespace(time=synced_time)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     random.seed(0)

@@ -31,7 +31,7 @@ def _model(tiny_t5: Path, dtype: torch.dtype | None = None):
 
 
 def test_step_decoder_matches_the_model_on_cuda(tiny_t5: Path) -> None:
-    tokenizer, ids, mask = _batch(tiny_t5, "cuda")
+    _, ids, mask = _batch(tiny_t5, "cuda")
     model = _model(tiny_t5)
     tokens = _tokens(ids).to(CUDA)
     want = _step_logits(model, ids, mask, tokens, fast=False)
@@ -42,10 +42,11 @@ def test_step_decoder_matches_the_model_on_cuda(tiny_t5: Path) -> None:
 
 
 def test_bf16_step_decoder_error_is_within_bf16_rounding_on_cuda(tiny_t5: Path) -> None:
-    tokenizer, ids, mask = _batch(tiny_t5, "cuda")
+    _, ids, mask = _batch(tiny_t5, "cuda")
     tokens = _tokens(ids).to(CUDA)
     want = _step_logits(_model(tiny_t5), ids, mask, tokens, fast=False)
     model = _model(tiny_t5, torch.bfloat16)
+    assert {p.dtype for n, p in model.named_parameters() if "lora" in n} == {torch.float32}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         theirs = _step_logits(model, ids, mask, tokens, fast=False)
         ours = _step_logits(model, ids, mask, tokens, fast=True)

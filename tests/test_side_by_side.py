@@ -39,23 +39,31 @@ RECORDS = [
     _record("trl 0.11.4, fp32", 2, 8.0, 900),
     _record("detox_exp, precision=bf16", 2, 12.0, 650),
     _record("trl 0.11.4, fp32", 3, 5.0, 1000),
-    _record("detox_exp, precision=bf16", 3, 11.0, 600),
+    _record("detox_exp, precision=bf16", 3, 13.0, 600),
 ]
 
 
 def test_table_reports_medians_and_same_round_ratios() -> None:
-    rows = {
-        line.split(" | ")[0][2:]: line.split(" | ") for line in side.table(RECORDS).splitlines()
-    }
+    lines = side.table(RECORDS).splitlines()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines}
     ours = rows["detox_exp, precision=bf16"]
-    assert ours[1] == "11.00 (10.00, 12.00, 11.00)"
-    # ratio of the medians (11 / 5), then each round against that round's trl run
-    assert ours[2] == "2.20x (2.50, 1.50, 2.20)"
-    assert ours[3] == f"{16 / 11:.2f}"  # the median run's step time
+    assert ours[1] == "12.00 (10.00, 12.00, 13.00)"
+    # each round against that round's trl run (2.5, 1.5, 2.6), not median / median (12 / 5)
+    assert ours[2] == "2.50x (2.50, 1.50, 2.60)"
+    assert ours[3] == f"{16 / 12:.2f} ({16 / 10:.2f}, {16 / 12:.2f}, {16 / 13:.2f})"
     assert ours[4] == "650 (700, 650, 600)"
-    assert ours[5:] == ["0.62 s", "0.25 s", "3.00 s |"]  # generate + score; round 3's phases
+    assert ours[5] == "0.625 (0.625, 0.625, 0.625)"  # generate + score
+    assert ours[7] == "2.00 (1.00, 2.00, 3.00) |"  # optimisation, per round
     assert rows["trl 0.11.4, fp32"][2] == "1.00x (1.00, 1.00, 1.00)"
     assert "malloc tuned" not in side.table(RECORDS)  # runs not made are not listed
+    assert "peak GPU MB" not in lines[0]  # CPU runs have no GPU column
+
+
+def test_rounds_without_a_baseline_get_no_ratio() -> None:
+    lonely = [r for r in RECORDS if r["round"] != 2 or r["name"] != side.BASELINE]
+    ours = {line.split(" | ")[0][2:]: line.split(" | ") for line in side.table(lonely).splitlines()}
+    assert ours["detox_exp, precision=bf16"][2] == "2.55x (2.50, 2.60)"
+    assert side.table(RECORDS[1::2]).splitlines()[2].split(" | ")[2] == "n/a"
 
 
 def test_from_results_prints_the_same_table(tmp_path) -> None:
