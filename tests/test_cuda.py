@@ -15,24 +15,23 @@ import torch
 
 from detox_exp import metric_names as M
 from detox_exp.models import load_policy
-from detox_exp.ppo.rollout import sample_responses
 from tests.conftest import ROOT, run_cli, trained_lora
-from tests.test_sampling import assert_same_tokens
-from tests.test_t5_decoding import _batch, _step_logits, _tokens
+from tests.test_sampling import assert_greedy_with_adapter_equals_generate
+from tests.test_t5_decoding import (
+    _batch,
+    _step_logits,
+    _tokens,
+    assert_bf16_error_within_bf16_rounding,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = torch.device("cuda")
 
 
-def _model(tiny_t5: Path, dtype: torch.dtype | None = None):
-    base = load_policy(str(tiny_t5), full_finetune=True, torch_dtype=dtype)
-    return trained_lora(base).to(CUDA)
-
-
 def test_step_decoder_matches_the_model_on_cuda(tiny_t5: Path) -> None:
     _, ids, mask = _batch(tiny_t5, "cuda")
-    model = _model(tiny_t5)
+    model = trained_lora(load_policy(str(tiny_t5), full_finetune=True)).to(CUDA)
     tokens = _tokens(ids).to(CUDA)
     want = _step_logits(model, ids, mask, tokens, fast=False)
     got = _step_logits(model, ids, mask, tokens, fast=True)
@@ -42,29 +41,12 @@ def test_step_decoder_matches_the_model_on_cuda(tiny_t5: Path) -> None:
 
 
 def test_bf16_step_decoder_error_is_within_bf16_rounding_on_cuda(tiny_t5: Path) -> None:
-    _, ids, mask = _batch(tiny_t5, "cuda")
-    tokens = _tokens(ids).to(CUDA)
-    want = _step_logits(_model(tiny_t5), ids, mask, tokens, fast=False)
-    model = _model(tiny_t5, torch.bfloat16)
-    assert {p.dtype for n, p in model.named_parameters() if "lora" in n} == {torch.float32}
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        theirs = _step_logits(model, ids, mask, tokens, fast=False)
-        ours = _step_logits(model, ids, mask, tokens, fast=True)
-    their_error = (theirs - want).abs().max()
-    assert their_error > 0  # bf16 really ran
-    assert (ours - want).abs().max() <= 2 * their_error
+    assert_bf16_error_within_bf16_rounding(tiny_t5, "cuda")
 
 
 def test_greedy_sampling_equals_generate_on_cuda(tiny_t5: Path) -> None:
     """The sampling loop (step decoder, LoRA folded) picks generate()'s tokens."""
-    tokenizer, ids, mask = _batch(tiny_t5, "cuda")
-    model = _model(tiny_t5).eval()
-    ours, _ = sample_responses(
-        model, tokenizer, ids, mask, {"do_sample": False, "max_new_tokens": 10}, check_every=1
-    )
-    theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
-    assert ours.device.type == "cuda"
-    assert_same_tokens(ours, theirs[:, 1:], tokenizer.pad_token_id)
+    assert_greedy_with_adapter_equals_generate(tiny_t5, "cuda")
 
 
 @pytest.mark.slow

@@ -79,11 +79,11 @@ def test_impossible_settings_name_the_field(gen: dict, field: str) -> None:
         make_sampling(gen, "eval.generation")
 
 
-def _prompts(tiny_t5: Path):
+def _prompts(tiny_t5: Path, device: str = "cpu"):
     tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
-    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5).eval()
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5).eval().to(device)
     texts = ["a short one", "a much longer prompt about a meeting " * 5, "medium prompt here"]
-    ids, mask = pad_queries(tokenizer(texts)["input_ids"], tokenizer.pad_token_id, "cpu")
+    ids, mask = pad_queries(tokenizer(texts)["input_ids"], tokenizer.pad_token_id, device)
     return model, tokenizer, ids, mask
 
 
@@ -123,11 +123,11 @@ def test_sampled_responses_respect_lengths_and_eos(tiny_t5: Path) -> None:
             assert n == len(row) or row[n - 1] == eos
 
 
-def _lora_model(tiny_t5: Path, dtype: torch.dtype | None = None):
-    model, tokenizer, ids, mask = _prompts(tiny_t5)
+def _lora_model(tiny_t5: Path, dtype: torch.dtype | None = None, device: str = "cpu"):
+    model, tokenizer, ids, mask = _prompts(tiny_t5, device)
     if dtype is not None:
         model = model.to(dtype)
-    return trained_lora(model), tokenizer, ids, mask
+    return trained_lora(model).to(device), tokenizer, ids, mask
 
 
 def _q_weight(model) -> torch.Tensor:
@@ -176,12 +176,17 @@ def test_folding_is_skipped_where_it_would_be_wrong(tiny_t5: Path, case: str) ->
         assert _q_weight(model) is original
 
 
-def test_sampling_loop_with_a_trained_adapter_equals_generate(tiny_t5: Path) -> None:
+def assert_greedy_with_adapter_equals_generate(tiny_t5: Path, device: str) -> None:
     """Greedy decoding through the KV cache with the LoRA update folded in picks the same
     tokens as transformers' generate() with the adapter applied the usual way."""
-    model, tokenizer, ids, mask = _lora_model(tiny_t5)
+    model, tokenizer, ids, mask = _lora_model(tiny_t5, device=device)
     ours, _ = sample_responses(
         model, tokenizer, ids, mask, {"do_sample": False, "max_new_tokens": 10}, check_every=1
     )
     theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
+    assert ours.device.type == torch.device(device).type
     assert_same_tokens(ours, theirs[:, 1:], tokenizer.pad_token_id)
+
+
+def test_sampling_loop_with_a_trained_adapter_equals_generate(tiny_t5: Path) -> None:
+    assert_greedy_with_adapter_equals_generate(tiny_t5, "cpu")

@@ -124,21 +124,29 @@ def test_unfolded_lora_matches_too(tiny_t5: Path) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
 
 
-def test_bf16_error_is_within_bf16_rounding(tiny_t5: Path) -> None:
+def assert_bf16_error_within_bf16_rounding(tiny_t5: Path, device: str) -> None:
     """bf16 weights (LoRA in fp32) under bf16 autocast, as precision=bf16 runs: the step
     decoder's error against fp32 is no larger than the model's own bf16 forward's."""
-    tokenizer, ids, mask = _batch(tiny_t5)
-    tokens = _tokens(ids)
-    reference = trained_lora(load_policy(str(tiny_t5), full_finetune=True).eval())
-    want = _step_logits(reference, ids, mask, tokens, fast=False)
-    model = trained_lora(load_policy(str(tiny_t5), full_finetune=True, torch_dtype=torch.bfloat16))
-    assert {p.dtype for n, p in model.named_parameters() if "lora" in n} == {torch.float32}
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        theirs = _step_logits(model, ids, mask, tokens, fast=False)
-        ours = _step_logits(model, ids, mask, tokens, fast=True)
+    _, ids, mask = _batch(tiny_t5, device)
+    tokens = _tokens(ids).to(device)
+
+    def model(dtype: torch.dtype | None = None) -> torch.nn.Module:
+        base = load_policy(str(tiny_t5), full_finetune=True, torch_dtype=dtype)
+        return trained_lora(base).to(device)
+
+    want = _step_logits(model(), ids, mask, tokens, fast=False)
+    bf16 = model(torch.bfloat16)
+    assert {p.dtype for n, p in bf16.named_parameters() if "lora" in n} == {torch.float32}
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        theirs = _step_logits(bf16, ids, mask, tokens, fast=False)
+        ours = _step_logits(bf16, ids, mask, tokens, fast=True)
     their_error = (theirs - want).abs().max()
     assert their_error > 0  # bf16 really ran
     assert (ours - want).abs().max() <= 2 * their_error
+
+
+def test_bf16_error_is_within_bf16_rounding(tiny_t5: Path) -> None:
+    assert_bf16_error_within_bf16_rounding(tiny_t5, "cpu")
 
 
 def test_sampling_picks_the_same_tokens_either_way(tiny_t5: Path) -> None:
