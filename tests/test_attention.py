@@ -225,7 +225,7 @@ def test_lora_input_cast_is_kept_where_it_is_not_a_round_trip(
 ) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from detox_exp.ppo.trainer import lossless_cast
+    from detox_exp.ppo.policy import lossless_cast
 
     model = load_policy(str(tiny_t5), full_finetune=True)
     if case != "no_lora":

@@ -76,8 +76,8 @@ def test_step0_kl_is_zero_and_first_ratio_is_one(tiny_t5: Path, tmp_path: Path) 
     trainer = make_trainer(tiny_t5, tmp_path, ContainsReward("the"))
     roll = trainer.rollout(trainer.next_batch())
     # fresh adapter (LoRA B = 0): policy and reference are the same function, exactly
-    assert torch.equal(roll["logprobs"], roll["ref_logprobs"])
-    assert torch.count_nonzero(roll["kl"]) == 0
+    assert torch.equal(roll.logprobs, roll.ref_logprobs)
+    assert torch.count_nonzero(roll.kl) == 0
     idx = torch.arange(4)
     _, stats = trainer._loss(roll, idx)
     assert stats["ppo/policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
@@ -146,13 +146,13 @@ def test_toy_task_is_learned(tiny_t5: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         roll = trainer.rollout(list(range(40)) * 2)
     counts = torch.zeros(len(trainer.tokenizer))
-    for row, mask in zip(roll["response"], roll["mask"], strict=True):
+    for row, mask in zip(roll.response, roll.mask, strict=True):
         counts[row[mask.bool()].unique()] += 1
     rates = {}
     for token_id in counts.nonzero().flatten().tolist():
         target = trainer.tokenizer.decode([token_id])
         if len(target.strip()) >= 3:
-            rates[target] = sum(target in text for text in roll["texts"]) / len(roll["texts"])
+            rates[target] = sum(target in text for text in roll.texts) / len(roll.texts)
     scorer.target = min(rates, key=lambda t: abs(rates[t] - 0.15))
     assert 0.0 < rates[scorer.target] < 0.4
     history = trainer.train()
@@ -190,7 +190,7 @@ def test_full_finetune_uses_frozen_reference(tiny_t5: Path, tmp_path: Path) -> N
     assert not any(p.requires_grad for p in trainer.policy.ref_model.parameters())
     trainer.train_step()
     roll = trainer.rollout(trainer.next_batch())
-    assert not torch.equal(roll["logprobs"], roll["ref_logprobs"])  # policy moved, ref did not
+    assert not torch.equal(roll.logprobs, roll.ref_logprobs)  # policy moved, ref did not
     assert tokenizer.pad_token_id == 0
 
 

@@ -49,6 +49,45 @@ def plain_lora(layer: nn.Module) -> bool:
     )
 
 
+def lossless_cast(model: torch.nn.Module) -> bool:
+    """Whether peft's cast of LoRA inputs to the adapter dtype is a lossless round trip under
+    autocast: plain LoRA only (DoRA and other variants compute in the input's dtype; see
+    ``plain_lora``) and no LoRA dropout active (it would scale in that dtype)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        return False
+    for layer in layers:
+        if not plain_lora(layer):
+            return False
+        if any(d.training and getattr(d, "p", 0) > 0 for d in layer.lora_dropout.values()):
+            return False
+    return True
+
+
+@contextmanager
+def mixed_precision(
+    model: nn.Module, device_type: str, dtype: torch.dtype | None
+) -> Iterator[None]:
+    """Autocast to ``dtype`` on ``device_type`` (nothing when ``dtype`` is None, i.e. fp32).
+
+    peft casts each LoRA layer's input to the adapter's fp32 before autocast casts it straight
+    back to bf16 / fp16: two copies of every projection input, forward and backward. Where
+    that round trip is lossless (:func:`lossless_cast`) it is switched off: same values.
+    """
+    if dtype is None:
+        yield
+        return
+    from peft.helpers import disable_input_dtype_casting
+
+    with (
+        torch.autocast(device_type, dtype=dtype),
+        disable_input_dtype_casting(model, active=lossless_cast(model)),
+    ):
+        yield
+
+
 @contextmanager
 def folded_adapter(model: nn.Module) -> Iterator[None]:
     """No-grad decoding with each LoRA update folded into its frozen weight (W + s B A):

@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,11 @@ from detox_exp import checkpoint
 from detox_exp import metric_names as M
 from detox_exp.checkpoint import CheckpointManager, restore_trainer, trainer_state
 from detox_exp.distributed import Dist, masked_whiten_global, write_param_digest
-from detox_exp.errors import ConfigError, TrainingError
+from detox_exp.errors import TrainingError
 from detox_exp.ppo import core
-from detox_exp.ppo.policy import ActorCritic, plain_lora
+from detox_exp.ppo.checks import check, check_hyperparameters, local_sizes
+from detox_exp.ppo.experience import WIDTH_MULTIPLE, Experience
+from detox_exp.ppo.policy import ActorCritic, mixed_precision
 from detox_exp.ppo.rollout import (
     decode,
     decoder_inputs,
@@ -42,37 +44,8 @@ from detox_exp.utils import progress, resolve_device
 log = logging.getLogger(__name__)
 
 
-# Tensor widths (prompt and response lengths) are rounded up to this multiple. oneDNN, which
-# runs bf16 matmuls on CPU, caches a kernel per shape: with every batch a new width, a bf16
-# benchmark run grew from 730 to 1,150 MB over 10 steps; rounded widths keep it flat. The
-# padding is masked and costs no measurable time in fp32.
-WIDTH_MULTIPLE = 16
-
-
-def lossless_cast(model: torch.nn.Module) -> bool:
-    """Whether peft's cast of LoRA inputs to the adapter dtype is a lossless round trip under
-    autocast: plain LoRA only (DoRA and other variants compute in the input's dtype; see
-    ``policy.plain_lora``) and no LoRA dropout active (it would scale in that dtype)."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    if not layers:
-        return False
-    for layer in layers:
-        if not plain_lora(layer):
-            return False
-        if any(d.training and getattr(d, "p", 0) > 0 for d in layer.lora_dropout.values()):
-            return False
-    return True
-
-
 class _SkipBatch(Exception):
     """Raised inside a step to drop the batch (ppo.on_nonfinite=skip)."""
-
-
-def _check(condition: bool, field: str, problem: str, fix: str) -> None:
-    if not condition:
-        raise ConfigError(f"ppo.{field}", problem, fix)
 
 
 class PPOTrainer:
@@ -117,82 +90,15 @@ class PPOTrainer:
         device: str = "auto",
         precision: str = "fp32",
     ) -> None:
-        _check(steps >= 0, "steps", f"must be >= 0, got {steps}", "set ppo.steps=20")
-        _check(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}", "raise it")
-        _check(mini_batch_size >= 1, "mini_batch_size", "must be >= 1", "raise it")
-        _check(
-            batch_size % mini_batch_size == 0,
-            "mini_batch_size",
-            f"{mini_batch_size} does not divide ppo.batch_size={batch_size}",
-            "pick a divisor of the batch size",
-        )
-        _check(
-            gradient_accumulation_steps >= 1 and mini_batch_size % gradient_accumulation_steps == 0,
-            "gradient_accumulation_steps",
-            f"{gradient_accumulation_steps} does not divide ppo.mini_batch_size={mini_batch_size}",
-            "pick a divisor of the mini-batch size",
-        )
-        _check(ppo_epochs >= 1, "ppo_epochs", "must be >= 1", "raise it")
-        _check(0 <= gamma <= 1, "gamma", f"must be in [0, 1], got {gamma}", "use e.g. 1.0")
-        _check(0 <= lam <= 1, "lam", f"must be in [0, 1], got {lam}", "use e.g. 0.95")
-        _check(cliprange > 0, "cliprange", f"must be > 0, got {cliprange}", "use e.g. 0.2")
-        _check(cliprange_value > 0, "cliprange_value", "must be > 0", "use e.g. 0.2")
-        _check(
-            kl_estimator in core.KL_ESTIMATORS,
-            "kl_estimator",
-            f"unknown {kl_estimator!r}",
-            f"use one of {core.KL_ESTIMATORS}",
-        )
-        _check(
-            max_grad_norm is None or max_grad_norm > 0, "max_grad_norm", "must be > 0", "or null"
-        )
+        check_hyperparameters(locals())  # every argument, before anything is built
         score = dict(score or {})
-        _check(
-            set(score) <= {"scale", "normalize", "clip"},
-            "score",
-            f"unknown keys {score}",
-            "use scale, normalize, clip",
-        )
-        clip = score.get("clip")
-        _check(
-            clip is None or clip > 0, "score.clip", f"must be > 0 or null, got {clip}", "or null"
-        )
         self.dist = Dist(resolve_device(device))
         self.device = self.dist.device
-        world = self.dist.world_size
-        _check(
-            batch_size % world == 0,
-            "batch_size",
-            f"{batch_size} is not divisible by the {world} processes",
-            "use a multiple",
-        )
-        _check(
-            mini_batch_size % world == 0,
-            "mini_batch_size",
-            f"{mini_batch_size} is not divisible by the {world} processes",
-            "use a multiple",
-        )
-        self.local_batch, self.local_mini = batch_size // world, mini_batch_size // world
-        _check(
-            self.local_mini % gradient_accumulation_steps == 0,
-            "gradient_accumulation_steps",
-            f"must divide the per-process mini-batch {self.local_mini}",
-            "lower it",
+        self.local_batch, self.local_mini = local_sizes(
+            batch_size, mini_batch_size, gradient_accumulation_steps, self.dist.world_size
         )
         self.debug_param_digest = debug_param_digest
-        _check(
-            forward_batch_size is None or forward_batch_size >= 1,
-            "forward_batch_size",
-            "must be >= 1 or null",
-            "null runs the whole batch at once",
-        )
         self.forward_batch = forward_batch_size or self.local_batch
-        _check(
-            on_nonfinite in ("error", "skip"),
-            "on_nonfinite",
-            f"unknown {on_nonfinite!r}",
-            "use error or skip",
-        )
         self.on_nonfinite = on_nonfinite
         self.debug_nan_at_step, self.debug_kill_after_step = (
             debug_nan_at_step,
@@ -233,7 +139,7 @@ class PPOTrainer:
         params = self.policy.trainable_parameters()
         self.optimizer = optimizer(params)
         lr = self.optimizer.param_groups[0]["lr"]
-        _check(lr > 0, "optimizer.lr", f"must be > 0, got {lr}", "use e.g. 1.41e-5")
+        check(lr > 0, "optimizer.lr", f"must be > 0, got {lr}", "use e.g. 1.41e-5")
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
@@ -241,22 +147,8 @@ class PPOTrainer:
         self._position = 0
 
     # ------------------------------------------------------------------- helpers
-    @contextlib.contextmanager
-    def _autocast(self) -> Iterator[None]:
-        """Mixed precision (``precision``), or nothing in fp32. peft casts each LoRA layer's
-        input to the adapter's fp32 before autocast casts it straight back to bf16 / fp16:
-        two copies of every projection input, forward and backward. Where that round trip
-        is lossless (plain LoRA, no dropout active) it is switched off: same values."""
-        if self.dtype is None:
-            yield
-            return
-        from peft.helpers import disable_input_dtype_casting
-
-        with (
-            torch.autocast(self.device.type, dtype=self.dtype),
-            disable_input_dtype_casting(self.policy.model, active=lossless_cast(self.policy.model)),
-        ):
-            yield
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return mixed_precision(self.policy.model, self.device.type, self.dtype)
 
     def next_batch(self) -> list[int]:
         """This process's prompt indices for the next rollout: every process draws the same
@@ -309,7 +201,7 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
-    def rollout(self, indices: list[int]) -> dict[str, Any]:
+    def rollout(self, indices: list[int]) -> Experience:
         """Sample, score and evaluate one batch; everything PPO needs, on ``self.device``."""
         t0 = self._clock()
         query, query_mask = pad_queries(
@@ -350,8 +242,34 @@ class PPOTrainer:
         if self.debug_nan_at_step == self.step + 1:  # fault injection for tests
             raw_scores[0] = float("nan")
         self._check_finite("scores", raw_scores)
+        rewards, kl, advantages, returns = self._advantages(raw_scores, batch, mask)
+        return Experience(
+            indices=indices,
+            query=query,
+            query_mask=query_mask,
+            response=response,
+            mask=mask,
+            texts=texts,
+            scores=raw_scores,
+            toxicity=scores.toxicity,
+            logprobs=batch["logprobs"],
+            ref_logprobs=batch["ref_logprobs"],
+            values=batch["values"],
+            entropy=batch["entropy"],
+            kl=kl,
+            rewards=rewards,
+            advantages=advantages,
+            returns=returns,
+            timings=timings,
+        )
+
+    def _advantages(
+        self, raw_scores: torch.Tensor, batch: Mapping[str, torch.Tensor], mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores [B] and the rollout's forward pass -> (rewards, kl, advantages, returns),
+        each [B, T]: KL-penalised per-token rewards, then GAE (whitened if configured)."""
         # normalisation statistics come from the global batch; keep this process's share
-        n = len(indices)
+        n = len(raw_scores)
         processed = core.process_scores(
             self.dist.gather(raw_scores),
             scale=self.score_scale,
@@ -378,29 +296,12 @@ class PPOTrainer:
             advantages = torch.where(mask.bool(), whitened, 0.0)
         self._check_finite("rewards", rewards)
         self._check_finite("advantages", advantages)
-        batch.pop("logits", None)
-        batch.pop("ref_logits", None)
-        return {
-            "indices": indices,
-            "query": query,
-            "query_mask": query_mask,
-            "response": response,
-            "mask": mask,
-            "texts": texts,
-            "scores": raw_scores,
-            "toxicity": scores.toxicity,
-            "rewards": rewards,
-            "kl": kl,
-            "advantages": advantages,
-            "returns": returns,
-            "timings": timings,
-            **batch,
-        }
+        return rewards, kl, advantages, returns
 
-    def optimize(self, roll: dict[str, Any]) -> dict[str, float]:
+    def optimize(self, roll: Experience) -> dict[str, float]:
         """PPO epochs x minibatches (with gradient accumulation) on one rollout batch."""
         stats = defaultdict(list)
-        n = len(roll["indices"])
+        n = len(roll.indices)
         micro = self.local_mini // self.accum
         epochs_run = 0
         for _ in range(self.ppo_epochs):
@@ -435,41 +336,25 @@ class PPOTrainer:
         out[M.EPOCHS_RUN] = epochs_run
         return out
 
-    def _loss(self, roll: dict[str, Any], idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        mask = roll["mask"][idx]
-        # trim the right padding of this micro-batch (widths rounded: see WIDTH_MULTIPLE)
-        width = round_up(int(mask.sum(1).max().item()), WIDTH_MULTIPLE, mask.shape[1])
-        q_width = round_up(
-            int(roll["query_mask"][idx].sum(1).max().item()),
-            WIDTH_MULTIPLE,
-            roll["query"].shape[1],
-        )
-        mask = mask[:, :width]
-        query, query_mask = roll["query"][idx][:, :q_width], roll["query_mask"][idx][:, :q_width]
-        response = roll["response"][idx][:, :width]
-        dec = decoder_inputs(response, self.policy.config.decoder_start_token_id)
+    def _loss(self, roll: Experience, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        mb = roll.minibatch(idx)
+        dec = decoder_inputs(mb.response, self.policy.config.decoder_start_token_id)
         with self._autocast():
-            out = self.ddp(query, query_mask, dec)
+            out = self.ddp(mb.query, mb.query_mask, dec)
         logits = out.logits.float()
-        logprobs = core.logprobs_from_logits(logits, response)
+        logprobs = core.logprobs_from_logits(logits, mb.response)
         values = out.values.float()
         pg_loss, pg_stats = core.policy_loss(
-            logprobs,
-            roll["logprobs"][idx][:, :width],
-            roll["advantages"][idx][:, :width],
-            mask,
-            self.cliprange,
+            logprobs, mb.logprobs, mb.advantages, mb.mask, self.cliprange
         )
         vf_loss, vf_stats = core.value_loss(
-            values,
-            roll["values"][idx][:, :width],
-            roll["returns"][idx][:, :width],
-            mask,
-            self.cliprange_value,
+            values, mb.values, mb.returns, mb.mask, self.cliprange_value
         )
         loss = pg_loss + self.vf_coef * vf_loss
         if self.ent_coef:
-            loss = loss - self.ent_coef * core.masked_mean(core.entropy_from_logits(logits), mask)
+            loss = loss - self.ent_coef * core.masked_mean(
+                core.entropy_from_logits(logits), mb.mask
+            )
         stats = {
             M.LOSS_POLICY: pg_loss.item(),
             M.LOSS_VALUE: vf_loss.item(),
@@ -512,21 +397,21 @@ class PPOTrainer:
             self.tracker.log(metrics, step=self.step)
             return metrics
         t_end = self._clock()
-        mask = roll["mask"]
+        mask = roll.mask
         # exact global statistics from gathered per-sample values; means of the rest
-        kl_per_sample = self.dist.gather(roll["kl"].sum(1))
-        scores = self.dist.gather(roll["scores"])
-        toxicity = self.dist.gather(roll["toxicity"].to(self.device))
+        kl_per_sample = self.dist.gather(roll.kl.sum(1))
+        scores = self.dist.gather(roll.scores)
+        toxicity = self.dist.gather(roll.toxicity.to(self.device))
         lengths = self.dist.gather(mask.sum(1).float())
         mean_kl = kl_per_sample.mean().item()
         local = {
-            M.ENTROPY: core.masked_mean(roll["entropy"], mask).item(),
-            M.VAR_EXPLAINED: core.explained_variance(roll["values"], roll["returns"], mask).item(),
-            M.VALUE_MEAN: core.masked_mean(roll["values"], mask).item(),
-            M.RETURNS_MEAN: core.masked_mean(roll["returns"], mask).item(),
+            M.ENTROPY: core.masked_mean(roll.entropy, mask).item(),
+            M.VAR_EXPLAINED: core.explained_variance(roll.values, roll.returns, mask).item(),
+            M.VALUE_MEAN: core.masked_mean(roll.values, mask).item(),
+            M.RETURNS_MEAN: core.masked_mean(roll.returns, mask).item(),
             M.TIME_OPTIMIZE: t_end - t_opt,
             M.STEP_TIME: t_end - start,
-            **roll["timings"],
+            **roll.timings,
             **opt_stats,
         }
         local = self.dist.mean_dict(local, sorted(local))
@@ -543,7 +428,7 @@ class PPOTrainer:
         }
         if self.debug_param_digest:
             write_param_digest(
-                self.policy, self.tracker.run_dir, self.dist.rank, self.step + 1, roll["scores"]
+                self.policy, self.tracker.run_dir, self.dist.rank, self.step + 1, roll.scores
             )
         self.kl_ctl.update(mean_kl, self.batch_size)  # Ziegler et al.: n_steps = batch size
         self.step += 1
@@ -553,11 +438,11 @@ class PPOTrainer:
                 [
                     self.step,
                     self.prompts[i]["prompt"][-300:],
-                    roll["texts"][j],
-                    float(roll["scores"][j]),
-                    float(roll["toxicity"][j]),
+                    roll.texts[j],
+                    float(roll.scores[j]),
+                    float(roll.toxicity[j]),
                 ]
-                for j, i in enumerate(roll["indices"][: self.num_table_samples])
+                for j, i in enumerate(roll.indices[: self.num_table_samples])
             ]
             self.tracker.log_table(
                 M.SAMPLES_TABLE,
