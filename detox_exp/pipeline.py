@@ -24,13 +24,13 @@ from detox_exp.distributed import Dist
 from detox_exp.errors import ConfigError, DataError
 from detox_exp.evaluation.evaluator import EvalResult
 from detox_exp.perf import perf_summary
+from detox_exp.ppo.checks import PRECISIONS
 from detox_exp.ppo.rollout import make_sampling
 from detox_exp.tracking import Tracker
 from detox_exp.utils import keep_freed_memory, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 REPORT_KEYS = ("toxicity_mean", "toxic_fraction", "rouge_l", "response_len_mean")
 
 

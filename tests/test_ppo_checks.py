@@ -42,6 +42,7 @@ def test_defaults_pass() -> None:
         ({"score": {"clip": 0}}, "ppo.score.clip"),
         ({"forward_batch_size": 0}, "ppo.forward_batch_size"),
         ({"on_nonfinite": "ignore"}, "ppo.on_nonfinite"),
+        ({"precision": "bf32"}, "ppo.precision"),
     ],
 )
 def test_impossible_values_name_the_field(changes: dict, field: str) -> None:

@@ -9,6 +9,8 @@ from typing import Any
 from detox_exp.errors import ConfigError
 from detox_exp.ppo.core import KL_ESTIMATORS
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 
 def check(condition: bool, field: str, problem: str, fix: str) -> None:
     """Raise ``ConfigError`` for ``ppo.<field>`` unless ``condition`` holds."""
@@ -65,6 +67,12 @@ def check_hyperparameters(h: Mapping[str, Any]) -> None:
         "forward_batch_size",
         f"must be >= 1 or null, got {forward}",
         "null runs the whole batch at once",
+    )
+    check(
+        h["precision"] in PRECISIONS,
+        "precision",
+        f"unknown {h['precision']!r}",
+        f"use one of {PRECISIONS} (the top-level precision sets it)",
     )
     check(
         h["on_nonfinite"] in ("error", "skip"),
