@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -27,12 +29,31 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return run_task(cfg)
 
 
+# Hydra plugins -> the pyproject extra that installs them
+PLUGIN_EXTRAS = {"submitit": "slurm", "joblib": "sweep", "optuna": "sweep"}
+
+
 def _chain(err: BaseException):
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         yield err
         err = err.__cause__ or err.__context__
+
+
+def _run_dir_error(err: BaseException) -> bool:
+    """An OSError from creating the run dir: a permission / not-a-folder error anywhere, or
+    any OSError (e.g. no such folder under /proc, a read-only file system) raised while
+    Hydra creates the run dir or its .hydra folder."""
+    if isinstance(err, (PermissionError, NotADirectoryError, FileExistsError)):
+        return True
+    if not isinstance(err, OSError):
+        return False
+    hydra_setup = os.path.join("hydra", "core", "utils.py")
+    return any(
+        frame.filename.endswith(hydra_setup) and frame.name in ("run_job", "_save_config")
+        for frame in traceback.extract_tb(err.__traceback__)
+    )
 
 
 def bad_input_message(err: BaseException) -> str | None:
@@ -47,7 +68,12 @@ def bad_input_message(err: BaseException) -> str | None:
             return str(item)
     for item in _chain(err):
         text = str(item)
-        if isinstance(item, (PermissionError, NotADirectoryError, FileExistsError)):
+        if isinstance(item, RuntimeError) and 'Could not detect "srun"' in text:
+            return (
+                "hydra/launcher: slurm needs a SLURM cluster (srun not found); fix: launch from "
+                "a SLURM login node, or use hydra/launcher=local_parallel here"
+            )
+        if _run_dir_error(item):
             return (
                 f"paths.output_dir: cannot write {item.filename} ({item.strerror}); "
                 "fix: choose a writable hydra.run.dir / hydra.sweep.dir"
@@ -59,6 +85,14 @@ def bad_input_message(err: BaseException) -> str | None:
                 return (
                     f"{group.group(1)}: no option {group.group(2)!r}; "
                     f"fix: choose one of {', '.join(options) or '(none)'}"
+                )
+            plugin = re.search(r"Could not load 'hydra/(launcher|sweeper)/([^']+)'", text)
+            if plugin:  # the config of a Hydra plugin that is not installed
+                extra = next((e for k, e in PLUGIN_EXTRAS.items() if k in plugin.group(2)), None)
+                fix = f"pip install -e '.[{extra}]'" if extra else "install its Hydra plugin"
+                return (
+                    f"hydra/{plugin.group(1)}: the {plugin.group(2)} plugin is not installed; "
+                    f"fix: {fix}"
                 )
             return text.splitlines()[0] + "; fix: check the config group option names"
         if isinstance(item, ConfigCompositionException):
@@ -80,15 +114,44 @@ def bad_input_message(err: BaseException) -> str | None:
     return None
 
 
+class _HoldJobError:
+    """``sys.stderr`` that holds back Hydra's "Error executing job with overrides" line: for
+    bad input our one line replaces it; for anything else it is written before the
+    traceback."""
+
+    PREFIX = "Error executing job with overrides:"
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.held = stream, []
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.PREFIX):
+            self.held.append(text)
+            return len(text)
+        return self.stream.write(text)
+
+    def release(self) -> None:
+        for text in self.held:
+            self.stream.write(text)
+        self.held.clear()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def main() -> None:
     """Console script: run Hydra, turning bad input into a one-line error and exit code 2."""
     user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us; we format them below
+    stderr = sys.stderr
+    sys.stderr = held = _HoldJobError(stderr)
     try:
         hydra_main()
     except Exception as err:
+        sys.stderr = stderr
         message = bad_input_message(err)
         if message is None or user_full_error:
+            held.release()
             raise
         from detox_exp.errors import TrainingError
 
@@ -96,6 +159,7 @@ def main() -> None:
         failed = any(isinstance(e, TrainingError) for e in _chain(err))
         sys.exit(EXIT_TRAINING_FAILED if failed else EXIT_BAD_INPUT)
     finally:
+        sys.stderr = stderr
         if not user_full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
 

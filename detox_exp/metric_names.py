@@ -10,6 +10,7 @@ LOSS_TOTAL = "ppo/loss/total"
 APPROX_KL = "ppo/policy/approxkl"
 POLICY_KL = "ppo/policy/policykl"
 CLIPFRAC = "ppo/policy/clipfrac"
+RATIO_MEAN = "ppo/policy/ratio_mean"  # mean importance ratio new / old over response tokens
 VALUE_CLIPFRAC = "ppo/val/clipfrac"
 VAR_EXPLAINED = "ppo/val/var_explained"
 VALUE_MEAN = "ppo/val/mean"

@@ -24,7 +24,7 @@ from detox_exp.distributed import Dist
 from detox_exp.errors import ConfigError, DataError
 from detox_exp.evaluation.evaluator import EvalResult
 from detox_exp.perf import perf_summary
-from detox_exp.ppo.checks import PRECISIONS
+from detox_exp.ppo.checks import PRECISIONS, check_ppo_config
 from detox_exp.ppo.rollout import make_sampling
 from detox_exp.tracking import Tracker
 from detox_exp.utils import keep_freed_memory, resolve_device, seed_everything
@@ -82,6 +82,8 @@ def check_run_config(cfg: DictConfig) -> None:
         else {}
     )
     make_sampling({**gen, **eval_gen}, "eval.generation")
+    if cfg.stages.get("ppo"):
+        check_ppo_config(cfg.ppo)
 
 
 def run_task(cfg: DictConfig) -> float | None:

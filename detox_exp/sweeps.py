@@ -108,8 +108,9 @@ def record_job(
     ]
     for r in rows:
         cells = [_fmt(r.get(k)) for k in SUMMARY_METRICS]
+        status = r["status"] + (f": {r['error']}" if r.get("error") else "")
         lines.append(
-            f"| {r['job']} | {' '.join(r['overrides'])} | {r['status']} | "
+            f"| {r['job']} | {' '.join(r['overrides'])} | {status.replace('|', '/')} | "
             + " | ".join(cells)
             + " |"
         )

@@ -178,6 +178,8 @@ class Tracker:
         """Where the W&B run is: its URL online, its folder offline, or 'W&B off'."""
         if self.run is None:
             return "W&B off" if self.wandb_settings is None else "W&B not started"
+        if getattr(self.run, "disabled", False):  # mode=disabled: a no-op run, no files
+            return "W&B disabled (mode=disabled)"
         url = getattr(self.run, "url", None)
         return url or str(Path(self.run.dir).parent)
 

@@ -15,6 +15,7 @@ def check_one_line_error(result, *needles: str) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("detox-exp: error:")]
     assert len(errors) == 1, result.stderr[-2000:]
+    assert not any("Error executing job" in line for line in lines), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
@@ -38,6 +39,15 @@ def test_unknown_group_option(tmp_path: Path) -> None:
     check_one_line_error(result, "model", "flan_t5_base")
 
 
+def test_slurm_launcher_without_slurm(tmp_path: Path) -> None:
+    # without the plugin: install the extra; with it but no cluster: srun is missing
+    result = run_cli(
+        "-m", "hydra/launcher=slurm", "experiment=demo", f"hydra.sweep.dir={tmp_path}", cwd=ROOT
+    )
+    message = check_one_line_error(result, "hydra/launcher")
+    assert "pip install -e '.[slurm]'" in message or "srun not found" in message
+
+
 def test_cuda_without_cuda(tmp_path: Path, standins) -> None:
     import torch
 
@@ -50,6 +60,12 @@ def test_cuda_without_cuda(tmp_path: Path, standins) -> None:
 def test_missing_dataset_file(tmp_path: Path, standins) -> None:
     overrides = local_overrides(standins, tmp_path) + [f"dataset.path={tmp_path}/nope.jsonl"]
     check_one_line_error(run_cli(*overrides, cwd=ROOT), "dataset.path", "not found")
+
+
+def test_jsonl_without_a_path(tmp_path: Path, standins) -> None:
+    # dataset=jsonl builds on dialogsum: its hub id must not survive as the path
+    overrides = [o for o in local_overrides(standins, tmp_path) if "dataset.path" not in o]
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), "dataset.path", "is not set")
 
 
 def test_malformed_jsonl_names_the_line(tmp_path: Path, standins) -> None:

@@ -41,9 +41,9 @@ CASES += [[f"experiment={e}", "debug=fast"] for e in options("experiment")]
 
 @pytest.mark.parametrize("overrides", CASES, ids=lambda o: " ".join(o))
 def test_composes_and_instantiates(overrides: list[str], tmp_path: Path) -> None:
+    needs_path = "dataset=jsonl" in overrides or "experiment=bench" in overrides
     cfg = compose_cfg(
-        overrides + ["dataset.path=/tmp/x.jsonl"] if "dataset=jsonl" in overrides else overrides,
-        tmp_path,
+        overrides + ["dataset.path=/tmp/x.jsonl"] if needs_path else overrides, tmp_path
     )
     plain = cfg.copy()
     with open_dict(plain):
@@ -64,6 +64,12 @@ def test_composes_and_instantiates(overrides: list[str], tmp_path: Path) -> None
     if cfg.assets is not None:
         assets = instantiate(cfg.assets, _convert_="all")
         assert str(assets.cache_dir).startswith(str(tmp_path))
+
+
+@pytest.mark.parametrize("overrides", [["dataset=jsonl"], ["experiment=bench"]])
+def test_local_dataset_path_is_required(overrides: list[str], tmp_path: Path) -> None:
+    # jsonl builds on dialogsum: its hub id must not be left as the path
+    assert compose_cfg(overrides, tmp_path).dataset.path is None
 
 
 def test_real_experiment_uses_real_ids(tmp_path: Path) -> None:

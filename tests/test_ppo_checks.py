@@ -1,15 +1,19 @@
 """The PPO settings checks: every impossible value fails with a one-line error naming the
-field (the entrypoint's path is covered by test_bad_input.py)."""
+field, and the pipeline runs them before any stage (the entrypoint's messages are covered by
+test_bad_input.py)."""
 
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 
 from detox_exp.errors import ConfigError
+from detox_exp.pipeline import check_run_config
 from detox_exp.ppo.checks import check_hyperparameters, local_sizes
 from detox_exp.ppo.trainer import PPOTrainer
+from tests.test_config import compose_cfg
 
 DEFAULTS = {
     name: p.default
@@ -67,3 +71,26 @@ def test_local_sizes_split_the_batch_over_processes() -> None:
         local_sizes(32, 6, 1, world_size=4)
     with pytest.raises(ConfigError, match="ppo.gradient_accumulation_steps"):
         local_sizes(32, 8, 4, world_size=4)
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("ppo.mini_batch_size=3", "ppo.mini_batch_size"),
+        ("ppo.max_grad_norm=0", "ppo.max_grad_norm"),
+        ("ppo.optimizer.lr=-1", "ppo.optimizer.lr"),
+        ("ppo.score.clip=0", "ppo.score.clip"),
+    ],
+)
+def test_pipeline_checks_ppo_before_any_stage(tmp_path: Path, override: str, field: str) -> None:
+    cfg = compose_cfg(["experiment=demo", "debug=fast", override], tmp_path)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        check_run_config(cfg)
+    assert not (tmp_path / "run").exists()  # nothing written yet
+
+
+def test_pipeline_skips_ppo_checks_without_the_ppo_stage(tmp_path: Path) -> None:
+    cfg = compose_cfg(
+        ["experiment=demo", "debug=fast", "ppo.mini_batch_size=3", "stages.ppo=false"], tmp_path
+    )
+    check_run_config(cfg)

@@ -80,7 +80,7 @@ def test_step0_kl_is_zero_and_first_ratio_is_one(tiny_t5: Path, tmp_path: Path) 
     assert torch.count_nonzero(roll.kl) == 0
     idx = torch.arange(4)
     _, stats = trainer._loss(roll, idx)
-    assert stats["ppo/policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert stats[M.RATIO_MEAN] == pytest.approx(1.0, abs=1e-6)
     assert stats[M.CLIPFRAC] == 0.0
 
 

@@ -137,3 +137,10 @@ def test_unwritable_output_dir(standins, tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     overrides = local_overrides(standins, blocker / "run")
     check_one_line_error(run_cli(*overrides, cwd=ROOT), "paths.output_dir", "writable")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_uncreatable_output_dir(standins, tmp_path: Path) -> None:
+    # not a permission error: mkdir under /proc fails with ENOENT while Hydra sets up the job
+    overrides = local_overrides(standins, Path("/proc/detox_exp_no_such_dir/run"))
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), "paths.output_dir", "/proc")

@@ -20,7 +20,7 @@ def test_multirun_groups_jobs_and_survives_a_failing_job(demo_cache: Path, tmp_p
         "-m",
         "experiment=demo",
         "debug=fast",
-        "ppo.gamma=1.0,1.5",
+        "ppo.gamma=1.0,0.9,1.5",
         "logger.wandb.mode=offline",
         "stages.train_reward=false",
         "stages.evaluate_after=false",
@@ -32,19 +32,22 @@ def test_multirun_groups_jobs_and_survives_a_failing_job(demo_cache: Path, tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(x) for x in (sweep / "sweep_summary.jsonl").read_text().splitlines()]
     by_job = {r["job"]: r for r in rows}
-    assert by_job[0]["status"] == "ok" and by_job[1]["status"] == "failed"
-    assert "ppo.gamma" in by_job[1]["error"]
-    assert "ppo.gamma=1.5" in (sweep / "sweep_summary.md").read_text()
+    assert [by_job[j]["status"] for j in range(3)] == ["ok", "ok", "failed"]
+    assert "ppo.gamma" in by_job[2]["error"]
+    table = (sweep / "sweep_summary.md").read_text()
+    assert "ppo.gamma=1.5" in table
+    assert f"failed: {by_job[2]['error']}".replace("|", "/") in table  # the reason, too
     runs = [
         read_wandb_records(f)["run"]
         for f in sorted(sweep.glob("*/wandb/offline-run-*/run-*.wandb"))
     ]
+    # the bad config fails its checks before anything starts: no W&B run for that job
     assert len(runs) == 2 and len({r["id"] for r in runs}) == 2
     assert {r["group"] for r in runs} == {f"debug/{sweep.name}"}
     # job_type: the job's overrides (cut to W&B's 64 characters); tags: each override
     assert sorted(r["job_type"].lower() for r in runs) == [
         f"experiment=demo,debug=fast,ppo.gamma={g},stages.train_reward=false"[:64]
-        for g in ("1.0", "1.5")
+        for g in ("0.9", "1.0")
     ]
     assert any("ppo.gamma=1.0" in r["tags"] for r in runs)
 

@@ -108,7 +108,7 @@ class DialogueData:
 
     def __init__(
         self,
-        path: str,
+        path: str | None,
         prompt_template: str,
         revision: str | None = None,
         data_files: dict[str, str] | None = None,
@@ -122,6 +122,10 @@ class DialogueData:
         max_eval_samples: int | None = None,
         seed: int = 0,
     ) -> None:
+        if not path:
+            raise ConfigError(
+                "dataset.path", "is not set", "set dataset.path=FILE.jsonl (or a hub dataset id)"
+            )
         if "{dialogue}" not in prompt_template:
             raise ConfigError(
                 "dataset.prompt_template", "has no {dialogue} field", "add {dialogue}"

@@ -1,8 +1,11 @@
 """Checks of the PPO settings (``ppo.*``): each failure is a one-line error that names the
-field and the fix, raised before anything is built."""
+field and the fix. The pipeline runs them on the config before any stage
+(:func:`check_ppo_config`), so a typo does not cost a reward training and a baseline
+evaluation first; ``PPOTrainer`` runs them again on its own arguments."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,7 +54,12 @@ def check_hyperparameters(h: Mapping[str, Any]) -> None:
         f"use one of {KL_ESTIMATORS}",
     )
     norm = h["max_grad_norm"]
-    check(norm is None or norm > 0, "max_grad_norm", f"must be > 0, got {norm}", "or null")
+    check(
+        norm is None or norm > 0,
+        "max_grad_norm",
+        f"must be > 0, got {norm}",
+        "set it > 0, or null to turn it off",
+    )
     score = dict(h["score"] or {})
     check(
         set(score) <= {"scale", "normalize", "clip"},
@@ -60,7 +68,12 @@ def check_hyperparameters(h: Mapping[str, Any]) -> None:
         "use scale, normalize, clip",
     )
     clip = score.get("clip")
-    check(clip is None or clip > 0, "score.clip", f"must be > 0 or null, got {clip}", "or null")
+    check(
+        clip is None or clip > 0,
+        "score.clip",
+        f"must be > 0 or null, got {clip}",
+        "set it > 0, or null to turn it off",
+    )
     forward = h["forward_batch_size"]
     check(
         forward is None or forward >= 1,
@@ -101,3 +114,16 @@ def local_sizes(
         "lower it",
     )
     return batch_size // world_size, local_mini
+
+
+def check_ppo_config(ppo: Mapping[str, Any]) -> None:
+    """Check a ``ppo`` config node (the trainer's defaults fill in what it leaves out),
+    including ``ppo.optimizer.lr``. Only the checked keys are read (and resolved)."""
+    from detox_exp.ppo.trainer import PPOTrainer  # the trainer imports this module
+
+    params = inspect.signature(PPOTrainer).parameters.items()
+    values = {name: p.default for name, p in params if p.default is not inspect.Parameter.empty}
+    check_hyperparameters(values | {k: ppo[k] for k in values if k in ppo})
+    lr = (ppo.get("optimizer") or {}).get("lr")
+    if lr is not None:
+        check(lr > 0, "optimizer.lr", f"must be > 0, got {lr}", "use e.g. 1.41e-5")

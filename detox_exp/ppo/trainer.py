@@ -363,7 +363,7 @@ class PPOTrainer:
             M.POLICY_KL: pg_stats["policykl"].item(),
             M.CLIPFRAC: pg_stats["clipfrac"].item(),
             M.VALUE_CLIPFRAC: vf_stats["clipfrac"].item(),
-            "ppo/policy/ratio_mean": pg_stats["ratio_mean"].item(),
+            M.RATIO_MEAN: pg_stats["ratio_mean"].item(),
         }
         return loss, stats
 
