@@ -41,18 +41,27 @@ def _chain(err: BaseException):
         err = err.__cause__ or err.__context__
 
 
+def _stdlib(filename: str) -> bool:
+    """Whether ``filename`` is a module of Python's standard library (pathlib, os...)."""
+    stdlib = os.path.dirname(os.__file__)
+    parts = Path(filename).parts
+    return filename.startswith(stdlib) and not {"site-packages", "dist-packages"} & set(parts)
+
+
 def _run_dir_error(err: BaseException) -> bool:
     """An OSError from creating the run dir: a permission / not-a-folder error anywhere, or
-    any OSError (e.g. no such folder under /proc, a read-only file system) raised while
-    Hydra creates the run dir or its .hydra folder."""
+    any OSError (e.g. no such folder under /proc, a read-only file system) raised by the
+    ``mkdir`` with which Hydra creates the run dir or its .hydra folder. Errors of the job
+    itself also pass through Hydra's ``run_job`` (re-raised there), so the test is on the
+    innermost frame outside pathlib / os, where the error was raised."""
     if isinstance(err, (PermissionError, NotADirectoryError, FileExistsError)):
         return True
     if not isinstance(err, OSError):
         return False
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not _stdlib(f.filename)]
     hydra_setup = os.path.join("hydra", "core", "utils.py")
-    return any(
-        frame.filename.endswith(hydra_setup) and frame.name in ("run_job", "_save_config")
-        for frame in traceback.extract_tb(err.__traceback__)
+    return bool(frames) and (
+        frames[-1].filename.endswith(hydra_setup) and frames[-1].name in ("run_job", "_save_config")
     )
 
 
@@ -147,6 +156,7 @@ def main() -> None:
     sys.stderr = held = _HoldJobError(stderr)
     try:
         hydra_main()
+        held.release()  # a sweeper that tolerated a failed job: keep Hydra's line
     except Exception as err:
         sys.stderr = stderr
         message = bad_input_message(err)

@@ -108,7 +108,7 @@ def record_job(
     ]
     for r in rows:
         cells = [_fmt(r.get(k)) for k in SUMMARY_METRICS]
-        status = r["status"] + (f": {r['error']}" if r.get("error") else "")
+        status = r["status"] + (f": {' '.join(r['error'].split())}" if r.get("error") else "")
         lines.append(
             f"| {r['job']} | {' '.join(r['overrides'])} | {status.replace('|', '/')} | "
             + " | ".join(cells)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,8 @@ def test_unknown_group_option(tmp_path: Path) -> None:
 
 def test_slurm_launcher_without_slurm(tmp_path: Path) -> None:
     # without the plugin: install the extra; with it but no cluster: srun is missing
+    if shutil.which("srun") or shutil.which("sbatch"):
+        pytest.skip("SLURM is reachable here: the sweep would be submitted")
     result = run_cli(
         "-m", "hydra/launcher=slurm", "experiment=demo", f"hydra.sweep.dir={tmp_path}", cwd=ROOT
     )
@@ -133,3 +137,32 @@ def test_full_traceback_on_request(tmp_path: Path, standins) -> None:
     overrides = local_overrides(standins, tmp_path) + ["ppo.gamma=1.5"]
     result = run_cli(*overrides, cwd=ROOT, env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_job_oserror_is_not_blamed_on_the_run_dir(tmp_path: Path, monkeypatch) -> None:
+    # Hydra re-raises a job's exception from run_job: a file the job cannot read is a crash
+    # with its traceback, not "choose a writable hydra.run.dir"
+    import sys
+
+    import detox_exp.pipeline
+    from detox_exp import cli
+
+    def job(cfg):
+        (tmp_path / "missing" / "config.json").read_text()
+
+    monkeypatch.setattr(detox_exp.pipeline, "run_task", job)
+    monkeypatch.setattr(sys, "argv", ["detox-exp", "logger=none", f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(FileNotFoundError):
+        cli.main()
+
+
+def test_hydra_job_error_line_is_held_until_released() -> None:
+    from detox_exp.cli import _HoldJobError
+
+    stream = io.StringIO()
+    held = _HoldJobError(stream)
+    held.write("progress\n")
+    held.write("Error executing job with overrides: ['seed=1']\n")
+    assert stream.getvalue() == "progress\n"  # dropped if our one-line error follows
+    held.release()  # a crash, or a sweeper that went on: Hydra's line is kept
+    assert stream.getvalue().endswith("overrides: ['seed=1']\n")

@@ -82,6 +82,21 @@ def test_bad_template_and_fraction() -> None:
         DialogueData(path="x.jsonl", prompt_template=TEMPLATE, eval_split=None, eval_fraction=1.5)
 
 
+def test_path_or_data_files_required(dialogues_file: Path, tiny_t5: Path) -> None:
+    with pytest.raises(ConfigError, match="dataset.path: is not set"):
+        DialogueData(path=None, prompt_template=TEMPLATE)
+    # data_files names the files instead of path (dialogsum.yaml): no path needed
+    data = DialogueData(
+        path=None,
+        data_files={"train": str(dialogues_file)},
+        prompt_template=TEMPLATE,
+        eval_split=None,
+        eval_fraction=0.2,
+        min_chars=200,
+    )
+    assert len(data.prepare(load_tokenizer(str(tiny_t5))).train) == 48
+
+
 def test_malformed_jsonl_reports_line(tmp_path: Path, tiny_t5: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"id": 1}) + "\n\n[1, 2]\n")

@@ -75,3 +75,17 @@ def test_optuna_search_two_trials(demo_cache: Path, tmp_path: Path) -> None:
     rows = [json.loads(x) for x in (sweep / "sweep_summary.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
     assert min(r["objective"] for r in rows) == pytest.approx(best["best_value"])
+
+
+def test_summary_table_keeps_one_row_per_job(tmp_path: Path) -> None:
+    from detox_exp.sweeps import JobInfo, record_job
+
+    error = "InstantiationException: Error in call to 'int':\nValueError('a | b')"
+    record_job(JobInfo(True, 0, ["seed=1"], tmp_path), "failed", {}, tmp_path / "0", error)
+    record_job(JobInfo(True, 1, ["seed=2"], tmp_path), "ok", {}, tmp_path / "1")
+    rows = (tmp_path / "sweep_summary.md").read_text().splitlines()
+    assert len(rows) == 4  # header, rule, two jobs
+    assert "failed: InstantiationException: Error in call to 'int': ValueError('a / b')" in rows[2]
+    assert (
+        json.loads((tmp_path / "sweep_summary.jsonl").read_text().splitlines()[0])["error"] == error
+    )

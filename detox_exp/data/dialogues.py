@@ -122,9 +122,11 @@ class DialogueData:
         max_eval_samples: int | None = None,
         seed: int = 0,
     ) -> None:
-        if not path:
+        if not path and not data_files:
             raise ConfigError(
-                "dataset.path", "is not set", "set dataset.path=FILE.jsonl (or a hub dataset id)"
+                "dataset.path",
+                "is not set",
+                "set dataset.path=FILE.jsonl (or a hub dataset id, or dataset.data_files)",
             )
         if "{dialogue}" not in prompt_template:
             raise ConfigError(

@@ -13,6 +13,24 @@ from detox_exp.errors import ConfigError
 from detox_exp.ppo.core import KL_ESTIMATORS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# The PPOTrainer arguments that check_hyperparameters reads.
+CHECKED = (
+    "steps",
+    "batch_size",
+    "mini_batch_size",
+    "gradient_accumulation_steps",
+    "ppo_epochs",
+    "gamma",
+    "lam",
+    "cliprange",
+    "cliprange_value",
+    "kl_estimator",
+    "max_grad_norm",
+    "score",
+    "forward_batch_size",
+    "precision",
+    "on_nonfinite",
+)
 
 
 def check(condition: bool, field: str, problem: str, fix: str) -> None:
@@ -22,7 +40,8 @@ def check(condition: bool, field: str, problem: str, fix: str) -> None:
 
 
 def check_hyperparameters(h: Mapping[str, Any]) -> None:
-    """Check the arguments of ``PPOTrainer`` (``h``: its keyword arguments by name)."""
+    """Check the arguments of ``PPOTrainer`` (``h``: its keyword arguments by name; only
+    the ``CHECKED`` ones are read)."""
     steps, batch_size, mini_batch_size = h["steps"], h["batch_size"], h["mini_batch_size"]
     accum = h["gradient_accumulation_steps"]
     check(steps >= 0, "steps", f"must be >= 0, got {steps}", "set ppo.steps=20")
@@ -121,9 +140,8 @@ def check_ppo_config(ppo: Mapping[str, Any]) -> None:
     including ``ppo.optimizer.lr``. Only the checked keys are read (and resolved)."""
     from detox_exp.ppo.trainer import PPOTrainer  # the trainer imports this module
 
-    params = inspect.signature(PPOTrainer).parameters.items()
-    values = {name: p.default for name, p in params if p.default is not inspect.Parameter.empty}
-    check_hyperparameters(values | {k: ppo[k] for k in values if k in ppo})
+    params = inspect.signature(PPOTrainer).parameters
+    check_hyperparameters({k: ppo[k] if k in ppo else params[k].default for k in CHECKED})
     lr = (ppo.get("optimizer") or {}).get("lr")
     if lr is not None:
         check(lr > 0, "optimizer.lr", f"must be > 0, got {lr}", "use e.g. 1.41e-5")
