@@ -158,7 +158,6 @@ def main() -> None:
         hydra_main()
         held.release()  # a sweeper that tolerated a failed job: keep Hydra's line
     except Exception as err:
-        sys.stderr = stderr
         message = bad_input_message(err)
         if message is None or user_full_error:
             held.release()

@@ -144,4 +144,9 @@ def check_ppo_config(ppo: Mapping[str, Any]) -> None:
     check_hyperparameters({k: ppo[k] if k in ppo else params[k].default for k in CHECKED})
     lr = (ppo.get("optimizer") or {}).get("lr")
     if lr is not None:
-        check(lr > 0, "optimizer.lr", f"must be > 0, got {lr}", "use e.g. 1.41e-5")
+        check_lr(lr)
+
+
+def check_lr(lr: float) -> None:
+    """``ppo.optimizer.lr`` must be positive."""
+    check(lr > 0, "optimizer.lr", f"must be > 0, got {lr}", "use e.g. 1.41e-5")

@@ -27,7 +27,7 @@ from detox_exp.checkpoint import CheckpointManager, restore_trainer, trainer_sta
 from detox_exp.distributed import Dist, masked_whiten_global, write_param_digest
 from detox_exp.errors import TrainingError
 from detox_exp.ppo import core
-from detox_exp.ppo.checks import check, check_hyperparameters, local_sizes
+from detox_exp.ppo.checks import check_hyperparameters, check_lr, local_sizes
 from detox_exp.ppo.experience import WIDTH_MULTIPLE, Experience
 from detox_exp.ppo.policy import ActorCritic, mixed_precision
 from detox_exp.ppo.rollout import (
@@ -138,8 +138,7 @@ class PPOTrainer:
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.policy, device_ids=ids)
         params = self.policy.trainable_parameters()
         self.optimizer = optimizer(params)
-        lr = self.optimizer.param_groups[0]["lr"]
-        check(lr > 0, "optimizer.lr", f"must be > 0, got {lr}", "use e.g. 1.41e-5")
+        check_lr(self.optimizer.param_groups[0]["lr"])
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
