@@ -92,10 +92,16 @@ def masked_whiten_global(x: torch.Tensor, mask: torch.Tensor, d: Dist, eps: floa
 
 
 def write_param_digest(
-    policy: torch.nn.Module, run_dir: str, rank: int, step: int, local_scores: torch.Tensor
+    policy: torch.nn.Module,
+    run_dir: str,
+    rank: int,
+    step: int,
+    local_scores: torch.Tensor,
+    samples_per_prompt: int = 1,
 ) -> None:
     """Debug (ppo.debug_param_digest): a hash of this process's trainable weights after
-    ``step``, so a test can check that every process holds the same weights."""
+    ``step``, so a test can check that every process holds the same weights, and this
+    process's scores by group (rows p * k ... p * k + k - 1 are prompt p's samples)."""
     import hashlib
     import json
     from pathlib import Path
@@ -111,6 +117,7 @@ def write_param_digest(
         "digest": digest.hexdigest(),
         "reward_sum": local_scores.sum().item(),
         "n": len(local_scores),
+        "group_scores": local_scores.view(-1, samples_per_prompt).tolist(),
     }
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")

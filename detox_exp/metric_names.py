@@ -1,12 +1,16 @@
 """Every logged metric name, defined once (trl-style namespaces)."""
 
 # PPO, logged every step (metrics.jsonl lines also carry the global "step")
-KL = "objective/kl"  # mean over samples of the summed per-token KL(policy || reference)
+# mean over samples of the summed per-token KL(policy || reference), by ppo.kl_log_estimator
+# (never negative); the adaptive KL controller reads it
+KL = "objective/kl"
+KL_REWARD = "objective/kl_reward"  # the same, by ppo.kl_estimator (the one in the reward)
 KL_COEF = "objective/kl_coef"
 ENTROPY = "objective/entropy"  # mean per-token entropy of the policy on its responses
 LOSS_POLICY = "ppo/loss/policy"
 LOSS_VALUE = "ppo/loss/value"
 LOSS_TOTAL = "ppo/loss/total"
+LOSS_KL = "ppo/loss/kl"  # the KL term in the loss (ppo.kl_loss_coef > 0), before its weight
 APPROX_KL = "ppo/policy/approxkl"
 POLICY_KL = "ppo/policy/policykl"
 CLIPFRAC = "ppo/policy/clipfrac"
@@ -31,6 +35,8 @@ SAMPLES_PER_S = "perf/samples_per_s"
 MEDIAN_STEP_S = "perf/median_step_s"  # summary: median over the steps after the first
 PEAK_RSS_MB = "perf/peak_rss_mb"  # summary: peak resident memory of the process
 PEAK_CUDA_MB = "perf/peak_cuda_mb"  # summary, CUDA runs: peak GPU memory held by tensors
+GROUP_ZERO_STD = "ppo/group/zero_std_fraction"  # groups whose k scores are all equal
+GROUP_REWARD_STD = "ppo/group/reward_std"  # mean over groups of the std of their k scores
 SKIPPED_BATCHES = "ppo/skipped_batches"  # batches dropped for NaN / inf (ppo.on_nonfinite=skip)
 SAMPLES_TABLE = "samples"
 

@@ -31,7 +31,16 @@ from detox_exp.utils import keep_freed_memory, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
-REPORT_KEYS = ("toxicity_mean", "toxic_fraction", "rouge_l", "response_len_mean")
+REPORT_KEYS = (
+    "toxicity_mean",
+    "toxic_fraction",
+    "rouge_l",
+    "distinct_2",
+    "unique_fraction",
+    "top_response_fraction",
+    "response_len_mean",
+    "kl_to_reference",
+)
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -248,7 +257,9 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
         from detox_exp.evaluation import report
 
         before, after = results["before"], results["after"]
-        tracker.log_summary(report.paired_deltas(before, after, evaluator.bootstrap))
+        tracker.log_summary(
+            report.paired_deltas(before, after, evaluator.bootstrap, evaluator.threshold)
+        )
         tracker.log_table(
             "eval/side_by_side",
             report.SIDE_BY_SIDE_COLUMNS,

@@ -76,7 +76,7 @@ def test_real_experiment_uses_real_ids(tmp_path: Path) -> None:
     cfg = compose_cfg(["experiment=flan_t5_dialogsum"], tmp_path)
     assert cfg.model.name_or_path == "google/flan-t5-base"
     assert cfg.reward.name_or_path == "facebook/roberta-hate-speech-dynabench-r4-target"
-    assert cfg.reward.nontoxic_label == "nothate" and cfg.reward.reward_type == "logit"
+    assert cfg.reward.nontoxic_label == "nothate" and cfg.reward.reward_type == "log_prob"
     assert cfg.dataset.path == "knkarthick/dialogsum"
     assert cfg.dataset.prompt_template.startswith("Summarize the following conversation.\n\n")
     assert cfg.dataset.prompt_template.endswith("\n\nSummary: ")
@@ -87,6 +87,10 @@ def test_real_experiment_uses_real_ids(tmp_path: Path) -> None:
     assert cfg.stages.train_reward is False
 
 
-def test_default_kl_estimator_is_non_negative(tmp_path: Path) -> None:
-    cfg = compose_cfg([], tmp_path)
-    assert cfg.ppo.kl_estimator in ("k2", "k3", "full")
+def test_default_kl_design(tmp_path: Path) -> None:
+    """The reward's KL term is k1 (the right gradient); the logged KL never negative."""
+    for overrides in ([], ["experiment=flan_t5_dialogsum"], ["experiment=demo"]):
+        cfg = compose_cfg(overrides, tmp_path)
+        assert cfg.ppo.kl_estimator == "k1"
+        assert cfg.ppo.kl_log_estimator in ("k3", "full")
+        assert cfg.reward.reward_type == "log_prob"

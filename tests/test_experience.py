@@ -16,6 +16,7 @@ def _experience(query_lengths: list[int], response_lengths: list[int]) -> Experi
     per_token = torch.arange(rows * t, dtype=torch.float32).reshape(rows, t)
     return Experience(
         indices=list(range(rows)),
+        samples_per_prompt=1,
         query=torch.arange(rows * s).reshape(rows, s),
         query_mask=lengths_mask(query_lengths, s).long(),
         response=torch.arange(rows * t).reshape(rows, t),
@@ -28,6 +29,7 @@ def _experience(query_lengths: list[int], response_lengths: list[int]) -> Experi
         values=per_token + 1,
         entropy=per_token,
         kl=per_token,
+        kl_reward=per_token,
         rewards=per_token,
         advantages=per_token + 2,
         returns=per_token + 3,

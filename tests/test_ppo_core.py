@@ -167,14 +167,18 @@ def test_compute_rewards_k1_by_hand():
     assert_close(rewards, [[-0.05, 0.0, 2.1], [-1.1, 0.0, 0.0]])
 
 
-def test_compute_rewards_k3_default_and_padding():
+def test_compute_rewards_k3_and_padding():
     # row 0 has 2 tokens: p = 0.5, q = 0.25 (k3 = ln 2 - 0.5); p = q (k3 = 0); pad has garbage
     logp = t([[math.log(0.5), -1.0, math.nan], [-1.0, -1.0, -1.0]])
     ref = t([[math.log(0.25), -1.0, 0.0], [-1.0, -1.0, -1.0]])
     mask = torch.tensor([[True, True, False], [True, True, True]])
-    rewards, kl = compute_rewards(t([1.0, 3.0]), logp, ref, mask, kl_coef=0.5)
+    rewards, kl = compute_rewards(t([1.0, 3.0]), logp, ref, mask, kl_coef=0.5, estimator="k3")
     assert_close(kl, [[LN2 - 0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
     assert_close(rewards, [[-0.5 * (LN2 - 0.5), 1.0, 0.0], [0.0, 0.0, 3.0]])
+    # the default is k1 (the estimator whose reward gradient is grad KL): ln 2 at token 0
+    rewards, kl = compute_rewards(t([1.0, 3.0]), logp, ref, mask, kl_coef=0.5)
+    assert_close(kl, [[LN2, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert_close(rewards, [[-0.5 * LN2, 1.0, 0.0], [0.0, 0.0, 3.0]])
 
 
 def test_last_token_index_and_empty_row():
@@ -370,3 +374,57 @@ def test_row_chunks_give_bit_identical_logprobs_and_entropy(dtype: torch.dtype) 
     assert torch.equal(chunked, logprobs_from_logits(logits, labels))
     entropy = in_row_chunks(entropy_from_logits, logits, rows=2)
     assert torch.equal(entropy, entropy_from_logits(logits))
+
+
+# --- group advantages and loss aggregation -------------------------------------------------
+
+
+def test_group_advantages_by_hand():
+    from detox_exp.ppo.core import group_advantages
+
+    scores = t([[1.0, 2.0, 3.0, 6.0], [0.7, 0.7, 0.7, 0.7]])
+    # rloo: s_i - mean of the other three: 1 - 11/3, 2 - 10/3, 3 - 3, 6 - 2
+    assert_close(group_advantages(scores, "rloo")[0], [-8 / 3, -4 / 3, 0.0, 4.0])
+    # dr_grpo: s - mean (mean 3)
+    assert_close(group_advantages(scores, "dr_grpo")[0], [-2.0, -1.0, 0.0, 3.0])
+    # grpo: (s - 3) / (unbiased std sqrt(14 / 3) + eps)
+    std = math.sqrt(14 / 3)
+    assert_close(group_advantages(scores, "grpo", eps=0.0)[0], [-2 / std, -1 / std, 0.0, 3 / std])
+    # a group whose scores are all equal carries no signal: exactly 0 (not round-off)
+    for estimator in ("rloo", "grpo", "dr_grpo"):
+        assert torch.equal(
+            group_advantages(scores, estimator)[1], torch.zeros(4, dtype=scores.dtype)
+        )
+    # 0.1 has no exact binary mean: (s - mean) alone would not be 0
+    assert torch.equal(
+        group_advantages(t([[0.1] * 3]), "grpo"), torch.zeros(1, 3, dtype=torch.float64)
+    )
+    with pytest.raises(ValueError, match="k >= 2"):
+        group_advantages(t([[1.0], [2.0]]), "rloo")
+
+
+@pytest.mark.parametrize(
+    "mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+)
+def test_aggregate_loss_by_hand_and_parts_add_up(mode: str) -> None:
+    from detox_exp.ppo.core import aggregate_loss
+
+    loss = t([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0], [5.0, 6.0, 9.0, 9.0]])
+    mask = t([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]])
+    expected = {
+        "token-mean": 21.0 / 6,  # (1 + 2 + 3 + 4 + 5 + 6) / 6 tokens
+        "seq-mean-token-mean": (2.0 + 4.0 + 5.5) / 3,
+        "seq-mean-token-sum": (6.0 + 4.0 + 11.0) / 3,
+        "seq-mean-token-sum-norm": 21.0 / (3 * 8),  # horizon 8
+    }[mode]
+    whole = aggregate_loss(loss, mask, mode, horizon=8)
+    assert_close(whole, expected)
+    # split into parts (micro-batches / processes) with the whole's counts: the parts add up
+    parts = [
+        aggregate_loss(loss[rows], mask[rows], mode, num_seqs=3, num_tokens=6, horizon=8)
+        for rows in ([0, 1], [2])
+    ]
+    assert_close(sum(parts), expected)
+    if mode == "token-mean":  # a mean of the parts' own means differs: (2.5 + 5.5) / 2 = 4
+        own = [aggregate_loss(loss[rows], mask[rows], mode) for rows in ([0, 1], [2])]
+        assert_close(sum(own) / 2, 4.0)

@@ -105,8 +105,11 @@ def test_fp32_step_logits_match_the_model(
     tokens = _tokens(ids)
     want = _step_logits(model, ids, mask, tokens, fast=False)
     got = _step_logits(model, ids, mask, tokens, fast=True)
-    assert want.abs().max() > 1.0  # non-trivial logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    scale = want.abs().max().item()
+    assert scale > 1.0  # non-trivial logits
+    # float32 round-off grows with the logits' scale (mT5's are not scaled by d_model^-0.5,
+    # so they are ~6x T5's): agree to 1e-5 of the largest logit
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_unfolded_lora_matches_too(tiny_t5: Path) -> None:

@@ -22,6 +22,7 @@ from detox_exp.errors import ConfigError
 from detox_exp.evaluation.metrics import (
     distinct_n,
     expected_max_toxicity,
+    response_collapse,
     rouge_l_per_example,
     rouge_scores,
     toxicity_probability,
@@ -48,7 +49,14 @@ class EvalResult:
     metrics: dict[str, float]  # keys eval/<phase>/<name>
     toxicity: np.ndarray  # [n_prompts, k] toxicity of each sample
     rouge_l: np.ndarray  # [n_prompts, k]
+    lengths: np.ndarray  # [n_prompts, k] response length in tokens, EOS excluded
     records: list[dict[str, Any]] = field(default_factory=list)
+
+    def responses(self) -> list[list[str]]:
+        """Each prompt's k responses, in prompt order."""
+        k = self.toxicity.shape[1]
+        texts = [r["response"] for r in self.records]
+        return [texts[i : i + k] for i in range(0, len(texts), k)]
 
     @classmethod
     def load(cls, run_dir: str | Path, phase: str) -> EvalResult:
@@ -59,9 +67,9 @@ class EvalResult:
         k = int(metrics["samples_per_prompt"])
         toxicity = np.array([r["toxicity"]["reward"] for r in records]).reshape(-1, k)
         rouge_l = np.array([r["rouge_l"] for r in records]).reshape(-1, k)
-        return cls(
-            phase, {f"eval/{phase}/{n}": v for n, v in metrics.items()}, toxicity, rouge_l, records
-        )
+        lengths = np.array([r["length"] for r in records], dtype=float).reshape(-1, k)
+        metrics = {f"eval/{phase}/{n}": v for n, v in metrics.items()}
+        return cls(phase, metrics, toxicity, rouge_l, lengths, records)
 
 
 def sequence_kl(
@@ -176,6 +184,7 @@ class Evaluator:
         metrics |= {
             "distinct_1": distinct_n(responses, 1),
             "distinct_2": distinct_n(responses, 2),
+            **response_collapse(responses),
             "response_len_mean": float(lengths.mean()),
             "empty_fraction": float(np.mean([not r for r in responses])),
             # exact KL(policy || reference) summed over each response's tokens
@@ -201,6 +210,7 @@ class Evaluator:
                 "toxicity": {name: float(values[n]) for name, values in judged.items()},
                 "reward": float(scores.reward[n]),
                 "rouge_l": float(rouge_l[i, s]),
+                "length": int(lengths[n]),
             }
             for n, (i, s) in enumerate(rows)
         ]
@@ -219,5 +229,6 @@ class Evaluator:
             metrics={f"eval/{phase}/{k}": v for k, v in metrics.items()},
             toxicity=toxicity,
             rouge_l=rouge_l,
+            lengths=lengths.reshape(len(prompts), self.k),
             records=records,
         )

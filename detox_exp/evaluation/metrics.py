@@ -10,7 +10,7 @@ Contents
 * Toxicity: :func:`toxicity_stats`, :func:`expected_max_toxicity`,
   :func:`toxicity_probability` (the latter two follow RealToxicityPrompts,
   Gehman et al. 2020).
-* Generation quality: :func:`distinct_n`, :func:`rouge_scores`,
+* Generation quality: :func:`distinct_n`, :func:`response_collapse`, :func:`rouge_scores`,
   :func:`rouge_l_per_example`, :func:`response_length_stats`.
 * Before/after comparison: :func:`paired_bootstrap_ci`.
 """
@@ -18,7 +18,7 @@ Contents
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,8 @@ __all__ = [
     "distinct_n",
     "expected_max_toxicity",
     "paired_bootstrap_ci",
+    "paired_bootstrap_corpus",
+    "response_collapse",
     "response_length_stats",
     "rouge_l_per_example",
     "rouge_scores",
@@ -161,16 +163,47 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if isinstance(texts, str):
         raise ValueError("texts must be a sequence of strings, not a single string")
-    total = 0
-    unique: set[tuple[str, ...]] = set()
-    for text in texts:
-        tokens = text.lower().split()
-        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-        total += len(grams)
-        unique.update(grams)
+    return distinct_of_grams([ngrams(text, n) for text in texts])
+
+
+def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """The word n-grams of one text (lowercased, split on whitespace), as :func:`distinct_n`
+    counts them."""
+    tokens = text.lower().split()
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_of_grams(grams: Sequence[Sequence[tuple[str, ...]]]) -> float:
+    """Distinct-n from each text's n-grams (:func:`ngrams`): unique / total, 0.0 if none."""
+    total = sum(len(g) for g in grams)
     if total == 0:
         return 0.0
-    return len(unique) / total
+    return len(set().union(*grams)) / total
+
+
+def response_collapse(texts: Sequence[str]) -> dict[str, float]:
+    """How many different responses there are: a policy that collapses onto a few sentences
+    shows here long before ROUGE notices.
+
+    Returns:
+        ``unique_fraction``: distinct responses / responses (exact string match after
+        stripping whitespace).
+        ``top_response_fraction``: share of the most frequent response.
+
+    Raises:
+        ValueError: If ``texts`` is empty or a single string.
+    """
+    if isinstance(texts, str):
+        raise ValueError("texts must be a sequence of strings, not a single string")
+    if len(texts) == 0:
+        raise ValueError("texts must be non-empty")
+    counts: dict[str, int] = {}
+    for text in texts:
+        counts[text.strip()] = counts.get(text.strip(), 0) + 1
+    return {
+        "unique_fraction": len(counts) / len(texts),
+        "top_response_fraction": max(counts.values()) / len(texts),
+    }
 
 
 @functools.lru_cache(maxsize=1)
@@ -342,17 +375,29 @@ def paired_bootstrap_ci(
 
     stat = np.mean if statistic == "mean" else np.median
     diff = a - b
-
-    delta = float(stat(diff))
-    base = float(stat(b))
-    rel_delta = delta / base if base != 0.0 else float("nan")
-
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_resamples, n))
-    delta_s = stat(diff[idx], axis=1)
-    before_s = stat(b[idx], axis=1)
-    after_s = stat(a[idx], axis=1)
+    return _bootstrap_summary(
+        float(stat(diff)),
+        float(stat(b)),
+        stat(diff[idx], axis=1),
+        stat(b[idx], axis=1),
+        stat(a[idx], axis=1),
+        confidence,
+    )
 
+
+def _bootstrap_summary(
+    delta: float,
+    base: float,
+    delta_s: np.ndarray,
+    before_s: np.ndarray,
+    after_s: np.ndarray,
+    confidence: float,
+) -> dict[str, float]:
+    """CI, relative change and p-value from the observed ``delta`` and its resamples (see
+    :func:`paired_bootstrap_ci` for the definitions)."""
+    rel_delta = delta / base if base != 0.0 else float("nan")
     alpha = 1.0 - float(confidence)
     q = [100.0 * alpha / 2.0, 100.0 * (1.0 - alpha / 2.0)]
     ci_low, ci_high = (float(v) for v in np.percentile(delta_s, q))
@@ -381,3 +426,36 @@ def paired_bootstrap_ci(
         "rel_ci_high": rel_ci_high,
         "p_value": p_value,
     }
+
+
+def paired_bootstrap_corpus(
+    before: Sequence[Any],
+    after: Sequence[Any],
+    metric: Callable[[Sequence[Any]], float],
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Paired bootstrap of a CORPUS-level metric (distinct-n, a fraction over all samples):
+    the prompts are resampled with replacement (the same indices before and after) and
+    ``metric`` is recomputed on each resample, rather than averaging per-prompt values.
+
+    ``before[i]``, ``after[i]``: prompt i's items (e.g. its k responses) before / after;
+    ``metric`` maps a list of such items to a float. Same output keys as
+    :func:`paired_bootstrap_ci`, with ``delta = metric(after) - metric(before)``.
+    """
+    if len(before) != len(after):
+        raise ValueError(
+            f"before and after must be paired, got lengths {len(before)} and {len(after)}"
+        )
+    n = len(before)
+    if n < 2:
+        raise ValueError(f"paired bootstrap needs at least 2 paired values, got {n}")
+    if not 0.0 < confidence < 1.0 or n_resamples < 1:
+        raise ValueError("eval.bootstrap: need n_resamples >= 1 and 0 < confidence < 1")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_resamples, n))
+    before_s = np.array([metric([before[i] for i in row]) for row in idx])
+    after_s = np.array([metric([after[i] for i in row]) for row in idx])
+    base, final = metric(list(before)), metric(list(after))
+    return _bootstrap_summary(final - base, base, after_s - before_s, before_s, after_s, confidence)

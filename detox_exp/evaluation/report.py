@@ -6,29 +6,70 @@ from collections.abc import Mapping
 from typing import Any
 
 from detox_exp.evaluation.evaluator import EvalResult
-from detox_exp.evaluation.metrics import paired_bootstrap_ci
+from detox_exp.evaluation.metrics import (
+    distinct_of_grams,
+    ngrams,
+    paired_bootstrap_ci,
+    paired_bootstrap_corpus,
+    response_collapse,
+)
 
-# per-prompt quantities that are paired between the two phases
-PAIRED = ("toxicity_mean", "rouge_l")
+# metrics whose change gets a paired bootstrap CI (prompts resampled, the same before / after)
+PAIRED = (
+    "toxicity_mean",
+    "toxic_fraction",
+    "rouge_l",
+    "response_len_mean",
+    "distinct_1",
+    "distinct_2",
+    "unique_fraction",
+)
 
 
 def paired_deltas(
-    before: EvalResult, after: EvalResult, bootstrap: Mapping[str, Any]
+    before: EvalResult,
+    after: EvalResult,
+    bootstrap: Mapping[str, Any],
+    toxic_threshold: float = 0.5,
 ) -> dict[str, float]:
     """``eval/delta/<metric>`` (+ ``_ci_low``, ``_ci_high``, ``_rel``, ``_p_value``).
 
-    Toxicity and ROUGE-L are paired per prompt (mean over the k samples of each prompt) and
-    resampled by prompt; other metrics get a plain after - before difference.
+    The ``PAIRED`` metrics get a paired bootstrap CI: means of per-prompt values (toxicity,
+    toxic fraction, ROUGE-L, length; the mean over a prompt's k samples) resample those
+    values; corpus-level metrics (distinct-n, unique fraction) are recomputed on every
+    resample of the prompts. Other metrics get a plain after - before difference.
     """
     out: dict[str, float] = {}
     per_prompt = {
         "toxicity_mean": (before.toxicity.mean(1), after.toxicity.mean(1)),
+        "toxic_fraction": (
+            (before.toxicity > toxic_threshold).mean(1),
+            (after.toxicity > toxic_threshold).mean(1),
+        ),
         "rouge_l": (before.rouge_l.mean(1), after.rouge_l.mean(1)),
+        "response_len_mean": (before.lengths.mean(1), after.lengths.mean(1)),
     }
-    for name, (b, a) in per_prompt.items():
-        if len(b) < 2:
-            continue
-        ci = paired_bootstrap_ci(b, a, **bootstrap)
+    cis = {}
+    if len(before.toxicity) >= 2:
+        for name, (b, a) in per_prompt.items():
+            cis[name] = paired_bootstrap_ci(b, a, **bootstrap)
+        corpus = {k: v for k, v in bootstrap.items() if k != "statistic"}
+        texts_b, texts_a = before.responses(), after.responses()
+        for n in (1, 2):
+            grams_b = [[g for t in texts for g in ngrams(t, n)] for texts in texts_b]
+            grams_a = [[g for t in texts for g in ngrams(t, n)] for texts in texts_a]
+            cis[f"distinct_{n}"] = paired_bootstrap_corpus(
+                grams_b, grams_a, distinct_of_grams, **corpus
+            )
+        cis["unique_fraction"] = paired_bootstrap_corpus(
+            texts_b,
+            texts_a,
+            lambda items: response_collapse([t for texts in items for t in texts])[
+                "unique_fraction"
+            ],
+            **corpus,
+        )
+    for name, ci in cis.items():
         key = f"eval/delta/{name}"
         out |= {
             key: ci["delta"],
@@ -42,7 +83,7 @@ def paired_deltas(
     for key, value in before.metrics.items():
         name = key.split("/")[-1]
         other = after.metrics.get(f"eval/{after.phase}/{name}")
-        if name in PAIRED or other is None or not isinstance(value, (int, float)):
+        if name in cis or other is None or not isinstance(value, (int, float)):
             continue
         out[f"eval/delta/{name}"] = float(other) - float(value)
         if value:

@@ -1,35 +1,20 @@
-"""Checks of the PPO settings (``ppo.*``): each failure is a one-line error that names the
-field and the fix. The pipeline runs them on the config before any stage
-(:func:`check_ppo_config`), so a typo does not cost a reward training and a baseline
-evaluation first; ``PPOTrainer`` runs them again on its own arguments."""
+"""Checks of the PPO settings (``ppo.*``, :class:`~detox_exp.ppo.settings.PPOSettings`):
+each failure is a one-line error that names the field and the fix. The pipeline runs them on
+the config before any stage (:func:`check_ppo_config`), so a typo does not cost a reward
+training and a baseline evaluation first; building the settings runs them again."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from detox_exp.errors import ConfigError
-from detox_exp.ppo.core import KL_ESTIMATORS
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-# The PPOTrainer arguments that check_hyperparameters reads.
-CHECKED = (
-    "steps",
-    "batch_size",
-    "mini_batch_size",
-    "gradient_accumulation_steps",
-    "ppo_epochs",
-    "gamma",
-    "lam",
-    "cliprange",
-    "cliprange_value",
-    "kl_estimator",
-    "max_grad_norm",
-    "score",
-    "forward_batch_size",
-    "precision",
-    "on_nonfinite",
+from detox_exp.ppo.core import KL_ESTIMATORS, KL_LOG_ESTIMATORS, KL_LOSS_ESTIMATORS
+from detox_exp.ppo.settings import (
+    ADVANTAGE_ESTIMATORS,
+    LOSS_AGG_MODES,
+    PRECISIONS,
+    PPOSettings,
 )
 
 
@@ -39,61 +24,98 @@ def check(condition: bool, field: str, problem: str, fix: str) -> None:
         raise ConfigError(f"ppo.{field}", problem, fix)
 
 
-def check_hyperparameters(h: Mapping[str, Any]) -> None:
-    """Check the arguments of ``PPOTrainer`` (``h``: its keyword arguments by name; only
-    the ``CHECKED`` ones are read)."""
-    steps, batch_size, mini_batch_size = h["steps"], h["batch_size"], h["mini_batch_size"]
-    accum = h["gradient_accumulation_steps"]
-    check(steps >= 0, "steps", f"must be >= 0, got {steps}", "set ppo.steps=20")
-    check(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}", "raise it")
-    check(mini_batch_size >= 1, "mini_batch_size", "must be >= 1", "raise it")
+def check_choice(s: PPOSettings, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(s, name)
+    check(value in choices, name, f"unknown {value!r}", f"use one of {choices}")
+
+
+def check_settings(s: PPOSettings) -> None:
+    """Every rule on the ``ppo.*`` settings that needs no process count (see local_sizes)."""
+    check(s.steps >= 0, "steps", f"must be >= 0, got {s.steps}", "set ppo.steps=20")
+    check(s.batch_size >= 1, "batch_size", f"must be >= 1, got {s.batch_size}", "raise it")
+    check(s.mini_batch_size >= 1, "mini_batch_size", "must be >= 1", "raise it")
     check(
-        batch_size % mini_batch_size == 0,
+        s.batch_size % s.mini_batch_size == 0,
         "mini_batch_size",
-        f"{mini_batch_size} does not divide ppo.batch_size={batch_size}",
+        f"{s.mini_batch_size} does not divide ppo.batch_size={s.batch_size}",
         "pick a divisor of the batch size",
     )
+    accum = s.gradient_accumulation_steps
     check(
-        accum >= 1 and mini_batch_size % accum == 0,
+        accum >= 1 and s.mini_batch_size % accum == 0,
         "gradient_accumulation_steps",
-        f"{accum} does not divide ppo.mini_batch_size={mini_batch_size}",
+        f"{accum} does not divide ppo.mini_batch_size={s.mini_batch_size}",
         "pick a divisor of the mini-batch size",
     )
-    check(h["ppo_epochs"] >= 1, "ppo_epochs", "must be >= 1", "raise it")
+    check(s.ppo_epochs >= 1, "ppo_epochs", "must be >= 1", "raise it")
+    k = s.samples_per_prompt
+    check(k >= 1, "samples_per_prompt", f"must be >= 1, got {k}", "use e.g. 4")
+    for name in ("batch_size", "mini_batch_size"):
+        size = getattr(s, name)
+        check(
+            size % k == 0,
+            name,
+            f"{size} is not a multiple of ppo.samples_per_prompt={k} (sizes count samples, "
+            "and a group never splits)",
+            f"use a multiple of {k}",
+        )
+    check(
+        (s.mini_batch_size // accum) % k == 0,
+        "gradient_accumulation_steps",
+        f"a micro-batch of {s.mini_batch_size // accum} samples would split a group of {k}",
+        f"make ppo.mini_batch_size / ppo.gradient_accumulation_steps a multiple of {k}",
+    )
+    check_choice(s, "advantage_estimator", ADVANTAGE_ESTIMATORS)
+    check(
+        s.uses_critic or k >= 2,
+        "samples_per_prompt",
+        f"{s.advantage_estimator} needs a group of >= 2 samples per prompt, got {k}",
+        "set ppo.samples_per_prompt=4",
+    )
+    check(
+        s.uses_critic or not s.separate_value_model,
+        "separate_value_model",
+        f"{s.advantage_estimator} has no value model",
+        "set it to false, or use ppo.advantage_estimator=gae",
+    )
+    check_choice(s, "loss_agg_mode", LOSS_AGG_MODES)
     for name, example in (("gamma", "1.0"), ("lam", "0.95")):
-        value = h[name]
+        value = getattr(s, name)
         check(0 <= value <= 1, name, f"must be in [0, 1], got {value}", f"use e.g. {example}")
     for name in ("cliprange", "cliprange_value"):
-        check(h[name] > 0, name, f"must be > 0, got {h[name]}", "use e.g. 0.2")
-    estimator = h["kl_estimator"]
+        value = getattr(s, name)
+        check(value > 0, name, f"must be > 0, got {value}", "use e.g. 0.2")
+    check(s.group_eps > 0, "group_eps", f"must be > 0, got {s.group_eps}", "use e.g. 1e-6")
+    check_choice(s, "kl_estimator", KL_ESTIMATORS)
+    check_choice(s, "kl_log_estimator", KL_LOG_ESTIMATORS)
+    check_choice(s, "kl_loss_estimator", KL_LOSS_ESTIMATORS)
     check(
-        estimator in KL_ESTIMATORS,
-        "kl_estimator",
-        f"unknown {estimator!r}",
-        f"use one of {KL_ESTIMATORS}",
+        s.kl_loss_coef >= 0,
+        "kl_loss_coef",
+        f"must be >= 0, got {s.kl_loss_coef}",
+        "use 0 (off) or e.g. 0.04",
     )
-    norm = h["max_grad_norm"]
+    norm = s.max_grad_norm
     check(
         norm is None or norm > 0,
         "max_grad_norm",
         f"must be > 0, got {norm}",
         "set it > 0, or null to turn it off",
     )
-    score = dict(h["score"] or {})
     check(
-        set(score) <= {"scale", "normalize", "clip"},
+        set(s.score) <= {"scale", "normalize", "clip"},
         "score",
-        f"unknown keys {score}",
+        f"unknown keys {s.score}",
         "use scale, normalize, clip",
     )
-    clip = score.get("clip")
+    clip = s.score.get("clip")
     check(
         clip is None or clip > 0,
         "score.clip",
         f"must be > 0 or null, got {clip}",
         "set it > 0, or null to turn it off",
     )
-    forward = h["forward_batch_size"]
+    forward = s.forward_batch_size
     check(
         forward is None or forward >= 1,
         "forward_batch_size",
@@ -101,50 +123,47 @@ def check_hyperparameters(h: Mapping[str, Any]) -> None:
         "null runs the whole batch at once",
     )
     check(
-        h["precision"] in PRECISIONS,
+        s.precision in PRECISIONS,
         "precision",
-        f"unknown {h['precision']!r}",
+        f"unknown {s.precision!r}",
         f"use one of {PRECISIONS} (the top-level precision sets it)",
     )
-    check(
-        h["on_nonfinite"] in ("error", "skip"),
-        "on_nonfinite",
-        f"unknown {h['on_nonfinite']!r}",
-        "use error or skip",
-    )
+    check_choice(s, "on_nonfinite", ("error", "skip"))
 
 
-def local_sizes(
-    batch_size: int, mini_batch_size: int, accum: int, world_size: int
-) -> tuple[int, int]:
-    """This process's (batch, mini-batch) sizes, checked against the number of processes."""
-    for name, size in (("batch_size", batch_size), ("mini_batch_size", mini_batch_size)):
+def local_sizes(s: PPOSettings, world_size: int) -> tuple[int, int]:
+    """This process's (batch, mini-batch) sizes in samples, checked against the number of
+    processes: every process holds whole groups of ``samples_per_prompt`` samples."""
+    unit = s.samples_per_prompt * world_size
+    for name in ("batch_size", "mini_batch_size"):
+        size = getattr(s, name)
         check(
-            size % world_size == 0,
+            size % unit == 0,
             name,
-            f"{size} is not divisible by the {world_size} processes",
-            "use a multiple",
+            f"{size} samples do not split into whole groups of {s.samples_per_prompt} over "
+            f"{world_size} processes",
+            f"use a multiple of {unit}",
         )
-    local_mini = mini_batch_size // world_size
+    local_mini = s.mini_batch_size // world_size
+    micro, rem = divmod(local_mini, s.gradient_accumulation_steps)
     check(
-        local_mini % accum == 0,
+        rem == 0 and micro % s.samples_per_prompt == 0,
         "gradient_accumulation_steps",
-        f"must divide the per-process mini-batch {local_mini}",
+        f"must split the per-process mini-batch of {local_mini} samples into whole groups",
         "lower it",
     )
-    return batch_size // world_size, local_mini
+    return s.batch_size // world_size, local_mini
 
 
-def check_ppo_config(ppo: Mapping[str, Any]) -> None:
-    """Check a ``ppo`` config node (the trainer's defaults fill in what it leaves out),
-    including ``ppo.optimizer.lr``. Only the checked keys are read (and resolved)."""
-    from detox_exp.ppo.trainer import PPOTrainer  # the trainer imports this module
-
-    params = inspect.signature(PPOTrainer).parameters
-    check_hyperparameters({k: ppo[k] if k in ppo else params[k].default for k in CHECKED})
+def check_ppo_config(ppo: Mapping[str, Any]) -> PPOSettings:
+    """Check a ``ppo`` config node against the schema (the schema's defaults fill in what it
+    leaves out), including ``ppo.optimizer.lr``; returns the settings."""
+    built = {"_target_", "_partial_", "optimizer", "kl_controller"}
+    settings = PPOSettings.from_mapping({k: ppo[k] for k in ppo if k not in built})
     lr = (ppo.get("optimizer") or {}).get("lr")
     if lr is not None:
         check_lr(lr)
+    return settings
 
 
 def check_lr(lr: float) -> None:

@@ -18,7 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "full")
+# Per-token KL(pi || ref) estimators. Which one goes where is a question of its GRADIENT, not
+# of its value (see kl_penalty and docs/kl.md):
+KL_ESTIMATORS = ("k1", "k2", "k3", "full")  # as a detached reward: ppo.kl_estimator
+KL_LOG_ESTIMATORS = ("k3", "full")  # logged and read by the controller: never negative
+KL_LOSS_ESTIMATORS = ("k2", "k3")  # as a loss term with its gradient flowing: kl_loss
 
 
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -115,6 +119,14 @@ def kl_penalty(
     - ``k3 = (r - 1) - log r``: unbiased, low variance, non-negative (log x <= x - 1).
     - ``full``: exact ``sum_v p_v (log p_v - log q_v)`` from ``logits``, ``ref_logits``
       ``[B, T, V]``; non-negative (clamped at 0 against rounding).
+
+    As a DETACHED per-token reward ``-beta * k`` (REINFORCE / PPO), the expected gradient of
+    the penalty is ``E_p[k grad log p]``: for k1 that is exactly ``grad KL(p || q)``; for k3 it
+    is ``grad KL(p || q) - grad KL(q || p)``, which nearly cancels near the reference (and can
+    point away from it); k2's, ``E_p[0.5 log^2(p/q) grad log p]``, is second order in
+    ``log(p/q)`` and vanishes near the reference like k3's; ``full`` carries no gradient for the
+    sampled token itself. Only k1
+    regularises as its name says; the others are for logging (``KL_LOG_ESTIMATORS``).
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"ppo.kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
@@ -153,7 +165,7 @@ def compute_rewards(
     ref_logprobs: Tensor,
     mask: Tensor,
     kl_coef: float,
-    estimator: str = "k3",
+    estimator: str = "k1",
     logits: Tensor | None = None,
     ref_logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -161,7 +173,9 @@ def compute_rewards(
 
     ``r_t = -kl_coef * KL_t`` on response tokens, plus the sequence score ``scores[b]`` (``[B]``)
     at the last response token of row b. Returns ``(rewards, kl)``, both ``[B, T]`` and 0
-    outside ``mask``. See ``kl_penalty`` for the other arguments.
+    outside ``mask``. The default k1 makes the penalty's expected policy gradient exactly
+    ``kl_coef * grad KL(pi || ref)``, so the objective is ``E[score] - kl_coef * KL`` (see
+    ``kl_penalty`` for the other estimators and arguments).
     """
     keep = mask.bool()
     kl = kl_penalty(logprobs, ref_logprobs, estimator, logits=logits, ref_logits=ref_logits)
@@ -173,6 +187,32 @@ def compute_rewards(
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last_token_index(mask)] += scores
     return rewards, kl
+
+
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token KL loss term WITH its gradient flowing (GRPO's ``beta * KL`` in the loss) ->
+    ``[B, T]``; callers take a masked mean and add ``ppo.kl_loss_coef`` times it.
+
+    ``logprobs`` (current policy, with grad) and ``ref_logprobs`` ``[B, T]`` of tokens sampled
+    from the policy p (on-policy; with several PPO epochs from the rollout's policy). The
+    expected gradient, x ~ p, each token's own term (the future tokens' dependence is not
+    differentiated, as in GRPO):
+
+    - ``k3 = q/p - 1 - log(q/p)``: ``E_p[(1 - q/p) grad log p] = grad KL(q || p)``, the
+      reverse ("mass-covering") direction: it pulls p toward covering q's support.
+    - ``k2 = 0.5 (log p - log q)^2``: ``E_p[(log p - log q) grad log p] = grad KL(p || q)``,
+      the same divergence as the reward's k1.
+
+    k1 in the loss has expected gradient ``E_p[grad log p] = 0`` (noise only) and is refused.
+    """
+    if estimator not in KL_LOSS_ESTIMATORS:
+        raise ValueError(
+            f"ppo.kl_loss_estimator must be one of {KL_LOSS_ESTIMATORS}, got {estimator!r}"
+        )
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    return torch.expm1(-log_ratio) + log_ratio
 
 
 def compute_gae(
@@ -205,21 +245,90 @@ def compute_gae(
     return advantages, returns
 
 
+def group_advantages(scores: Tensor, estimator: str, eps: float = 1e-6) -> Tensor:
+    """Critic-free advantages from ``scores`` ``[P, k]`` (k samples of each of P prompts) ->
+    ``[P, k]``, one per sample (every token of the sample gets it).
+
+    - ``rloo``: ``s_i - mean_{j != i} s_j``, the leave-one-out baseline (Kool et al. 2019,
+      Ahmadian et al. 2024 "Back to Basics"): unbiased, the baseline is independent of x_i.
+    - ``grpo``: ``(s_i - mean) / (std + eps)`` with the unbiased std over the group
+      (Shao et al. 2024, DeepSeekMath).
+    - ``dr_grpo``: ``s_i - mean`` (Liu et al. 2025, "Understanding R1-Zero-Like Training").
+
+    A group whose k scores are all equal carries no signal and gets exactly 0.
+    """
+    if scores.dim() != 2 or scores.shape[1] < 2:
+        raise ValueError(f"group_advantages: scores must be [P, k >= 2], got {tuple(scores.shape)}")
+    k = scores.shape[1]
+    mean = scores.mean(dim=1, keepdim=True)
+    if estimator == "rloo":
+        advantages = (scores - mean) * (k / (k - 1))  # = s_i - (sum - s_i) / (k - 1)
+    elif estimator == "grpo":
+        advantages = (scores - mean) / (scores.std(dim=1, keepdim=True) + eps)
+    elif estimator == "dr_grpo":
+        advantages = scores - mean
+    else:
+        raise ValueError(f"unknown group advantage estimator {estimator!r}")
+    flat = (scores == scores[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(flat, torch.zeros((), dtype=advantages.dtype), advantages)
+
+
+def aggregate_loss(
+    loss_mat: Tensor,
+    mask: Tensor,
+    mode: str = "token-mean",
+    num_seqs: float | None = None,
+    num_tokens: float | None = None,
+    horizon: int | None = None,
+) -> Tensor:
+    """Token losses ``[B, T]`` -> a scalar, with verl's ``loss_agg_mode`` names.
+
+    - ``token-mean``: ``sum(loss) / num_tokens`` (every token weighs the same; DAPO).
+    - ``seq-mean-token-mean``: mean over sequences of each one's token mean (GRPO).
+    - ``seq-mean-token-sum``: mean over sequences of each one's token sum.
+    - ``seq-mean-token-sum-norm``: ``sum(loss) / (num_seqs * horizon)``, a constant divisor
+      (Dr. GRPO; ``horizon`` = the generation's ``max_new_tokens``).
+
+    ``num_seqs`` / ``num_tokens`` are the sizes of the WHOLE minibatch this part belongs to
+    (over micro-batches and processes; default: this part's own), so that the parts' losses
+    add up to the loss of the whole: a sum divided by the global count, not a mean of means.
+    """
+    keep = mask.bool()
+    loss_mat = torch.where(keep, loss_mat, torch.zeros((), dtype=loss_mat.dtype))
+    num_seqs = loss_mat.shape[0] if num_seqs is None else num_seqs
+    if mode == "token-mean":
+        return loss_mat.sum() / (keep.sum() if num_tokens is None else num_tokens)
+    if mode == "seq-mean-token-mean":
+        return (loss_mat.sum(1) / keep.sum(1).clamp_min(1)).sum() / num_seqs
+    if mode == "seq-mean-token-sum":
+        return loss_mat.sum() / num_seqs
+    if mode == "seq-mean-token-sum-norm":
+        return loss_mat.sum() / (num_seqs * (horizon or loss_mat.shape[1]))
+    raise ValueError(f"ppo.loss_agg_mode: unknown {mode!r}")
+
+
 def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cliprange: float,
+    agg: Callable[[Tensor, Tensor], Tensor] = masked_mean,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), as a loss to minimise.
 
     ``logprobs`` (current policy, with grad), ``old_logprobs`` (rollout policy), ``advantages``,
-    ``mask``: ``[B, T]``. Returns ``(loss, stats)``; the scalar stats are detached:
-    ``clipfrac``, ``approxkl`` (k3 of KL(old || new)), ``policykl`` (k1), ``ratio_mean``.
+    ``mask``: ``[B, T]``. ``agg(token_losses, mask)`` reduces the token losses (default: their
+    masked mean; see ``aggregate_loss``). Returns ``(loss, stats)``; the scalar stats are
+    detached token means: ``clipfrac``, ``approxkl`` (k3 of KL(old || new)), ``policykl``
+    (k1), ``ratio_mean``.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     # Policy loss
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    loss = agg(torch.max(pg_loss1, pg_loss2), mask)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_loss2 > pg_loss1).to(ratio.dtype), mask),
@@ -232,11 +341,17 @@ def policy_loss(
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, cliprange_value: float
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    cliprange_value: float,
+    agg: Callable[[Tensor, Tensor], Tensor] = masked_mean,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss as in OpenAI baselines PPO2 / trl: ``0.5 * mean(max(l1, l2))``.
+    """Clipped value loss as in OpenAI baselines PPO2 / trl: ``0.5 * agg(max(l1, l2))``.
 
-    ``values`` (current, with grad), ``old_values`` (rollout), ``returns``, ``mask``: ``[B, T]``.
+    ``values`` (current, with grad), ``old_values`` (rollout), ``returns``, ``mask``: ``[B, T]``;
+    ``agg`` as in ``policy_loss``.
     ``l1 = (V - R)^2``, ``l2 = (V_old + clamp(V - V_old, -c, c) - R)^2``. Returns
     ``(loss, stats)`` with detached ``clipfrac`` (fraction where the clipped term is larger)
     and ``mse`` (masked mean of ``l1``).
@@ -244,7 +359,7 @@ def value_loss(
     vpredclipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     vf_losses1 = (values - returns) ** 2
     vf_losses2 = (vpredclipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    loss = 0.5 * agg(torch.max(vf_losses1, vf_losses2), mask)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((vf_losses2 > vf_losses1).to(values.dtype), mask),
@@ -365,7 +480,12 @@ class FixedKLController:
 
 class AdaptiveKLController:
     """Adaptive KL coefficient (Ziegler et al. 2019, section 2.2): moves ``value`` so that the
-    observed KL approaches ``target``, by at most 20% per ``horizon`` samples."""
+    observed KL approaches ``target``, by at most 20% per ``horizon`` samples.
+
+    ``horizon`` sets how fast it can act: over a run of N samples the coefficient can change
+    by at most a factor ``1.2 ** (N / horizon)``. Ziegler et al.'s 10,000 suits millions of
+    episodes; for a run of a few thousand samples it must be of the order of a batch, or the
+    coefficient stays where it started (``conf/ppo/kl_controller/adaptive.yaml``)."""
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
         _check_arg(

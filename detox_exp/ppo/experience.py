@@ -23,54 +23,69 @@ WIDTH_MULTIPLE = 16
 
 @dataclass
 class Minibatch:
-    """The rows of one optimisation micro-batch, right padding trimmed."""
+    """The groups of one optimisation micro-batch, right padding trimmed: ``p`` prompts and
+    their ``b = p * k`` samples."""
 
-    query: torch.Tensor  # [b, s] prompt ids
-    query_mask: torch.Tensor  # [b, s]
+    query: torch.Tensor  # [p, s] prompt ids, one row per prompt
+    query_mask: torch.Tensor  # [p, s]
     response: torch.Tensor  # [b, t] sampled ids
     mask: torch.Tensor  # [b, t] 1 up to and including the first EOS
     logprobs: torch.Tensor  # [b, t] log-probs under the rollout's policy ("old")
-    values: torch.Tensor  # [b, t] the rollout's value estimates
+    ref_logprobs: torch.Tensor  # [b, t] reference log-probs
+    values: torch.Tensor | None  # [b, t] the rollout's value estimates (gae only)
     advantages: torch.Tensor  # [b, t]
     returns: torch.Tensor  # [b, t]
 
 
 @dataclass
 class Experience:
-    """Everything PPO needs from one rollout, on the trainer's device."""
+    """Everything PPO needs from one rollout, on the trainer's device.
 
-    indices: list[int]  # the prompts' rows in the dataset
-    query: torch.Tensor  # [B, S] prompt ids
-    query_mask: torch.Tensor  # [B, S]
+    ``P`` prompts, each sampled ``k`` times: ``B = P * k`` samples, prompt p's samples in rows
+    ``p * k ... p * k + k - 1`` (a group). Prompt tensors have one row per prompt.
+    """
+
+    indices: list[int]  # [P] the prompts' rows in the dataset
+    samples_per_prompt: int  # k
+    query: torch.Tensor  # [P, S] prompt ids
+    query_mask: torch.Tensor  # [P, S]
     response: torch.Tensor  # [B, T] sampled ids, pad after the first EOS
     mask: torch.Tensor  # [B, T] float, 1 up to and including the first EOS
-    texts: list[str]  # the decoded responses
+    texts: list[str]  # [B] the decoded responses
     scores: torch.Tensor  # [B] raw reward-model scores
     toxicity: torch.Tensor  # [B] P(toxic) from the reward model
     logprobs: torch.Tensor  # [B, T] policy log-probs of the response tokens
     ref_logprobs: torch.Tensor  # [B, T] reference log-probs
-    values: torch.Tensor  # [B, T] value estimates
+    values: torch.Tensor | None  # [B, T] value estimates (gae only)
     entropy: torch.Tensor  # [B, T] policy entropy per position
-    kl: torch.Tensor  # [B, T] per-token KL estimate (ppo.kl_estimator)
-    rewards: torch.Tensor  # [B, T] -kl_coef * kl, plus the score on the last token
-    advantages: torch.Tensor  # [B, T] GAE, whitened if ppo.whiten_advantages
-    returns: torch.Tensor  # [B, T] advantages + values (before whitening)
+    kl: torch.Tensor  # [B, T] per-token KL for logging (ppo.kl_log_estimator, >= 0)
+    kl_reward: torch.Tensor  # [B, T] per-token KL in the reward (ppo.kl_estimator)
+    rewards: torch.Tensor  # [B, T] -kl_coef * kl_reward, plus the score on the last token
+    advantages: torch.Tensor  # [B, T] GAE (whitened if configured) or the group advantage
+    returns: torch.Tensor  # [B, T] advantages + values (gae) or the sequence reward
     timings: dict[str, float]  # seconds per rollout phase (time/*)
 
-    def minibatch(self, idx: torch.Tensor) -> Minibatch:
-        """Rows ``idx`` with the columns past the longest prompt / response among them
-        dropped (widths rounded up to ``WIDTH_MULTIPLE``)."""
+    def rows(self, groups: torch.Tensor) -> torch.Tensor:
+        """The sample rows [len(groups) * k] of the prompts (groups) ``groups``."""
+        k = self.samples_per_prompt
+        return (groups[:, None] * k + torch.arange(k, device=groups.device)).reshape(-1)
+
+    def minibatch(self, groups: torch.Tensor) -> Minibatch:
+        """The prompts ``groups`` and all their samples, with the columns past the longest
+        prompt / response among them dropped (widths rounded up to ``WIDTH_MULTIPLE``)."""
+        idx = self.rows(groups)
         mask = self.mask[idx]
-        query_mask = self.query_mask[idx]
+        query_mask = self.query_mask[groups]
         t = round_up(int(mask.sum(1).max().item()), WIDTH_MULTIPLE, mask.shape[1])
         s = round_up(int(query_mask.sum(1).max().item()), WIDTH_MULTIPLE, query_mask.shape[1])
         return Minibatch(
-            query=self.query[idx][:, :s],
+            query=self.query[groups][:, :s],
             query_mask=query_mask[:, :s],
             response=self.response[idx][:, :t],
             mask=mask[:, :t],
             logprobs=self.logprobs[idx][:, :t],
-            values=self.values[idx][:, :t],
+            ref_logprobs=self.ref_logprobs[idx][:, :t],
+            values=None if self.values is None else self.values[idx][:, :t],
             advantages=self.advantages[idx][:, :t],
             returns=self.returns[idx][:, :t],
         )

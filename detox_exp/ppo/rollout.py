@@ -157,11 +157,15 @@ def sample_responses(
     encoder_hidden: torch.Tensor | None = None,
     check_every: int = 4,
     step_decoder: bool = True,
+    samples_per_prompt: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched sampling with a KV cache. Returns (response_ids, mask), both [B, T].
+    """Batched sampling with a KV cache. Returns (response_ids, mask), both [P * k, T].
 
-    ``response_ids`` excludes the decoder start token and holds pad after the first EOS.
-    ``encoder_hidden`` [B, S, d]: the prompts' encoder output, if already computed. The loop
+    ``query_ids``, ``query_mask`` [P, S]: one row per prompt; ``samples_per_prompt`` k
+    responses are drawn for each (rows p * k ... p * k + k - 1 belong to prompt p), from
+    one encoder pass per prompt. ``response_ids`` excludes the decoder start token and holds
+    pad after the first EOS.
+    ``encoder_hidden`` [P, S, d]: the prompts' encoder output, if already computed. The loop
     stops once every row has ended, checked every ``check_every`` tokens (one host sync).
     ``step_decoder``: decode T5 with :mod:`detox_exp.ppo.t5_decoding` (same logits, a
     fraction of the per-token overhead); other models, or False, use the model's forward.
@@ -171,23 +175,27 @@ def sample_responses(
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     if encoder_hidden is None:
         encoder_hidden = encode(model, query_ids, query_mask)
-    encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden)
-    batch, cache_kwarg = query_ids.shape[0], _cache_kwarg(model)
+    k = samples_per_prompt
+    expanded_mask = query_mask.repeat_interleave(k, dim=0) if k > 1 else query_mask
+    batch, cache_kwarg = query_ids.shape[0] * k, _cache_kwarg(model)
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())  # updated in place
     token = torch.full((batch, 1), config.decoder_start_token_id, device=query_ids.device)
     done = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
     tokens = []
     with folded_adapter(model):
         fast = step_decoder and t5_decoding.prepare(
-            model, encoder_hidden, query_mask, sampling.max_new_tokens
+            model, encoder_hidden, query_mask, sampling.max_new_tokens, k
         )
+        if not fast:
+            hidden = encoder_hidden.repeat_interleave(k, dim=0) if k > 1 else encoder_hidden
+            encoder_outputs = BaseModelOutput(last_hidden_state=hidden)
         for step in range(sampling.max_new_tokens):
             if fast:
                 logits = fast.step(token).float()
             else:
                 logits = model(
                     encoder_outputs=encoder_outputs,
-                    attention_mask=query_mask,
+                    attention_mask=expanded_mask,
                     decoder_input_ids=token,
                     use_cache=True,
                     return_dict=True,

@@ -14,11 +14,24 @@ from transformers import PreTrainedTokenizerBase
 
 from detox_exp.ppo.policy import ActorCritic
 
-CARD_METRICS = ("toxicity_mean", "toxic_fraction", "rouge_l", "response_len_mean")
+CARD_METRICS = (
+    "toxicity_mean",
+    "toxic_fraction",
+    "rouge_l",
+    "distinct_2",
+    "unique_fraction",
+    "response_len_mean",
+    "kl_to_reference",
+)
 
 
 def model_card(summary: Mapping[str, Any], config: Any) -> str:
     cfg = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
+    ppo = cfg["ppo"]
+    controller = ppo.get("kl_controller") or {}
+    kl_coef = controller.get("kl_coef", controller.get("init_kl_coef"))
+    if "target" in controller:
+        kl_coef = f"from {kl_coef}, adapted toward a KL of {controller['target']}"
     lines = [
         "# detox_exp PPO policy",
         "",
@@ -26,8 +39,16 @@ def model_card(summary: Mapping[str, Any], config: Any) -> str:
         f"- reward model: `{cfg['reward']['name_or_path']}` "
         f"(reward = {cfg['reward']['reward_type']} of `{cfg['reward']['nontoxic_label']}`)",
         f"- data: `{cfg['dataset']['path']}`",
-        f"- PPO steps: {cfg['ppo']['steps']}, batch {cfg['ppo']['batch_size']}, "
-        f"lr {cfg['ppo']['optimizer']['lr']}, KL estimator {cfg['ppo']['kl_estimator']}",
+        f"- PPO steps: {cfg['ppo']['steps']}, batch {cfg['ppo']['batch_size']} samples "
+        f"({ppo.get('samples_per_prompt', 1)} per prompt), advantages "
+        f"{ppo.get('advantage_estimator', 'gae')}, lr {cfg['ppo']['optimizer']['lr']}",
+        f"- KL to the reference: {ppo['kl_estimator']} in the reward (coefficient "
+        f"{kl_coef}), {ppo.get('kl_log_estimator', 'k3')} logged as `objective/kl`"
+        + (
+            f", {ppo['kl_loss_estimator']} in the loss x {ppo['kl_loss_coef']}"
+            if ppo.get("kl_loss_coef")
+            else ""
+        ),
         f"- seed: {cfg['seed']}",
         "",
         "Load with `AutoModelForSeq2SeqLM.from_pretrained(<this folder>)`.",
@@ -52,12 +73,15 @@ def save_policy(
     summary: Mapping[str, Any],
     config: Any,
 ) -> Path:
-    """Write ``adapter/`` (LoRA or full weights), ``value_head.safetensors`` and ``merged/``."""
+    """Write ``adapter/`` (LoRA or full weights), ``value_head.safetensors`` (gae only) and
+    ``merged/``."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     policy.model.save_pretrained(save_dir / "adapter", safe_serialization=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()}
-    save_file(state, str(save_dir / "value_head.safetensors"))
+    if policy.value_head is not None:
+        head = policy.value_head.state_dict()
+        state = {k: v.detach().cpu().contiguous() for k, v in head.items()}
+        save_file(state, str(save_dir / "value_head.safetensors"))
     merged = copy.deepcopy(policy.model)
     if policy.is_peft:
         merged = merged.merge_and_unload()

@@ -213,11 +213,17 @@ def prepare(
     encoder_hidden: torch.Tensor,
     query_mask: torch.Tensor,
     max_steps: int,
+    samples_per_prompt: int = 1,
 ) -> T5StepDecoder | None:
     """A :class:`T5StepDecoder` for ``model`` (T5 / mT5, optionally peft-wrapped with plain
     LoRA) over ``max_steps`` tokens, or None when this path does not mirror ``model`` (then
     decode with the model's forward). Call under ``torch.no_grad()`` and the autocast of the
-    forward pass it replaces; inside ``folded_adapter(model)`` LoRA is already folded in."""
+    forward pass it replaces; inside ``folded_adapter(model)`` LoRA is already folded in.
+
+    ``encoder_hidden`` [P, S, d] and ``query_mask`` [P, S] hold one row per prompt; with
+    ``samples_per_prompt`` k the decoder runs P * k rows (prompt p's samples are rows
+    p * k ... p * k + k - 1), and each prompt's cross-attention keys / values are projected
+    once and shared by its k rows."""
     net = base_model(model)
     if type(net).__name__ not in T5_CLASSES or any(m.training for m in model.modules()):
         return None  # dropout on somewhere: not mirrored
@@ -232,15 +238,17 @@ def prepare(
     if type(decoder.embed_tokens) is not nn.Embedding:
         return None
     heads = config.num_heads
-    batch, src = encoder_hidden.shape[:2]
+    prompts = encoder_hidden.shape[0]
+    batch = prompts * samples_per_prompt
     ff_names = ("wi_0", "wi_1") if config.is_gated_act else ("wi",)
 
     def projection(*modules: nn.Module) -> _Projection | None:
         parts = [_part(m) for m in modules]
         return None if any(p is None for p in parts) else _Projection(parts, dtype)
 
-    def split_heads(y: torch.Tensor) -> torch.Tensor:
-        return y.view(batch, -1, heads, config.d_kv).transpose(1, 2)
+    def split_heads(y: torch.Tensor) -> torch.Tensor:  # [P, S, H * dh] -> [P * k, H, S, dh]
+        y = y.view(prompts, -1, heads, config.d_kv).transpose(1, 2)
+        return y.repeat_interleave(samples_per_prompt, dim=0) if samples_per_prompt > 1 else y
 
     layers = []
     memory = encoder_hidden.to(dtype)
@@ -290,7 +298,7 @@ def prepare(
     )
     causal = torch.ones(max_steps, max_steps, dtype=torch.bool, device=device).tril()
     self_bias = torch.where(causal, self_bias.to(dtype), low)
-    keep = query_mask[:, None, None, :].bool()
+    keep = query_mask[:, None, None, :].bool().repeat_interleave(samples_per_prompt, dim=0)
     cross_bias = torch.where(keep, torch.zeros((), dtype=dtype, device=device), low)
     return T5StepDecoder(
         layers,

@@ -14,6 +14,7 @@ import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from detox_exp.checkpoint import CheckpointManager, restore_trainer, trainer_sta
 from detox_exp.distributed import Dist, masked_whiten_global, write_param_digest
 from detox_exp.errors import TrainingError
 from detox_exp.ppo import core
-from detox_exp.ppo.checks import check_hyperparameters, check_lr, local_sizes
+from detox_exp.ppo.checks import check_lr, local_sizes
 from detox_exp.ppo.experience import WIDTH_MULTIPLE, Experience
 from detox_exp.ppo.policy import ActorCritic, mixed_precision
 from detox_exp.ppo.rollout import (
@@ -37,6 +38,7 @@ from detox_exp.ppo.rollout import (
     round_up,
     sample_responses,
 )
+from detox_exp.ppo.settings import PPOSettings
 from detox_exp.reward.scorer import ToxicityScorer
 from detox_exp.tracking import Tracker
 from detox_exp.utils import progress, resolve_device
@@ -49,7 +51,12 @@ class _SkipBatch(Exception):
 
 
 class PPOTrainer:
-    """PPO with a KL penalty to the reference (adapter disabled); see conf/ppo/default.yaml."""
+    """PPO with a KL penalty to the reference (adapter disabled); see conf/ppo/default.yaml.
+
+    ``settings``: the ``ppo.*`` keyword arguments of :class:`PPOSettings` (defaults, docs
+    and checks live there). With ``samples_per_prompt`` k > 1 each rollout samples k
+    responses of ``batch_size / k`` prompts; the encoder runs once per prompt everywhere.
+    """
 
     def __init__(
         self,
@@ -61,54 +68,19 @@ class PPOTrainer:
         generation: Mapping[str, Any],
         optimizer: Callable[..., torch.optim.Optimizer],
         kl_controller: core.AdaptiveKLController | core.FixedKLController,
-        steps: int = 100,
-        batch_size: int = 32,
-        mini_batch_size: int = 8,
-        gradient_accumulation_steps: int = 1,
-        ppo_epochs: int = 4,
-        gamma: float = 1.0,
-        lam: float = 0.95,
-        cliprange: float = 0.2,
-        cliprange_value: float = 0.2,
-        vf_coef: float = 0.1,
-        ent_coef: float = 0.0,
-        max_grad_norm: float | None = 1.0,
-        target_approx_kl: float | None = None,
-        whiten_advantages: bool = True,
-        kl_estimator: str = "k3",
-        score: Mapping[str, Any] | None = None,
-        separate_value_model: bool = False,
-        forward_batch_size: int | None = None,
-        debug_param_digest: bool = False,
-        on_nonfinite: str = "error",
-        debug_nan_at_step: int | None = None,
-        debug_kill_after_step: int | None = None,
-        sample_table_every: int = 10,
-        num_table_samples: int = 4,
-        save_dir: str | None = "policy",
-        seed: int = 0,
-        device: str = "auto",
-        precision: str = "fp32",
+        **settings: Any,
     ) -> None:
-        check_hyperparameters(locals())  # every argument, before anything is built
-        score = dict(score or {})
-        self.dist = Dist(resolve_device(device))
+        s = self.settings = PPOSettings.from_mapping(settings)  # checked, before anything
+        self.dist = Dist(resolve_device(s.device))
         self.device = self.dist.device
-        self.local_batch, self.local_mini = local_sizes(
-            batch_size, mini_batch_size, gradient_accumulation_steps, self.dist.world_size
-        )
-        self.debug_param_digest = debug_param_digest
-        self.forward_batch = forward_batch_size or self.local_batch
-        self.on_nonfinite = on_nonfinite
-        self.debug_nan_at_step, self.debug_kill_after_step = (
-            debug_nan_at_step,
-            debug_kill_after_step,
-        )
+        self.local_batch, self.local_mini = local_sizes(s, self.dist.world_size)
+        self.k = s.samples_per_prompt
+        self.forward_batch = s.forward_batch_size or self.local_batch
         self.skipped = 0  # batches skipped for NaN / inf (on_nonfinite=skip)
         self.checkpoints: CheckpointManager | None = None
         self.last_checkpoint: Path | None = None
         self.wandb_id: str | None = None
-        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[s.precision]
         self.tokenizer, self.scorer, self.prompts, self.tracker = (
             tokenizer,
             scorer,
@@ -116,21 +88,14 @@ class PPOTrainer:
             tracker,
         )
         self.generation = dict(generation)
-        self.steps, self.batch_size, self.mini_batch_size = steps, batch_size, mini_batch_size
-        self.accum = gradient_accumulation_steps
-        self.ppo_epochs, self.gamma, self.lam = ppo_epochs, gamma, lam
-        self.cliprange, self.cliprange_value = cliprange, cliprange_value
-        self.vf_coef, self.ent_coef, self.max_grad_norm = vf_coef, ent_coef, max_grad_norm
-        self.target_approx_kl, self.whiten_advantages = target_approx_kl, whiten_advantages
-        self.kl_estimator, self.kl_ctl = kl_estimator, kl_controller
-        self.score_scale = float(score.get("scale", 1.0))
-        self.score_clip = score.get("clip")
-        self.running = core.RunningMoments() if score.get("normalize") else None
-        self.sample_table_every, self.num_table_samples = sample_table_every, num_table_samples
-        self.save_dir = Path(save_dir) if save_dir else None
-        self.seed = seed
+        self.horizon = int(self.generation.get("max_new_tokens", 64))
+        self.steps, self.batch_size = s.steps, s.batch_size
+        self.kl_ctl = kl_controller
+        self.running = core.RunningMoments() if s.score.get("normalize") else None
+        self.save_dir = Path(s.save_dir) if s.save_dir else None
 
-        self.policy = ActorCritic(model, separate_value_model).to(self.device)
+        self.policy = ActorCritic(model, s.separate_value_model, value_head=s.uses_critic)
+        self.policy = self.policy.to(self.device)
         self.policy.eval()  # no dropout: see module docstring
         self.ddp: torch.nn.Module = self.policy
         if self.dist.enabled:  # gradients averaged over processes; DDP syncs initial weights
@@ -139,8 +104,8 @@ class PPOTrainer:
         params = self.policy.trainable_parameters()
         self.optimizer = optimizer(params)
         check_lr(self.optimizer.param_groups[0]["lr"])
-        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-        self.generator = torch.Generator().manual_seed(seed)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=s.precision == "fp16")
+        self.generator = torch.Generator().manual_seed(s.seed)
         self.step = 0
         self._order: list[int] = []
         self._position = 0
@@ -151,13 +116,15 @@ class PPOTrainer:
 
     def next_batch(self) -> list[int]:
         """This process's prompt indices for the next rollout: every process draws the same
-        seeded permutation per pass over the data and takes its share of the global batch."""
+        seeded permutation per pass over the data and takes its share of the global batch's
+        ``batch_size / k`` prompts (whole groups: a prompt's k samples stay on one process)."""
         indices = []
-        while len(indices) < self.batch_size:
+        n_prompts = self.batch_size // self.k
+        while len(indices) < n_prompts:
             if self._position >= len(self._order):
                 self._order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
                 self._position = 0
-            take = min(self.batch_size - len(indices), len(self._order) - self._position)
+            take = min(n_prompts - len(indices), len(self._order) - self._position)
             indices += self._order[self._position : self._position + take]
             self._position += take
         return indices[self.dist.rank :: self.dist.world_size]
@@ -170,20 +137,24 @@ class PPOTrainer:
         keep_logits: bool = False,
         encoder_hidden: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Policy log-probs, values and entropy, and reference log-probs, of given responses
-        (the rollout calls it without grad). ``keep_logits`` also returns both logits."""
+        """Policy log-probs, values (gae) and entropy, and reference log-probs, of given
+        responses [P * k, T] of prompts [P, S] (the rollout calls it without grad; each
+        encoder runs once per prompt). ``keep_logits`` also returns both logits."""
         dec = decoder_inputs(response, self.policy.config.decoder_start_token_id)
         with self._autocast():
-            out = self.policy(query, query_mask, dec, encoder_hidden=encoder_hidden)
+            out = self.policy(
+                query, query_mask, dec, encoder_hidden=encoder_hidden, samples_per_prompt=self.k
+            )
             logits = out.logits
             result = {
                 "logprobs": core.in_row_chunks(core.logprobs_from_logits, logits, response),
-                "values": out.values.float(),
                 "entropy": core.in_row_chunks(core.entropy_from_logits, logits),
             }
+            if out.values is not None:
+                result["values"] = out.values.float()
             if keep_logits:
                 result["logits"] = logits.float()
-            ref_logits = self.policy.reference_logits(query, query_mask, dec)
+            ref_logits = self.policy.reference_logits(query, query_mask, dec, self.k)
             result["ref_logprobs"] = core.in_row_chunks(
                 core.logprobs_from_logits, ref_logits, response
             )
@@ -201,7 +172,9 @@ class PPOTrainer:
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
     def rollout(self, indices: list[int]) -> Experience:
-        """Sample, score and evaluate one batch; everything PPO needs, on ``self.device``."""
+        """Sample k responses per prompt, score and evaluate them; everything PPO needs, on
+        ``self.device``."""
+        s, k = self.settings, self.k
         t0 = self._clock()
         query, query_mask = pad_queries(
             [self.prompts[i]["input_ids"] for i in indices],
@@ -210,7 +183,8 @@ class PPOTrainer:
             WIDTH_MULTIPLE,
         )
         with self._autocast():
-            # the encoder runs once: its output serves generation and the forward pass below
+            # the encoder runs once per prompt: its output serves generation (all k samples)
+            # and the policy's forward pass below
             encoder_hidden = self.policy.encode(query, query_mask)
             response, mask = sample_responses(
                 self.policy.model,
@@ -219,6 +193,7 @@ class PPOTrainer:
                 query_mask,
                 self.generation,
                 encoder_hidden,
+                samples_per_prompt=k,
             )
         extra = round_up(response.shape[1], WIDTH_MULTIPLE) - response.shape[1]
         response = torch.nn.functional.pad(response, (0, extra), value=self.tokenizer.pad_token_id)
@@ -227,23 +202,25 @@ class PPOTrainer:
         t1 = self._clock()
         scores = self.scorer.score(texts)
         t2 = self._clock()
-        full = self.kl_estimator == "full"
+        full = "full" in (s.kl_estimator, s.kl_log_estimator)
         chunks = defaultdict(list)
-        for start in range(0, len(indices), self.forward_batch):
-            sl = slice(start, start + self.forward_batch)
-            out = self._forward(query[sl], query_mask[sl], response[sl], full, encoder_hidden[sl])
+        per_pass = max(1, self.forward_batch // k)  # prompts per no-grad pass
+        for start in range(0, len(indices), per_pass):
+            ps, rs = slice(start, start + per_pass), slice(start * k, (start + per_pass) * k)
+            out = self._forward(query[ps], query_mask[ps], response[rs], full, encoder_hidden[ps])
             for key, value in out.items():
                 chunks[key].append(value)
-        batch = {k: torch.cat(v) for k, v in chunks.items()}
+        batch = {key: torch.cat(v) for key, v in chunks.items()}
         t3 = self._clock()
         timings = {M.TIME_GENERATE: t1 - t0, M.TIME_SCORE: t2 - t1, M.TIME_FORWARD: t3 - t2}
         raw_scores = scores.reward.to(self.device).clone()  # a normal tensor, not inference
-        if self.debug_nan_at_step == self.step + 1:  # fault injection for tests
+        if s.debug_nan_at_step == self.step + 1:  # fault injection for tests
             raw_scores[0] = float("nan")
         self._check_finite("scores", raw_scores)
-        rewards, kl, advantages, returns = self._advantages(raw_scores, batch, mask)
+        rewards, kl_reward, kl, advantages, returns = self._advantages(raw_scores, batch, mask)
         return Experience(
             indices=indices,
+            samples_per_prompt=k,
             query=query,
             query_mask=query_mask,
             response=response,
@@ -253,9 +230,10 @@ class PPOTrainer:
             toxicity=scores.toxicity,
             logprobs=batch["logprobs"],
             ref_logprobs=batch["ref_logprobs"],
-            values=batch["values"],
+            values=batch.get("values"),
             entropy=batch["entropy"],
             kl=kl,
+            kl_reward=kl_reward,
             rewards=rewards,
             advantages=advantages,
             returns=returns,
@@ -264,30 +242,46 @@ class PPOTrainer:
 
     def _advantages(
         self, raw_scores: torch.Tensor, batch: Mapping[str, torch.Tensor], mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Scores [B] and the rollout's forward pass -> (rewards, kl, advantages, returns),
-        each [B, T]: KL-penalised per-token rewards, then GAE (whitened if configured)."""
+    ) -> tuple[torch.Tensor, ...]:
+        """Scores [B] and the rollout's forward pass -> (rewards, kl_reward, kl, advantages,
+        returns), each [B, T]: KL-penalised per-token rewards (``kl_estimator``), the logged
+        KL (``kl_log_estimator``), then GAE (whitened if configured) or, critic-free, one
+        group advantage per sample from its sequence reward (score - kl_coef * sum of KL)."""
+        s = self.settings
         # normalisation statistics come from the global batch; keep this process's share
         n = len(raw_scores)
         processed = core.process_scores(
             self.dist.gather(raw_scores),
-            scale=self.score_scale,
-            clip=self.score_clip,
+            scale=float(s.score.get("scale", 1.0)),
+            clip=s.score.get("clip"),
             normalize=self.running is not None,
             running=self.running,
         )[self.dist.rank * n : (self.dist.rank + 1) * n]
-        rewards, kl = core.compute_rewards(
+        logits = {"logits": batch.get("logits"), "ref_logits": batch.get("ref_logits")}
+        rewards, kl_reward = core.compute_rewards(
             processed,
             batch["logprobs"],
             batch["ref_logprobs"],
             mask,
             self.kl_ctl.value,
-            self.kl_estimator,
-            batch.get("logits"),
-            batch.get("ref_logits"),
+            s.kl_estimator,
+            **logits,
         )
-        advantages, returns = core.compute_gae(rewards, batch["values"], mask, self.gamma, self.lam)
-        if self.whiten_advantages:
+        kl = kl_reward
+        if s.kl_log_estimator != s.kl_estimator:
+            kl = core.kl_penalty(
+                batch["logprobs"], batch["ref_logprobs"], s.kl_log_estimator, **logits
+            )
+            kl = torch.where(mask.bool(), kl, 0.0)
+        if s.uses_critic:
+            advantages, returns = core.compute_gae(rewards, batch["values"], mask, s.gamma, s.lam)
+        else:
+            sequence_reward = rewards.sum(1)  # the score plus the summed KL penalty
+            group = sequence_reward.view(-1, self.k)
+            per_sample = core.group_advantages(group, s.advantage_estimator, s.group_eps)
+            advantages = per_sample.reshape(-1, 1) * mask
+            returns = sequence_reward[:, None] * mask
+        if s.whiten_advantages:
             if self.dist.enabled:  # statistics over every process's tokens
                 whitened = masked_whiten_global(advantages, mask, self.dist)
             else:
@@ -295,75 +289,110 @@ class PPOTrainer:
             advantages = torch.where(mask.bool(), whitened, 0.0)
         self._check_finite("rewards", rewards)
         self._check_finite("advantages", advantages)
-        return rewards, kl, advantages, returns
+        return rewards, kl_reward, kl, advantages, returns
 
     def optimize(self, roll: Experience) -> dict[str, float]:
-        """PPO epochs x minibatches (with gradient accumulation) on one rollout batch."""
+        """PPO epochs x minibatches (with gradient accumulation) on one rollout batch.
+
+        Minibatches hold whole groups. Each part's loss is its sum of terms divided by the
+        WHOLE minibatch's count (tokens or sequences, over micro-batches and processes), and
+        DDP's gradient average over processes is undone, so the parts add up to the loss of
+        the minibatch as ``loss_agg_mode`` defines it."""
+        s, k = self.settings, self.k
         stats = defaultdict(list)
-        n = len(roll.indices)
-        micro = self.local_mini // self.accum
+        n_groups = len(roll.indices)
+        mini_groups = self.local_mini // k
+        micro_groups = mini_groups // s.gradient_accumulation_steps
+        world = self.dist.world_size
         epochs_run = 0
-        for _ in range(self.ppo_epochs):
+        for _ in range(s.ppo_epochs):
             epochs_run += 1
-            order = torch.randperm(n, generator=self.generator).tolist()
+            order = torch.randperm(n_groups, generator=self.generator).tolist()
             epoch_kl = []
-            for mb_start in range(0, n, self.local_mini):
-                mb = order[mb_start : mb_start + self.local_mini]
-                for mc_start in range(0, len(mb), micro):
-                    idx = torch.tensor(mb[mc_start : mc_start + micro], device=self.device)
-                    loss, mstats = self._loss(roll, idx)
+            for mb_start in range(0, n_groups, mini_groups):
+                mb = torch.tensor(order[mb_start : mb_start + mini_groups], device=self.device)
+                tokens = self.dist.sum(roll.mask[roll.rows(mb)].sum()).item()
+                agg = partial(
+                    core.aggregate_loss,
+                    mode=s.loss_agg_mode,
+                    num_seqs=s.mini_batch_size,
+                    num_tokens=tokens,
+                    horizon=self.horizon,
+                )
+                for mc_start in range(0, len(mb), micro_groups):
+                    loss, mstats = self._loss(roll, mb[mc_start : mc_start + micro_groups], agg)
                     self._check_finite("loss", loss)
-                    self.scaler.scale(loss / self.accum).backward()
+                    self.scaler.scale(loss * world).backward()
                     for key, value in mstats.items():
                         stats[key].append(value)
                     epoch_kl.append(mstats[M.APPROX_KL])
                 self.scaler.unscale_(self.optimizer)
-                if self.max_grad_norm is not None:
+                if s.max_grad_norm is not None:
                     norm = torch.nn.utils.clip_grad_norm_(
-                        self.policy.trainable_parameters(), self.max_grad_norm
+                        self.policy.trainable_parameters(), s.max_grad_norm
                     )
                     stats[M.GRAD_NORM].append(norm.item())
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
-            if self.target_approx_kl is not None:
+            if s.target_approx_kl is not None:
                 # decided on the global mean, so every process runs the same number of epochs
                 kl = self.dist.mean(torch.tensor(sum(epoch_kl) / len(epoch_kl))).item()
-                if kl > self.target_approx_kl:
+                if kl > s.target_approx_kl:
                     break  # early stop: the policy moved too far from the rollout policy
-        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out = {key: sum(v) / len(v) for key, v in stats.items()}
+        # the parts' losses are fractions of their minibatch's: report minibatch totals
+        parts = s.gradient_accumulation_steps * world
+        for key in (M.LOSS_POLICY, M.LOSS_VALUE, M.LOSS_TOTAL, M.LOSS_KL):
+            if key in out:
+                out[key] *= parts
         out[M.EPOCHS_RUN] = epochs_run
         return out
 
-    def _loss(self, roll: Experience, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        mb = roll.minibatch(idx)
+    def _loss(
+        self,
+        roll: Experience,
+        groups: torch.Tensor,
+        agg: Callable[..., torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict]:
+        """The loss of the groups ``groups``: their part of the minibatch's (``agg`` with the
+        minibatch's counts, see optimize), or by default their own loss."""
+        s = self.settings
+        if agg is None:
+            agg = partial(core.aggregate_loss, mode=s.loss_agg_mode, horizon=self.horizon)
+        mb = roll.minibatch(groups)
         dec = decoder_inputs(mb.response, self.policy.config.decoder_start_token_id)
         with self._autocast():
-            out = self.ddp(mb.query, mb.query_mask, dec)
+            out = self.ddp(
+                mb.query, mb.query_mask, dec, with_values=s.uses_critic, samples_per_prompt=self.k
+            )
         logits = out.logits.float()
         logprobs = core.logprobs_from_logits(logits, mb.response)
-        values = out.values.float()
         pg_loss, pg_stats = core.policy_loss(
-            logprobs, mb.logprobs, mb.advantages, mb.mask, self.cliprange
+            logprobs, mb.logprobs, mb.advantages, mb.mask, s.cliprange, agg
         )
-        vf_loss, vf_stats = core.value_loss(
-            values, mb.values, mb.returns, mb.mask, self.cliprange_value
-        )
-        loss = pg_loss + self.vf_coef * vf_loss
-        if self.ent_coef:
-            loss = loss - self.ent_coef * core.masked_mean(
-                core.entropy_from_logits(logits), mb.mask
-            )
+        loss = pg_loss
         stats = {
             M.LOSS_POLICY: pg_loss.item(),
-            M.LOSS_VALUE: vf_loss.item(),
-            M.LOSS_TOTAL: loss.item(),
             M.APPROX_KL: pg_stats["approxkl"].item(),
             M.POLICY_KL: pg_stats["policykl"].item(),
             M.CLIPFRAC: pg_stats["clipfrac"].item(),
-            M.VALUE_CLIPFRAC: vf_stats["clipfrac"].item(),
             M.RATIO_MEAN: pg_stats["ratio_mean"].item(),
         }
+        if s.uses_critic:
+            vf_loss, vf_stats = core.value_loss(
+                out.values.float(), mb.values, mb.returns, mb.mask, s.cliprange_value, agg
+            )
+            loss = loss + s.vf_coef * vf_loss
+            stats[M.LOSS_VALUE] = vf_loss.item()
+            stats[M.VALUE_CLIPFRAC] = vf_stats["clipfrac"].item()
+        if s.ent_coef:
+            loss = loss - s.ent_coef * agg(core.entropy_from_logits(logits), mb.mask)
+        if s.kl_loss_coef:
+            kl_term = agg(core.kl_loss(logprobs, mb.ref_logprobs, s.kl_loss_estimator), mb.mask)
+            loss = loss + s.kl_loss_coef * kl_term
+            stats[M.LOSS_KL] = kl_term.item()
+        stats[M.LOSS_TOTAL] = loss.item()
         return loss, stats
 
     def _check_finite(self, quantity: str, values: torch.Tensor) -> None:
@@ -371,7 +400,7 @@ class PPOTrainer:
         bad = self.dist.sum(torch.tensor(float(not torch.isfinite(values).all()))).item() > 0
         if not bad:
             return
-        if self.on_nonfinite == "skip":
+        if self.settings.on_nonfinite == "skip":
             raise _SkipBatch(quantity)
         where = self.last_checkpoint or "none (set checkpoint.every)"
         raise TrainingError(
@@ -399,23 +428,26 @@ class PPOTrainer:
         mask = roll.mask
         # exact global statistics from gathered per-sample values; means of the rest
         kl_per_sample = self.dist.gather(roll.kl.sum(1))
+        kl_reward = self.dist.gather(roll.kl_reward.sum(1))
         scores = self.dist.gather(roll.scores)
         toxicity = self.dist.gather(roll.toxicity.to(self.device))
         lengths = self.dist.gather(mask.sum(1).float())
         mean_kl = kl_per_sample.mean().item()
         local = {
             M.ENTROPY: core.masked_mean(roll.entropy, mask).item(),
-            M.VAR_EXPLAINED: core.explained_variance(roll.values, roll.returns, mask).item(),
-            M.VALUE_MEAN: core.masked_mean(roll.values, mask).item(),
             M.RETURNS_MEAN: core.masked_mean(roll.returns, mask).item(),
             M.TIME_OPTIMIZE: t_end - t_opt,
             M.STEP_TIME: t_end - start,
             **roll.timings,
             **opt_stats,
         }
+        if roll.values is not None:
+            local[M.VAR_EXPLAINED] = core.explained_variance(roll.values, roll.returns, mask).item()
+            local[M.VALUE_MEAN] = core.masked_mean(roll.values, mask).item()
         local = self.dist.mean_dict(local, sorted(local))
         metrics = {
             M.KL: mean_kl,
+            M.KL_REWARD: kl_reward.mean().item(),
             M.KL_COEF: self.kl_ctl.value,
             M.REWARD_MEAN: scores.mean().item(),
             M.REWARD_STD: scores.std().item() if len(scores) > 1 else 0.0,
@@ -425,23 +457,33 @@ class PPOTrainer:
             M.SKIPPED_BATCHES: self.skipped,
             **local,
         }
-        if self.debug_param_digest:
+        if self.k > 1:  # gathered groups are whole: rows p * k ... p * k + k - 1
+            groups = scores.view(-1, self.k)
+            metrics[M.GROUP_ZERO_STD] = (groups == groups[:, :1]).all(1).float().mean().item()
+            metrics[M.GROUP_REWARD_STD] = groups.std(1).mean().item()
+        if self.settings.debug_param_digest:
             write_param_digest(
-                self.policy, self.tracker.run_dir, self.dist.rank, self.step + 1, roll.scores
+                self.policy,
+                self.tracker.run_dir,
+                self.dist.rank,
+                self.step + 1,
+                roll.scores,
+                self.k,
             )
         self.kl_ctl.update(mean_kl, self.batch_size)  # Ziegler et al.: n_steps = batch size
         self.step += 1
         self.tracker.log(metrics, step=self.step)
-        if self.sample_table_every and self.step % self.sample_table_every == 0:
+        every = self.settings.sample_table_every
+        if every and self.step % every == 0:
             rows = [
                 [
                     self.step,
-                    self.prompts[i]["prompt"][-300:],
+                    self.prompts[roll.indices[j // self.k]]["prompt"][-300:],
                     roll.texts[j],
                     float(roll.scores[j]),
                     float(roll.toxicity[j]),
                 ]
-                for j, i in enumerate(roll.indices[: self.num_table_samples])
+                for j in range(min(self.settings.num_table_samples, len(roll.texts)))
             ]
             self.tracker.log_table(
                 M.SAMPLES_TABLE,
@@ -458,7 +500,7 @@ class PPOTrainer:
                 meta = {"wandb_id": self.wandb_id, "metrics": metrics}
                 self.last_checkpoint = self.checkpoints.save(self.step, tensors, state, meta)
             self.dist.barrier()
-        if self.debug_kill_after_step == self.step:  # fault injection: a hard crash
+        if self.settings.debug_kill_after_step == self.step:  # fault injection: a hard crash
             os.kill(os.getpid(), signal.SIGKILL)
 
     def resume(self, path: Path) -> None:

@@ -12,7 +12,7 @@ from detox_exp.errors import ConfigError
 from detox_exp.models import load_config
 from detox_exp.utils import resolve_device
 
-REWARD_TYPES = ("logit", "prob", "log_odds")
+REWARD_TYPES = ("logit", "prob", "log_odds", "log_prob")
 
 
 def find_label(id2label: dict, label: str, field: str) -> int:
@@ -38,8 +38,12 @@ class Scores:
 class ToxicityScorer:
     """Batched, no-grad scoring of texts on the configured device.
 
-    reward_type: ``logit`` (raw logit of the non-toxic label), ``prob`` (its probability) or
-    ``log_odds`` (log p - log(1 - p)). Toxicity is the probability of the toxic label(s).
+    reward_type: ``logit`` (raw logit of the non-toxic label), ``prob`` (its probability),
+    ``log_odds`` (log p - log(1 - p)) or ``log_prob`` (log p). With ``log_prob`` and a KL
+    coefficient of 1, the optimum of ``E[r] - KL(pi || ref)`` is
+    ``pi*(y|x) ∝ ref(y|x) p(non-toxic|y) = ref(y | x, non-toxic)``: the reference conditioned
+    on being non-toxic (Korbak, Perez & Buckley 2022), at a KL of ``-log P(non-toxic | x)``.
+    Toxicity is the probability of the toxic label(s).
     """
 
     def __init__(
@@ -94,6 +98,8 @@ class ToxicityScorer:
                 reward = logits[:, self.nontoxic_index]
             elif self.reward_type == "prob":
                 reward = nontoxic_logp.exp()
+            elif self.reward_type == "log_prob":
+                reward = nontoxic_logp
             else:  # log-odds: log p - log(1 - p), stable via log1p(-p)
                 reward = nontoxic_logp - torch.log1p(-nontoxic_logp.exp().clamp(max=1 - 1e-7))
             rewards.append(reward.cpu())

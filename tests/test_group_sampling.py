@@ -1,0 +1,228 @@
+"""k samples per prompt with the encoder run once per prompt: equal to the per-sample path
+(log-probs, LoRA gradients, sampled tokens), whole groups everywhere, group advantages."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from detox_exp import metric_names as M
+from detox_exp.models import load_tokenizer
+from detox_exp.ppo import core
+from detox_exp.ppo.experience import WIDTH_MULTIPLE
+from detox_exp.ppo.policy import ActorCritic, base_model
+from detox_exp.ppo.rollout import decoder_inputs, pad_queries, sample_responses
+from detox_exp.reward.scorer import Scores
+from tests.conftest import trained_lora
+from tests.test_ppo_properties import ContainsReward, make_trainer
+
+K = 3
+
+
+class ConstantReward:
+    """Every response scores the same: every group's k scores are equal."""
+
+    def score(self, texts: list[str]) -> Scores:
+        return Scores(reward=torch.full((len(texts),), 0.5), toxicity=torch.zeros(len(texts)))
+
+
+def _batch(tiny_t5: Path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    tokenizer = load_tokenizer(str(tiny_t5))
+    model = trained_lora(AutoModelForSeq2SeqLM.from_pretrained(tiny_t5))  # LoRA in both stacks
+    prompts = ["short prompt", "a much longer prompt about the bank " * 4, "medium prompt here"]
+    query, qmask = pad_queries(tokenizer(prompts)["input_ids"], tokenizer.pad_token_id, "cpu")
+    torch.manual_seed(1)
+    response = torch.randint(3, 300, (len(prompts) * K, 7))
+    response[:, -1] = tokenizer.eos_token_id
+    return model, tokenizer, query, qmask, response
+
+
+def test_shared_encoder_equals_per_sample_path(tiny_t5: Path) -> None:
+    model, _, query, qmask, response = _batch(tiny_t5)
+    policy = ActorCritic(model).double().eval()
+    dec = decoder_inputs(response, policy.config.decoder_start_token_id)
+    lora = [p for n, p in policy.named_parameters() if "lora_" in n]
+    assert any("encoder" in n for n, _ in policy.named_parameters() if "lora_" in n)
+
+    def run(shared: bool):
+        policy.zero_grad()
+        if shared:
+            out = policy(query, qmask, dec, samples_per_prompt=K)
+            ref = policy.reference_logits(query, qmask, dec, samples_per_prompt=K)
+        else:  # the plain path: every sample with its own copy of the prompt
+            q, m = query.repeat_interleave(K, 0), qmask.repeat_interleave(K, 0)
+            out, ref = policy(q, m, dec), policy.reference_logits(q, m, dec)
+        logprobs = core.logprobs_from_logits(out.logits, response)
+        (logprobs.sum() + out.values.sum()).backward()
+        return logprobs.detach(), out.values.detach(), ref, [p.grad.clone() for p in lora]
+
+    shared, plain = run(True), run(False)
+    for a, b in zip(shared[:3], plain[:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for a, b in zip(shared[3], plain[3]):  # the encoder's LoRA gets the k samples' sum
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(g.abs().sum() > 0 for g in shared[3])
+
+
+@pytest.mark.parametrize("step_decoder", [True, False])
+def test_group_sampling_equals_expanded_prompts(tiny_t5: Path, step_decoder: bool) -> None:
+    model, tokenizer, query, qmask, _ = _batch(tiny_t5)
+    gen = {"max_new_tokens": 10, "do_sample": True, "top_k": 0, "top_p": 1.0}
+    torch.manual_seed(3)
+    grouped = sample_responses(
+        model, tokenizer, query, qmask, gen, step_decoder=step_decoder, samples_per_prompt=K
+    )
+    torch.manual_seed(3)
+    plain = sample_responses(
+        model,
+        tokenizer,
+        query.repeat_interleave(K, 0),
+        qmask.repeat_interleave(K, 0),
+        gen,
+        step_decoder=step_decoder,
+    )
+    assert torch.equal(grouped[0], plain[0]) and torch.equal(grouped[1], plain[1])
+    assert len({tuple(r.tolist()) for r in grouped[0][:K]}) > 1  # k different samples
+
+
+def test_encoder_runs_once_per_prompt(tiny_t5: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(
+        tiny_t5,
+        tmp_path,
+        ContainsReward("the"),
+        advantage_estimator="rloo",
+        samples_per_prompt=4,
+        whiten_advantages=False,
+        batch_size=16,
+        mini_batch_size=8,
+        ppo_epochs=2,
+    )
+    rows: list[int] = []
+    encoder = base_model(trainer.policy.model).get_encoder()
+    handle = encoder.register_forward_hook(
+        lambda m, args, kw, out: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        trainer.train_step()
+    finally:
+        handle.remove()
+    prompts = 16 // 4
+    # rollout: policy encoder (shared by generation and the old log-probs) + reference encoder;
+    # then one encoder pass per prompt per epoch (2 minibatches of 2 prompts each)
+    assert sum(rows) == prompts * (2 + 2) and max(rows) <= prompts, rows
+    assert trainer.policy.value_head is None  # critic-free: no value head at all
+
+
+def test_identical_scores_give_exactly_zero_advantages(tiny_t5: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(
+        tiny_t5,
+        tmp_path,
+        ConstantReward(),
+        advantage_estimator="grpo",
+        samples_per_prompt=4,
+        whiten_advantages=False,
+    )
+    # a fresh adapter (B = 0): policy = reference, so the k1 penalty is exactly 0 too
+    roll = trainer.rollout(trainer.next_batch())
+    assert torch.count_nonzero(roll.advantages) == 0
+    assert roll.query.shape[0] == 16 // 4 and roll.response.shape[0] == 16
+    metrics = trainer.train_step()
+    assert metrics[M.GROUP_ZERO_STD] == 1.0 and metrics[M.GROUP_REWARD_STD] == 0.0
+    assert M.LOSS_VALUE not in metrics and M.VAR_EXPLAINED not in metrics
+
+
+def test_minibatches_hold_whole_groups(tiny_t5: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(
+        tiny_t5,
+        tmp_path,
+        ContainsReward("the"),
+        advantage_estimator="rloo",
+        samples_per_prompt=4,
+        whiten_advantages=False,
+        mini_batch_size=8,
+        gradient_accumulation_steps=2,
+    )
+    roll = trainer.rollout(trainer.next_batch())
+    seen = []
+    original = roll.minibatch
+
+    def spy(groups: torch.Tensor):
+        seen.append(groups.tolist())
+        mb = original(groups)
+        # every group's k rows, in order, next to its one prompt row
+        assert mb.response.shape[0] == 4 * mb.query.shape[0]
+        torch.testing.assert_close(
+            mb.response, roll.response[roll.rows(groups)][:, : mb.response.shape[1]]
+        )
+        return mb
+
+    roll.minibatch = spy
+    trainer.optimize(roll)
+    assert all(len(g) == 1 for g in seen)  # micro-batches of 4 samples = 1 group
+    assert sorted(g for groups in seen[:4] for g in groups) == [0, 1, 2, 3]  # one epoch
+
+
+def test_experience_rows_of_groups() -> None:
+    from tests.test_experience import _experience
+
+    exp = _experience(query_lengths=[40, 10, 1, 1], response_lengths=[30, 3, 17, 1])
+    exp.samples_per_prompt = 2  # two prompts, two samples each
+    exp.query, exp.query_mask = exp.query[:2], exp.query_mask[:2]
+    assert exp.rows(torch.tensor([1, 0])).tolist() == [2, 3, 0, 1]
+    mb = exp.minibatch(torch.tensor([1]))
+    assert mb.query.shape == (1, WIDTH_MULTIPLE) and mb.response.shape == (2, 2 * WIDTH_MULTIPLE)
+    assert torch.equal(mb.logprobs, exp.logprobs[[2, 3]])
+
+
+def test_ppo_steps_with_zero_score_do_not_grow_the_kl(tiny_t5: Path, tmp_path: Path) -> None:
+    """Reward 0: only the KL penalty acts, so the exact KL to the reference must fall. With
+    k3 in the reward (the estimator that is right for the value, wrong for the gradient) the
+    same run ends further from the reference."""
+    from detox_exp.evaluation.evaluator import sequence_kl
+
+    def run(estimator: str, kl_estimator: str) -> tuple[float, float]:
+        extra = {} if estimator == "gae" else {"samples_per_prompt": 4, "whiten_advantages": False}
+        trainer = make_trainer(
+            tiny_t5,
+            tmp_path,
+            ConstantReward(),
+            advantage_estimator=estimator,
+            kl_estimator=kl_estimator,
+            kl_controller=core.FixedKLController(1.0),
+            optimizer=partial(torch.optim.AdamW, lr=1e-3),
+            steps=8,
+            **extra,
+        )
+        with torch.no_grad():  # start away from the reference: random LoRA B matrices
+            for name, param in trainer.policy.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(param, std=0.1)
+
+        def exact_kl() -> float:  # exact per-token KL summed over sampled responses
+            torch.manual_seed(0)
+            ids = [trainer.prompts[i]["input_ids"] for i in range(40)]
+            query, qmask = pad_queries(ids, 0, torch.device("cpu"))
+            model, tok = trainer.policy.model, trainer.tokenizer
+            response, mask = sample_responses(
+                model, tok, query, qmask, trainer.generation, samples_per_prompt=4
+            )
+            query, qmask = query.repeat_interleave(4, 0), qmask.repeat_interleave(4, 0)
+            with torch.no_grad():
+                return float(sequence_kl(model, query, qmask, response, mask).mean())
+
+        before = exact_kl()
+        trainer.train()
+        return before, exact_kl()
+
+    results = {}
+    for estimator in ("gae", "rloo"):
+        before, after = results[estimator] = run(estimator, "k1")
+        assert before > 0.5 and after < 0.85 * before, (estimator, before, after)
+    before_k3, after_k3 = run("gae", "k3")
+    assert before_k3 == results["gae"][0]  # the same start
+    assert after_k3 > results["gae"][1], (after_k3, results["gae"])
