@@ -5,7 +5,9 @@
 Each round runs these one right after the other: trl fp32, trl fp32 with glibc malloc tuned
 by environment variables (our runs tune it themselves, ``keep_freed_memory``), ours fp32,
 and the same three in bf16 (``--no-malloc-rows`` leaves the malloc-tuned trl runs out). The
-VM's speed drifts from run to run, so every ratio pairs runs of the same round; the table
+VM's speed drifts from run to run, so every ratio pairs runs of the same round;
+``--variant NAME='OVERRIDES'`` (repeatable) adds our runs with extra overrides to every round,
+e.g. ``--variant "rloo k=4"='ppo=rloo ppo.samples_per_prompt=4'``. The table
 gives the median over the rounds of each column (and of the same-round ratios), with the
 per-round values in parentheses. Every run is appended to ``<out>/results.jsonl`` as it
 finishes; ``--from-results FILE`` prints the table again from such a file. The trl venv is
@@ -60,23 +62,45 @@ def _phases(who: str, perf: dict[str, float]) -> dict[str, float]:
     }
 
 
+def variant_runs(variants: list[str]) -> dict[str, tuple[str, str, bool, list[str]]]:
+    """Our extra rows from ``NAME=OVERRIDES`` strings: name -> (who, precision, malloc,
+    overrides), one fp32 and one bf16 row per variant."""
+    runs = {}
+    for variant in variants:
+        label, sep, overrides = variant.partition("=")
+        if not sep or not label.strip():
+            raise SystemExit(f"--variant {variant!r}: expected NAME=OVERRIDES")
+        for precision, row in (("fp32", "detox_exp, fp32"), ("bf16", "detox_exp, precision=bf16")):
+            runs[f"{row}, {label.strip()}"] = ("ours", precision, False, overrides.split())
+    return runs
+
+
 def run_one(
-    name: str, bench_dir: Path, steps: int, device: str, trl_python: str, out: Path, rnd: int
+    name: str,
+    bench_dir: Path,
+    steps: int,
+    device: str,
+    trl_python: str,
+    out: Path,
+    rnd: int,
+    runs: dict | None = None,
 ) -> dict:
     """Run one benchmark command; returns its record (name, round, perf numbers, phases)."""
-    who, precision, malloc = RUNS[name]
+    who, precision, malloc, *extra = (runs or RUNS)[name]
+    overrides = extra[0] if extra else []
     env = os.environ | (MALLOC if malloc else {})
     if who == "trl":
         cmd = [trl_python, str(ROOT / "benchmarks" / "trl_baseline.py"), str(bench_dir)]
         cmd += ["--steps", str(steps), "--device", device]
         cmd += ["--mixed-precision", "bf16" if precision == "bf16" else "no"]
     else:
-        run_dir = out / f"{precision}_round{rnd}"
+        slug = "".join(c if c.isalnum() else "_" for c in name)
+        run_dir = out / f"{slug}_round{rnd}"
         cmd = [sys.executable, "-m", "detox_exp", "experiment=bench"]
         cmd += [f"model.name_or_path={bench_dir}/policy", f"reward.name_or_path={bench_dir}/reward"]
         cmd += ["dataset=jsonl", f"dataset.path={bench_dir}/prompts.jsonl"]
         cmd += [f"ppo.steps={steps}", f"precision={precision}", f"device={device}"]
-        cmd += [f"hydra.run.dir={run_dir}"]
+        cmd += [f"hydra.run.dir={run_dir}", *overrides]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name}, round {rnd} failed:\n{' '.join(cmd)}\n{done.stderr[-3000:]}")
@@ -108,7 +132,7 @@ def table(records: list[dict]) -> str:
     head = ["", "samples / s", "vs trl fp32, same round", "s / step", "peak RSS MB"]
     head += ["peak GPU MB"] * gpu + [f"{phase} (s)" for phase in PHASES]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for name in RUNS:
+    for name in list(RUNS) + [n for n in by_name if n not in RUNS]:
         runs = sorted(by_name.get(name, []), key=lambda r: r["round"])
         if not runs:
             continue
@@ -140,6 +164,13 @@ def main() -> None:
     parser.add_argument("--no-malloc-rows", action="store_true", help="skip malloc-tuned trl")
     parser.add_argument("--out", type=Path, help="default: outputs/bench/side_by_side/<time>")
     parser.add_argument("--from-results", type=Path, help="print the table of a results.jsonl")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help="also run ours with these overrides (fp32 and bf16), in every round",
+    )
     args = parser.parse_args()
     if args.from_results:
         lines = args.from_results.read_text().splitlines()
@@ -158,13 +189,14 @@ def main() -> None:
         parser.error(f"{out}/results.jsonl exists: pass a new --out (rounds would be mispaired)")
     out.mkdir(parents=True, exist_ok=True)
     trl_python = str(Path(args.trl_python).resolve()) if "/" in args.trl_python else args.trl_python
-    names = [n for n in RUNS if not (args.no_malloc_rows and RUNS[n][2])]
+    runs = RUNS | variant_runs(args.variant)
+    names = [n for n in runs if not (args.no_malloc_rows and runs[n][2])]
     records = []
     with (out / "results.jsonl").open("w") as results:
         for rnd in range(1, args.rounds + 1):
             for name in names:
                 record = run_one(
-                    name, args.dir.resolve(), args.steps, args.device, trl_python, out, rnd
+                    name, args.dir.resolve(), args.steps, args.device, trl_python, out, rnd, runs
                 )
                 records.append(record)
                 results.write(json.dumps(record) + "\n")

@@ -1,8 +1,10 @@
 """``detox-exp-compare``: compare finished runs (run dirs, sweep dirs, W&B runs) side by side.
 
 Prints a markdown table (one row per run: the config keys that differ between the runs, then
-the key metrics) and writes pareto.png (toxicity vs ROUGE-L, Pareto front marked) and
-curves.png (PPO reward and KL per step) to --out. Examples:
+the key metrics) and writes pareto.png (toxicity vs ROUGE-L, Pareto front marked),
+pareto_distinct2.png (toxicity vs distinct-2) and curves.png (PPO reward and KL per step) to
+--out; ``--max-kl 1`` keeps runs further than 1 nat from the reference off the fronts.
+Examples:
 
   detox-exp-compare outputs/tune/a outputs/tune/b     # run dirs
   detox-exp-compare outputs/demo/multiruns/<time> --sort eval/after/rouge_l --desc
@@ -29,8 +31,16 @@ from detox_exp import metric_names as M
 
 PROG = "detox-exp-compare"
 TOXICITY, ROUGE = "eval/after/toxicity_mean", "eval/after/rouge_l"
-DEFAULT_METRICS = (TOXICITY, "eval/delta/toxicity_mean", ROUGE) + tuple(
-    f"eval/after/{name}" for name in ("distinct_1", "response_len_mean")
+DISTINCT2, KL_AFTER = "eval/after/distinct_2", "eval/after/kl_to_reference"
+DEFAULT_METRICS = (
+    TOXICITY,
+    "eval/delta/toxicity_mean",
+    ROUGE,
+    DISTINCT2,
+    "eval/delta/distinct_2",
+    "eval/after/unique_fraction",
+    KL_AFTER,
+    "eval/after/response_len_mean",
 )
 CURVES = (M.REWARD_MEAN, M.KL)
 SKIP_PREFIXES = ("paths.", "hydra.", "_wandb")
@@ -266,17 +276,31 @@ def _save(fig: Any, path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_pareto(runs: Sequence[RunRecord], path: str | Path) -> Path:
-    """Toxicity (x, lower is better) vs ROUGE-L (y, higher is better); Pareto runs marked."""
+def plot_pareto(
+    runs: Sequence[RunRecord],
+    path: str | Path,
+    y_metric: str = ROUGE,
+    max_kl: float | None = None,
+) -> Path:
+    """Toxicity (x, lower is better) vs ``y_metric`` (higher is better); Pareto runs marked.
+    With ``max_kl``, runs whose eval/after/kl_to_reference exceeds it are drawn as crosses and
+    kept out of the front."""
     fig = _figure(figsize=(7, 5), layout="constrained")
     ax = fig.add_subplot()
-    shown = [r for r in runs if None not in (_number(r.summary.get(k)) for k in (TOXICITY, ROUGE))]
-    points = [(float(r.summary[TOXICITY]), float(r.summary[ROUGE])) for r in shown]
-    front = set(pareto_front(points))
+    keys = (TOXICITY, y_metric)
+    shown = [r for r in runs if None not in (_number(r.summary.get(k)) for k in keys)]
+    points = [(float(r.summary[TOXICITY]), float(r.summary[y_metric])) for r in shown]
+    kl = [_number(r.summary.get(KL_AFTER)) for r in shown]
+    over = {i for i, v in enumerate(kl) if max_kl is not None and v is not None and v > max_kl}
+    allowed = [i for i in range(len(points)) if i not in over]
+    front = {allowed[j] for j in pareto_front([points[i] for i in allowed])}
     for on, label, colour in ((True, "Pareto-optimal", "tab:red"), (False, "dominated", "gray")):
-        xy = [p for i, p in enumerate(points) if (i in front) == on]
+        xy = [p for i, p in enumerate(points) if (i in front) == on and i not in over]
         if xy:
             ax.scatter(*zip(*xy), s=70 if on else 35, c=colour, zorder=3, label=label)
+    if over:
+        xy = [points[i] for i in sorted(over)]
+        ax.scatter(*zip(*xy), s=35, c="tab:blue", marker="x", zorder=3, label=f"KL > {max_kl}")
     for (x, y), run in zip(points, shown):
         ax.annotate(run.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if front:
@@ -285,8 +309,8 @@ def plot_pareto(runs: Sequence[RunRecord], path: str | Path) -> Path:
         ax.margins(0.12)
     if not points:
         ax.text(0.5, 0.5, "no run has both metrics", ha="center", transform=ax.transAxes)
-    ax.set(xlabel=f"{TOXICITY} (lower is better)", ylabel=f"{ROUGE} (higher is better)")
-    ax.set(title="toxicity vs ROUGE-L after PPO")
+    ax.set(xlabel=f"{TOXICITY} (lower is better)", ylabel=f"{y_metric} (higher is better)")
+    ax.set(title=f"toxicity vs {y_metric.split('/')[-1]} after PPO")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -323,6 +347,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated")
     parser.add_argument("--out", default="compare", help="folder for the PNGs")
     parser.add_argument("--no-plots", action="store_true", help="only print the table")
+    parser.add_argument(
+        "--max-kl",
+        type=float,
+        default=None,
+        help="keep runs with eval/after/kl_to_reference above this out of the Pareto fronts",
+    )
     return parser.parse_args(argv)
 
 
@@ -340,7 +370,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(runs, differing_keys(runs), metrics, args.sort, args.desc))
     if not args.no_plots:
         out = Path(args.out)
-        written = [plot_pareto(runs, out / "pareto.png"), plot_curves(runs, out / "curves.png")]
+        written = [
+            plot_pareto(runs, out / "pareto.png", ROUGE, args.max_kl),
+            plot_pareto(runs, out / "pareto_distinct2.png", DISTINCT2, args.max_kl),
+            plot_curves(runs, out / "curves.png"),
+        ]
         print("", *(f"wrote {path}" for path in written), sep="\n")
     return 0
 

@@ -177,7 +177,7 @@ def test_sweep_dir_expands_to_numbered_jobs(tmp_path: Path, capsys) -> None:
     rows = table_rows(capsys.readouterr().out)
     assert rows[0][:2] == ["run", "seed"]
     assert [r[0] for r in rows[2:]] == [str(i) for i in reversed(range(11))]
-    for name in ("pareto.png", "curves.png"):
+    for name in ("pareto.png", "pareto_distinct2.png", "curves.png"):
         check_png(out / name)
 
 
@@ -252,7 +252,7 @@ def test_compare_two_real_runs(tmp_path: Path, standins) -> None:
     for row in rows[2:]:
         assert row[header.index("seed")] == {"a": "1", "b": "2"}[row[0]]
         assert row[header.index("eval/after/toxicity_mean")] != "-"
-    for name in ("pareto.png", "curves.png"):
+    for name in ("pareto.png", "pareto_distinct2.png", "curves.png"):
         path = tmp_path / "tmp" / "plots" / name
         assert str(Path("tmp/plots") / name) in result.stdout
         check_png(path)

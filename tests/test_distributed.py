@@ -59,3 +59,53 @@ def test_two_process_ppo(standins, tmp_path: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "eval/after/toxicity_mean" in summary
     assert (run_dir / "policy/merged/config.json").is_file()
+
+
+def test_two_process_group_sampling(standins, tmp_path: Path) -> None:
+    """k = 4 samples per prompt on 2 processes: each process holds whole groups, and the
+    logged group statistics are those of all groups of the global batch."""
+    import statistics
+
+    run_dir = tmp_path / "run"
+    overrides = [o for o in local_overrides(standins, run_dir) if not o.startswith("hydra.run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29534",
+        "-m",
+        "detox_exp",
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+        "ppo=rloo",
+        "ppo.steps=2",
+        "ppo.batch_size=16",
+        "ppo.mini_batch_size=8",
+        "ppo.debug_param_digest=true",
+        "stages.evaluate_before=false",
+        "stages.evaluate_after=false",
+    ]
+    env = os.environ | {"CI": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    digests = [
+        [json.loads(x) for x in (run_dir / f"param_digests/rank{r}.jsonl").read_text().splitlines()]
+        for r in (0, 1)
+    ]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for line, a, b in zip(lines, digests[0], digests[1], strict=True):
+        assert a["digest"] == b["digest"]  # identical weights after every step
+        # 16 samples = 4 prompts x 4: each process scored 2 whole groups of 4
+        assert a["n"] == b["n"] == 8
+        groups = a["group_scores"] + b["group_scores"]
+        assert len(groups) == 4 and all(len(g) == 4 for g in groups)
+        flat = [s for g in groups for s in g]
+        assert line["env/reward_mean"] == pytest.approx(sum(flat) / 16, abs=1e-5)
+        zero = sum(len(set(g)) == 1 for g in groups) / 4
+        assert line["ppo/group/zero_std_fraction"] == pytest.approx(zero)
+        std = sum(statistics.stdev(g) for g in groups) / 4
+        assert line["ppo/group/reward_std"] == pytest.approx(std, rel=1e-4, abs=1e-6)
+    assert digests[0][0]["digest"] != digests[0][1]["digest"]  # and they did train

@@ -117,3 +117,28 @@ def test_standalone_evaluation_of_a_saved_policy(
     assert summary["eval/before/toxicity_mean"] == pytest.approx(
         original["eval/after/toxicity_mean"], abs=0.1
     )
+
+
+@pytest.mark.parametrize("ppo", ["rloo", "grpo"])
+def test_group_estimators_run_end_to_end(demo_cache: Path, tmp_path: Path, ppo: str) -> None:
+    """`detox-exp experiment=demo ppo=<estimator>`: critic-free, k samples per prompt."""
+    from detox_exp import metric_names as M
+
+    result = run_cli(
+        "experiment=demo",
+        "debug=fast",
+        "logger=none",
+        f"ppo={ppo}",
+        f"hydra.run.dir={tmp_path}",
+        cwd=ROOT,
+        env={"DETOX_EXP_CACHE": str(demo_cache)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    for line in lines:
+        assert 0.0 <= line[M.GROUP_ZERO_STD] <= 1.0 and line[M.GROUP_REWARD_STD] >= 0.0
+        assert M.LOSS_VALUE not in line and M.KL in line and line[M.KL] >= 0.0
+    assert not (tmp_path / "policy" / "value_head.safetensors").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "eval/delta/distinct_2_ci_low" in summary

@@ -218,3 +218,66 @@ def test_bootstrap_validation(kwargs: dict, match: str) -> None:
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         paired_bootstrap_ci(**args)
+
+
+def test_response_collapse_hand_computed() -> None:
+    from detox_exp.evaluation.metrics import response_collapse
+
+    texts = ["a b", "a b ", "c", "a b", "d"]  # "a b" three times (whitespace stripped)
+    assert response_collapse(texts) == {"unique_fraction": 3 / 5, "top_response_fraction": 3 / 5}
+    assert response_collapse(["x"]) == {"unique_fraction": 1.0, "top_response_fraction": 1.0}
+    with pytest.raises(ValueError):
+        response_collapse([])
+
+
+def test_corpus_bootstrap_of_distinct_n() -> None:
+    """Prompts resampled, distinct-2 recomputed: a collapse gives a CI below 0, no change a
+    CI around 0, and the (bias-corrected) CI holds the observed change."""
+    from detox_exp.evaluation.metrics import distinct_of_grams, ngrams, paired_bootstrap_corpus
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(200)]
+    varied = [" ".join(rng.choice(words, 8)) for _ in range(60)]
+    collapsed = ["the same summary of the talk"] * 40 + varied[40:]
+
+    def grams(texts: list[str]) -> list[list]:
+        return [ngrams(t, 2) for t in texts]
+
+    drop = paired_bootstrap_corpus(grams(varied), grams(collapsed), distinct_of_grams, 500)
+    assert drop["delta"] == pytest.approx(
+        distinct_n(collapsed, 2) - distinct_n(varied, 2)
+    ) and drop["delta"] < -0.3
+    assert drop["ci_low"] <= drop["delta"] <= drop["ci_high"] < 0
+    same = paired_bootstrap_corpus(grams(varied), grams(varied), distinct_of_grams, 500)
+    assert same["delta"] == 0 and same["ci_low"] == same["ci_high"] == 0
+
+
+def test_paired_deltas_report_cis_for_corpus_metrics(tmp_path) -> None:
+    from detox_exp.evaluation.evaluator import EvalResult
+    from detox_exp.evaluation.report import paired_deltas
+
+    def result(phase: str, texts: list[str], tox: list[float]) -> EvalResult:
+        n = len(texts)
+        records = [{"response": t} for t in texts]
+        metrics = {
+            f"eval/{phase}/distinct_2": distinct_n(texts, 2),
+            f"eval/{phase}/kl_to_reference": 0.0 if phase == "before" else 0.3,
+        }
+        return EvalResult(
+            phase,
+            metrics,
+            np.array(tox).reshape(n, 1),
+            np.full((n, 1), 0.3),
+            np.arange(n, dtype=float).reshape(n, 1),
+            records,
+        )
+
+    before = result("before", [f"a{i} b{i} c{i}" for i in range(10)], [0.9] * 5 + [0.1] * 5)
+    after = result("after", ["a b c"] * 10, [0.1] * 10)
+    out = paired_deltas(before, after, {"n_resamples": 200})
+    assert out["eval/delta/toxic_fraction"] == pytest.approx(-0.5)
+    assert out["eval/delta/toxic_fraction_ci_high"] < 0
+    assert out["eval/delta/unique_fraction"] == pytest.approx(0.1 - 1.0)
+    for name in ("distinct_1", "distinct_2", "response_len_mean", "unique_fraction"):
+        assert f"eval/delta/{name}_ci_low" in out, name
+    assert out["eval/delta/kl_to_reference"] == pytest.approx(0.3)  # a plain difference

@@ -28,7 +28,8 @@ def plant(hub: Path, kind: str, repo_id: str, files_from: Path) -> Path:
     return snapshot
 
 
-def test_flan_t5_dialogsum_loads_by_hub_id_offline(standins, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ppo", ["default", "grpo"])
+def test_flan_t5_dialogsum_loads_by_hub_id_offline(standins, tmp_path: Path, ppo: str) -> None:
     from detox_exp.demo.corpus import generate_dialogues
 
     hub = tmp_path / "hf" / "hub"
@@ -57,6 +58,7 @@ def test_flan_t5_dialogsum_loads_by_hub_id_offline(standins, tmp_path: Path) -> 
         "logger=none",
         "device=cpu",
         f"hydra.run.dir={run_dir}",
+        f"ppo={ppo}",
         cwd=ROOT,
         env=env,
     )
@@ -73,6 +75,13 @@ def test_flan_t5_dialogsum_loads_by_hub_id_offline(standins, tmp_path: Path) -> 
     assert (
         "google/flan-t5-base" in card and "facebook/roberta-hate-speech-dynabench-r4-target" in card
     )
+    assert "k1 in the reward" in card
+    critic = (run_dir / "policy/value_head.safetensors").is_file()
+    assert critic == (ppo == "default")  # group estimators have no value head
+    if ppo == "grpo":
+        assert "advantages grpo" in card
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert all("ppo/group/zero_std_fraction" in line for line in lines if "step" in line)
 
 
 def test_fused_gelu_matches_the_original_activation(tiny_t5: Path) -> None:

@@ -88,3 +88,14 @@ def test_refuses_a_dir_that_is_not_a_benchmark_dir(tmp_path) -> None:
     )
     assert done.returncode == 2
     assert "scripts/make_bench_dir.py" in done.stderr
+
+
+def test_variants_add_our_rows_with_their_overrides() -> None:
+    runs = side.variant_runs(["rloo4=ppo=rloo ppo.samples_per_prompt=4"])
+    assert runs["detox_exp, fp32, rloo4"][3] == ["ppo=rloo", "ppo.samples_per_prompt=4"]
+    record = _record("trl 0.11.4, fp32", 1, 4.0, 800)
+    ours = _record("detox_exp, precision=bf16", 1, 20.0, 700) | {
+        "name": "detox_exp, precision=bf16, rloo4"
+    }
+    rows = {line.split(" | ")[0][2:]: line for line in side.table([record, ours]).splitlines()}
+    assert "5.00x" in rows["detox_exp, precision=bf16, rloo4"]

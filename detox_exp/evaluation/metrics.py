@@ -443,6 +443,11 @@ def paired_bootstrap_corpus(
     ``before[i]``, ``after[i]``: prompt i's items (e.g. its k responses) before / after;
     ``metric`` maps a list of such items to a float. Same output keys as
     :func:`paired_bootstrap_ci`, with ``delta = metric(after) - metric(before)``.
+
+    Resampling with replacement repeats prompts, and a repeated prompt repeats its n-grams
+    and responses, so the resampled distinct-n / unique fraction are biased low (by an amount
+    that differs before and after). Each phase's resampled values are therefore re-centred on
+    its observed value before the percentile CI is taken (a bootstrap bias correction).
     """
     if len(before) != len(after):
         raise ValueError(
@@ -458,4 +463,6 @@ def paired_bootstrap_corpus(
     before_s = np.array([metric([before[i] for i in row]) for row in idx])
     after_s = np.array([metric([after[i] for i in row]) for row in idx])
     base, final = metric(list(before)), metric(list(after))
+    before_s += base - before_s.mean()
+    after_s += final - after_s.mean()
     return _bootstrap_summary(final - base, base, after_s - before_s, before_s, after_s, confidence)
