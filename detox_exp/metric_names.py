@@ -44,15 +44,14 @@ SAMPLES_TABLE = "samples"
 DATA_TRAIN_PROMPTS = "data/train_prompts"
 DATA_EVAL_PROMPTS = "data/eval_prompts"
 
-PPO_STEP_METRICS = (
+PPO_STEP_METRICS = (  # every step, every advantage estimator
     KL,
+    KL_REWARD,
     KL_COEF,
     ENTROPY,
     LOSS_POLICY,
-    LOSS_VALUE,
     APPROX_KL,
     CLIPFRAC,
-    VAR_EXPLAINED,
     REWARD_MEAN,
     REWARD_STD,
     TOXICITY_MEAN,
@@ -60,3 +59,5 @@ PPO_STEP_METRICS = (
     STEP_TIME,
     SAMPLES_PER_S,
 )
+CRITIC_STEP_METRICS = (LOSS_VALUE, VAR_EXPLAINED)  # ppo.advantage_estimator=gae only
+GROUP_STEP_METRICS = (GROUP_ZERO_STD, GROUP_REWARD_STD)  # ppo.samples_per_prompt > 1

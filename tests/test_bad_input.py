@@ -123,13 +123,16 @@ def test_missing_local_model_dir(tmp_path: Path, standins) -> None:
         ("model.generation.min_new_tokens=40", "model.generation.min_new_tokens"),
         ("model.generation.top_p=0", "model.generation.top_p"),
         ("+eval.generation.temperature=0", "eval.generation.temperature"),
-        ("ppo.kl_controller.target=0", "ppo.kl_controller.target"),
+        ("ppo/kl_controller=adaptive ppo.kl_controller.target=0", "ppo.kl_controller.target"),
+        ("ppo.kl_controller.kl_coef=-1", "ppo.kl_controller.kl_coef"),
+        ("ppo=grpo ppo.samples_per_prompt=3", "ppo.batch_size"),
+        ("ppo.advantage_estimator=ppo2", "ppo.advantage_estimator"),
         ("ppo.score.clip=-1", "ppo.score.clip"),
         ("keep_freed_memory=maybe", "keep_freed_memory"),
     ],
 )
 def test_impossible_values(tmp_path: Path, standins, override: str, field: str) -> None:
-    overrides = local_overrides(standins, tmp_path) + [override]
+    overrides = local_overrides(standins, tmp_path) + override.split()
     check_one_line_error(run_cli(*overrides, cwd=ROOT), field)
 
 

@@ -52,9 +52,10 @@ def test_metrics_jsonl_has_every_ppo_step(demo_run: Path) -> None:
     steps = [line["step"] for line in lines if M.KL in line]
     assert steps == [1, 2]
     for line in lines:
-        if M.KL in line:
-            for key in M.PPO_STEP_METRICS:
+        if M.KL in line:  # the demo: RLOO, 8 samples per prompt
+            for key in M.PPO_STEP_METRICS + M.GROUP_STEP_METRICS:
                 assert key in line, key
+            assert not any(key in line for key in M.CRITIC_STEP_METRICS)
 
 
 def test_generations_score_the_response_only(demo_run: Path) -> None:
@@ -73,7 +74,7 @@ def test_policy_saved_and_loadable(demo_run: Path) -> None:
     model = AutoModelForSeq2SeqLM.from_pretrained(merged)
     assert model.config.is_encoder_decoder
     assert (merged / "README.md").read_text().startswith("# detox_exp PPO policy")
-    assert (demo_run / "policy" / "value_head.safetensors").is_file()
+    assert not (demo_run / "policy" / "value_head.safetensors").exists()  # RLOO: no critic
     assert (demo_run / "policy" / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -119,9 +120,10 @@ def test_standalone_evaluation_of_a_saved_policy(
     )
 
 
-@pytest.mark.parametrize("ppo", ["rloo", "grpo"])
-def test_group_estimators_run_end_to_end(demo_cache: Path, tmp_path: Path, ppo: str) -> None:
-    """`detox-exp experiment=demo ppo=<estimator>`: critic-free, k samples per prompt."""
+@pytest.mark.parametrize("ppo", ["grpo", "default"])
+def test_other_estimators_run_end_to_end(demo_cache: Path, tmp_path: Path, ppo: str) -> None:
+    """`detox-exp experiment=demo ppo=grpo` (critic-free) and `ppo=default` (GAE, here with
+    the demo's 8 samples per prompt sharing one encoder pass)."""
     from detox_exp import metric_names as M
 
     result = run_cli(
@@ -136,9 +138,12 @@ def test_group_estimators_run_end_to_end(demo_cache: Path, tmp_path: Path, ppo: 
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]
+    critic = ppo == "default"
     for line in lines:
         assert 0.0 <= line[M.GROUP_ZERO_STD] <= 1.0 and line[M.GROUP_REWARD_STD] >= 0.0
-        assert M.LOSS_VALUE not in line and M.KL in line and line[M.KL] >= 0.0
-    assert not (tmp_path / "policy" / "value_head.safetensors").exists()
+        assert (M.LOSS_VALUE in line) == critic and line[M.KL] >= 0.0
+    assert (tmp_path / "policy" / "value_head.safetensors").exists() == critic
+    config = (tmp_path / ".hydra" / "config.yaml").read_text()
+    assert f"advantage_estimator: {'gae' if critic else ppo}" in config
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "eval/delta/distinct_2_ci_low" in summary

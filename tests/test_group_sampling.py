@@ -226,3 +226,37 @@ def test_ppo_steps_with_zero_score_do_not_grow_the_kl(tiny_t5: Path, tmp_path: P
     before_k3, after_k3 = run("gae", "k3")
     assert before_k3 == results["gae"][0]  # the same start
     assert after_k3 > results["gae"][1], (after_k3, results["gae"])
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_gradient_accumulation_gives_the_same_update(
+    tiny_t5: Path, tmp_path: Path, mode: str
+) -> None:
+    """One minibatch of 4 groups in one pass or in micro-batches of 1 group: the same loss
+    (a sum divided by the whole minibatch's count), so the same weights after the step."""
+    weights = []
+    for accum in (1, 4):
+        trainer = make_trainer(
+            tiny_t5,
+            tmp_path,
+            ContainsReward("the"),
+            advantage_estimator="rloo",
+            samples_per_prompt=4,
+            whiten_advantages=False,
+            mini_batch_size=16,
+            gradient_accumulation_steps=accum,
+            ppo_epochs=1,
+            loss_agg_mode=mode,
+            max_grad_norm=None,
+            optimizer=partial(torch.optim.SGD, lr=1.0),
+        )
+        torch.manual_seed(5)
+        roll = trainer.rollout(trainer.next_batch())
+        assert roll.mask.sum(1).unique().numel() > 1  # responses of different lengths
+        stats = trainer.optimize(roll)
+        lora = [p.detach().clone() for n, p in trainer.policy.named_parameters() if "lora_" in n]
+        weights.append((lora, stats))
+    (one, stats_one), (parts, stats_parts) = weights
+    for a, b in zip(one, parts):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert stats_one[M.LOSS_POLICY] == pytest.approx(stats_parts[M.LOSS_POLICY], abs=1e-6)

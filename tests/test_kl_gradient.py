@@ -74,8 +74,10 @@ def loss_term_gradient(theta: torch.Tensor, ref: torch.Tensor, estimator: str) -
     total = torch.zeros(V, dtype=torch.float64)
     mask = torch.ones(1, 1)
     for action in range(V):
-        logp, ref_logp, _, _ = one_token(theta, ref, action)
-        loss = core.aggregate_loss(core.kl_loss(logp, ref_logp, estimator), mask)
+        logp, ref_logp, _, ref_logits = one_token(theta, ref, action)
+        logits = theta.reshape(1, 1, V)  # with grad, for `full`
+        terms = core.kl_loss(logp, ref_logp, estimator, logits, ref_logits)
+        loss = core.aggregate_loss(terms, mask)
         total += p[action] * torch.autograd.grad(loss, theta)[0]
     return total
 
@@ -139,7 +141,7 @@ def test_k3_and_k2_as_rewards_do_not_follow_grad_kl() -> None:
 @pytest.mark.parametrize("offset", OFFSETS)
 def test_kl_loss_terms_follow_the_documented_divergence(offset: float) -> None:
     theta, ref = tabular(offset)
-    for estimator, divergence in (("k2", kl_pq), ("k3", kl_qp)):
+    for estimator, divergence in (("k2", kl_pq), ("k3", kl_qp), ("full", kl_pq)):
         cosine, ratio = compare(
             loss_term_gradient(theta, ref, estimator), true_gradient(divergence, theta, ref)
         )

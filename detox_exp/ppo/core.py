@@ -22,7 +22,7 @@ from torch import Tensor
 # of its value (see kl_penalty and docs/kl.md):
 KL_ESTIMATORS = ("k1", "k2", "k3", "full")  # as a detached reward: ppo.kl_estimator
 KL_LOG_ESTIMATORS = ("k3", "full")  # logged and read by the controller: never negative
-KL_LOSS_ESTIMATORS = ("k2", "k3")  # as a loss term with its gradient flowing: kl_loss
+KL_LOSS_ESTIMATORS = ("k2", "k3", "full")  # as a loss term, gradient flowing: kl_loss
 
 
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -189,7 +189,13 @@ def compute_rewards(
     return rewards, kl
 
 
-def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    estimator: str = "k3",
+    logits: Tensor | None = None,
+    ref_logits: Tensor | None = None,
+) -> Tensor:
     """Per-token KL loss term WITH its gradient flowing (GRPO's ``beta * KL`` in the loss) ->
     ``[B, T]``; callers take a masked mean and add ``ppo.kl_loss_coef`` times it.
 
@@ -202,6 +208,10 @@ def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Te
       reverse ("mass-covering") direction: it pulls p toward covering q's support.
     - ``k2 = 0.5 (log p - log q)^2``: ``E_p[(log p - log q) grad log p] = grad KL(p || q)``,
       the same divergence as the reward's k1.
+    - ``full``: the exact per-position ``KL(p(.|prefix) || q(.|prefix))`` over the vocabulary
+      from ``logits`` (with grad) and ``ref_logits`` ``[B, T, V]``: its gradient is exactly
+      that of each visited position's next-token KL, with no sampling noise over the token;
+      like k2 and k3 it leaves out how a token changes which later prefixes are visited.
 
     k1 in the loss has expected gradient ``E_p[grad log p] = 0`` (noise only) and is refused.
     """
@@ -209,6 +219,12 @@ def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Te
         raise ValueError(
             f"ppo.kl_loss_estimator must be one of {KL_LOSS_ESTIMATORS}, got {estimator!r}"
         )
+    if estimator == "full":
+        if logits is None or ref_logits is None:
+            raise ValueError("ppo.kl_loss_estimator='full' needs logits and ref_logits [B, T, V]")
+        logp = torch.log_softmax(logits.to(_float_dtype(logits.dtype)), dim=-1)
+        logq = torch.log_softmax(ref_logits.to(logp.dtype), dim=-1)
+        return (logp.exp() * (logp - logq)).sum(-1)
     log_ratio = logprobs - ref_logprobs
     if estimator == "k2":
         return 0.5 * log_ratio**2

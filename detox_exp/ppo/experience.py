@@ -35,6 +35,7 @@ class Minibatch:
     values: torch.Tensor | None  # [b, t] the rollout's value estimates (gae only)
     advantages: torch.Tensor  # [b, t]
     returns: torch.Tensor  # [b, t]
+    ref_logits: torch.Tensor | None = None  # [b, t, V] (kl_loss_estimator=full only)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Experience:
     advantages: torch.Tensor  # [B, T] GAE (whitened if configured) or the group advantage
     returns: torch.Tensor  # [B, T] advantages + values (gae) or the sequence reward
     timings: dict[str, float]  # seconds per rollout phase (time/*)
+    ref_logits: torch.Tensor | None = None  # [B, T, V] reference logits (kl loss "full")
 
     def rows(self, groups: torch.Tensor) -> torch.Tensor:
         """The sample rows [len(groups) * k] of the prompts (groups) ``groups``."""
@@ -88,4 +90,5 @@ class Experience:
             values=None if self.values is None else self.values[idx][:, :t],
             advantages=self.advantages[idx][:, :t],
             returns=self.returns[idx][:, :t],
+            ref_logits=None if self.ref_logits is None else self.ref_logits[idx][:, :t],
         )

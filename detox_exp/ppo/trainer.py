@@ -202,7 +202,8 @@ class PPOTrainer:
         t1 = self._clock()
         scores = self.scorer.score(texts)
         t2 = self._clock()
-        full = "full" in (s.kl_estimator, s.kl_log_estimator)
+        full_loss = s.kl_loss_coef > 0 and s.kl_loss_estimator == "full"
+        full = full_loss or "full" in (s.kl_estimator, s.kl_log_estimator)
         chunks = defaultdict(list)
         per_pass = max(1, self.forward_batch // k)  # prompts per no-grad pass
         for start in range(0, len(indices), per_pass):
@@ -238,6 +239,7 @@ class PPOTrainer:
             advantages=advantages,
             returns=returns,
             timings=timings,
+            ref_logits=batch["ref_logits"] if full_loss else None,
         )
 
     def _advantages(
@@ -389,7 +391,10 @@ class PPOTrainer:
         if s.ent_coef:
             loss = loss - s.ent_coef * agg(core.entropy_from_logits(logits), mb.mask)
         if s.kl_loss_coef:
-            kl_term = agg(core.kl_loss(logprobs, mb.ref_logprobs, s.kl_loss_estimator), mb.mask)
+            kl_tokens = core.kl_loss(
+                logprobs, mb.ref_logprobs, s.kl_loss_estimator, logits, mb.ref_logits
+            )
+            kl_term = agg(kl_tokens, mb.mask)
             loss = loss + s.kl_loss_coef * kl_term
             stats[M.LOSS_KL] = kl_term.item()
         stats[M.LOSS_TOTAL] = loss.item()

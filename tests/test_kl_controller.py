@@ -1,0 +1,46 @@
+"""The adaptive KL controller reaches its target within a run of the demo's length."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from detox_exp import metric_names as M
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+TARGETS = (0.15, 0.6)  # nats per response (objective/kl, k3)
+
+
+def test_adaptive_controller_reaches_two_targets(demo_cache: Path, tmp_path: Path) -> None:
+    reward = None
+    final_kl = {}
+    for target in TARGETS:
+        run_dir = tmp_path / f"target{target}"
+        args = [
+            "experiment=demo",
+            "logger=none",
+            "stages.evaluate_before=false",
+            "stages.evaluate_after=false",
+            "ppo/kl_controller=adaptive",
+            f"ppo.kl_controller.target={target}",
+            "ppo.save_dir=null",
+            f"hydra.run.dir={run_dir}",
+        ]
+        if reward is not None:  # one classifier for both runs
+            args += ["stages.train_reward=false", f"reward.name_or_path={reward}"]
+        result = run_cli(*args, cwd=ROOT, env={"DETOX_EXP_CACHE": str(demo_cache)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        reward = run_dir / "reward_model"
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = [line for line in lines if M.KL in line]
+        last_third = steps[-(len(steps) // 3) :]
+        final_kl[target] = statistics.mean(line[M.KL] for line in last_third)
+        coefs = [line[M.KL_COEF] for line in steps]
+        assert target / 2 <= final_kl[target] <= 2 * target, (target, final_kl, coefs[::10])
+    low, high = TARGETS
+    assert final_kl[high] > final_kl[low], final_kl
