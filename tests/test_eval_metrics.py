@@ -244,9 +244,10 @@ def test_corpus_bootstrap_of_distinct_n() -> None:
         return [ngrams(t, 2) for t in texts]
 
     drop = paired_bootstrap_corpus(grams(varied), grams(collapsed), distinct_of_grams, 500)
-    assert drop["delta"] == pytest.approx(
-        distinct_n(collapsed, 2) - distinct_n(varied, 2)
-    ) and drop["delta"] < -0.3
+    assert (
+        drop["delta"] == pytest.approx(distinct_n(collapsed, 2) - distinct_n(varied, 2))
+        and drop["delta"] < -0.3
+    )
     assert drop["ci_low"] <= drop["delta"] <= drop["ci_high"] < 0
     same = paired_bootstrap_corpus(grams(varied), grams(varied), distinct_of_grams, 500)
     assert same["delta"] == 0 and same["ci_low"] == same["ci_high"] == 0

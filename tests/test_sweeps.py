@@ -70,7 +70,11 @@ def test_optuna_search_two_trials(demo_cache: Path, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) >= {"ppo.optimizer.lr", "model.lora.r", "ppo.advantage_estimator"}
+    assert set(best["best_params"]) >= {
+        "ppo.optimizer.lr",
+        "model.lora.r",
+        "ppo.advantage_estimator",
+    }
     assert isinstance(best["best_value"], float)
     rows = [json.loads(x) for x in (sweep / "sweep_summary.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
