@@ -162,6 +162,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--no-malloc-rows", action="store_true", help="skip malloc-tuned trl")
+    parser.add_argument(
+        "--precisions", default="fp32,bf16", help="comma-separated: the precisions to run"
+    )
     parser.add_argument("--out", type=Path, help="default: outputs/bench/side_by_side/<time>")
     parser.add_argument("--from-results", type=Path, help="print the table of a results.jsonl")
     parser.add_argument(
@@ -188,9 +191,16 @@ def main() -> None:
     if (out / "results.jsonl").exists():
         parser.error(f"{out}/results.jsonl exists: pass a new --out (rounds would be mispaired)")
     out.mkdir(parents=True, exist_ok=True)
-    trl_python = str(Path(args.trl_python).resolve()) if "/" in args.trl_python else args.trl_python
+    # absolute, not resolved: a venv's bin/python is a symlink to the base interpreter
+    trl_python = (
+        str(Path(args.trl_python).absolute()) if "/" in args.trl_python else args.trl_python
+    )
     runs = RUNS | variant_runs(args.variant)
-    names = [n for n in runs if not (args.no_malloc_rows and runs[n][2])]
+    names = [
+        n
+        for n in runs
+        if not (args.no_malloc_rows and runs[n][2]) and runs[n][1] in args.precisions.split(",")
+    ]
     records = []
     with (out / "results.jsonl").open("w") as results:
         for rnd in range(1, args.rounds + 1):

@@ -3,7 +3,7 @@
 Runs in its OWN virtual environment, never the project's (trl is not a dependency):
 
     python3 -m venv /tmp/trl && /tmp/trl/bin/pip install torch==2.13.0 trl==0.11.4 \\
-        transformers==4.46.3 peft==0.13.2 'accelerate<1.2' 'datasets<3.2'
+        transformers==4.46.3 peft==0.13.2 'accelerate<1.2' 'datasets<3.2' rich
     /tmp/trl/bin/python benchmarks/trl_baseline.py DIR --steps 10 [--mixed-precision bf16] \
         [--device cuda]
 
