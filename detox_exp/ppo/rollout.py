@@ -21,7 +21,13 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from detox_exp.errors import ConfigError
 from detox_exp.ppo import t5_decoding
-from detox_exp.ppo.policy import base_config, base_model, encode, folded_adapter
+from detox_exp.ppo.policy import (
+    base_config,
+    base_model,
+    encode,
+    expand_groups,
+    folded_adapter,
+)
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -176,7 +182,6 @@ def sample_responses(
     if encoder_hidden is None:
         encoder_hidden = encode(model, query_ids, query_mask)
     k = samples_per_prompt
-    expanded_mask = query_mask.repeat_interleave(k, dim=0) if k > 1 else query_mask
     batch, cache_kwarg = query_ids.shape[0] * k, _cache_kwarg(model)
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())  # updated in place
     token = torch.full((batch, 1), config.decoder_start_token_id, device=query_ids.device)
@@ -186,9 +191,10 @@ def sample_responses(
         fast = step_decoder and t5_decoding.prepare(
             model, encoder_hidden, query_mask, sampling.max_new_tokens, k
         )
-        if not fast:
-            hidden = encoder_hidden.repeat_interleave(k, dim=0) if k > 1 else encoder_hidden
+        if not fast:  # the model's forward needs one row per sample
+            hidden = expand_groups(encoder_hidden, k)
             encoder_outputs = BaseModelOutput(last_hidden_state=hidden)
+            expanded_mask = expand_groups(query_mask, k)
         for step in range(sampling.max_new_tokens):
             if fast:
                 logits = fast.step(token).float()

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detox_exp.ppo.policy import base_model, plain_lora
+from detox_exp.ppo.policy import base_model, expand_groups, plain_lora
 
 T5_CLASSES = ("T5ForConditionalGeneration", "MT5ForConditionalGeneration")
 
@@ -248,7 +248,7 @@ def prepare(
 
     def split_heads(y: torch.Tensor) -> torch.Tensor:  # [P, S, H * dh] -> [P * k, H, S, dh]
         y = y.view(prompts, -1, heads, config.d_kv).transpose(1, 2)
-        return y.repeat_interleave(samples_per_prompt, dim=0) if samples_per_prompt > 1 else y
+        return expand_groups(y, samples_per_prompt)
 
     layers = []
     memory = encoder_hidden.to(dtype)
@@ -298,7 +298,7 @@ def prepare(
     )
     causal = torch.ones(max_steps, max_steps, dtype=torch.bool, device=device).tril()
     self_bias = torch.where(causal, self_bias.to(dtype), low)
-    keep = query_mask[:, None, None, :].bool().repeat_interleave(samples_per_prompt, dim=0)
+    keep = expand_groups(query_mask[:, None, None, :].bool(), samples_per_prompt)
     cross_bias = torch.where(keep, torch.zeros((), dtype=dtype, device=device), low)
     return T5StepDecoder(
         layers,

@@ -34,6 +34,7 @@ from detox_exp.ppo.policy import ActorCritic, mixed_precision
 from detox_exp.ppo.rollout import (
     decode,
     decoder_inputs,
+    make_sampling,
     pad_queries,
     round_up,
     sample_responses,
@@ -88,7 +89,7 @@ class PPOTrainer:
             tracker,
         )
         self.generation = dict(generation)
-        self.horizon = int(self.generation.get("max_new_tokens", 64))
+        self.horizon = make_sampling(self.generation).max_new_tokens  # Dr. GRPO's divisor
         self.steps, self.batch_size = s.steps, s.batch_size
         self.kl_ctl = kl_controller
         self.running = core.RunningMoments() if s.score.get("normalize") else None
