@@ -15,30 +15,22 @@ from tests.conftest import ROOT, local_overrides
 pytestmark = pytest.mark.slow
 
 
-def test_two_process_ppo(standins, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+def run_two_processes(standins, run_dir: Path, port: int, *extra: str) -> None:
+    """The entrypoint under torchrun with 2 CPU processes (gloo), weights digested per step."""
     overrides = [o for o in local_overrides(standins, run_dir) if not o.startswith("hydra.run")]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "detox_exp",
-        *overrides,
-        f"hydra.run.dir={run_dir}",
-        "ppo.steps=2",
-        "ppo.batch_size=8",
-        "ppo.mini_batch_size=4",
-        "ppo.debug_param_digest=true",
-        "eval.num_prompts=4",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(port), "-m", "detox_exp", *overrides]
+    cmd += [f"hydra.run.dir={run_dir}", "ppo.steps=2", "ppo.debug_param_digest=true", *extra]
     env = os.environ | {"CI": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_two_process_ppo(standins, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_two_processes(
+        standins, run_dir, 29533, "ppo.batch_size=8", "ppo.mini_batch_size=4", "eval.num_prompts=4"
+    )
     digests = {
         rank: [
             json.loads(x)
@@ -67,30 +59,16 @@ def test_two_process_group_sampling(standins, tmp_path: Path) -> None:
     import statistics
 
     run_dir = tmp_path / "run"
-    overrides = [o for o in local_overrides(standins, run_dir) if not o.startswith("hydra.run")]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29534",
-        "-m",
-        "detox_exp",
-        *overrides,
-        f"hydra.run.dir={run_dir}",
+    run_two_processes(
+        standins,
+        run_dir,
+        29534,
         "ppo=rloo",
-        "ppo.steps=2",
         "ppo.batch_size=16",
         "ppo.mini_batch_size=8",
-        "ppo.debug_param_digest=true",
         "stages.evaluate_before=false",
         "stages.evaluate_after=false",
-    ]
-    env = os.environ | {"CI": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    )
     digests = [
         [json.loads(x) for x in (run_dir / f"param_digests/rank{r}.jsonl").read_text().splitlines()]
         for r in (0, 1)

@@ -29,6 +29,12 @@ class ConstantReward:
         return Scores(reward=torch.full((len(texts),), 0.5), toxicity=torch.zeros(len(texts)))
 
 
+def group_trainer(tiny_t5: Path, tmp_path: Path, scorer, estimator: str = "rloo", **overrides):
+    """A critic-free trainer with groups of 4 samples per prompt (see make_trainer)."""
+    settings = {"samples_per_prompt": 4, "whiten_advantages": False} | overrides
+    return make_trainer(tiny_t5, tmp_path, scorer, advantage_estimator=estimator, **settings)
+
+
 def _batch(tiny_t5: Path):
     from transformers import AutoModelForSeq2SeqLM
 
@@ -91,13 +97,10 @@ def test_group_sampling_equals_expanded_prompts(tiny_t5: Path, step_decoder: boo
 
 
 def test_encoder_runs_once_per_prompt(tiny_t5: Path, tmp_path: Path) -> None:
-    trainer = make_trainer(
+    trainer = group_trainer(
         tiny_t5,
         tmp_path,
         ContainsReward("the"),
-        advantage_estimator="rloo",
-        samples_per_prompt=4,
-        whiten_advantages=False,
         batch_size=16,
         mini_batch_size=8,
         ppo_epochs=2,
@@ -119,13 +122,11 @@ def test_encoder_runs_once_per_prompt(tiny_t5: Path, tmp_path: Path) -> None:
 
 
 def test_identical_scores_give_exactly_zero_advantages(tiny_t5: Path, tmp_path: Path) -> None:
-    trainer = make_trainer(
+    trainer = group_trainer(
         tiny_t5,
         tmp_path,
         ConstantReward(),
-        advantage_estimator="grpo",
-        samples_per_prompt=4,
-        whiten_advantages=False,
+        "grpo",
     )
     # a fresh adapter (B = 0): policy = reference, so the k1 penalty is exactly 0 too
     roll = trainer.rollout(trainer.next_batch())
@@ -137,13 +138,10 @@ def test_identical_scores_give_exactly_zero_advantages(tiny_t5: Path, tmp_path: 
 
 
 def test_minibatches_hold_whole_groups(tiny_t5: Path, tmp_path: Path) -> None:
-    trainer = make_trainer(
+    trainer = group_trainer(
         tiny_t5,
         tmp_path,
         ContainsReward("the"),
-        advantage_estimator="rloo",
-        samples_per_prompt=4,
-        whiten_advantages=False,
         mini_batch_size=8,
         gradient_accumulation_steps=2,
     )
@@ -236,13 +234,10 @@ def test_gradient_accumulation_gives_the_same_update(
     (a sum divided by the whole minibatch's count), so the same weights after the step."""
     weights = []
     for accum in (1, 4):
-        trainer = make_trainer(
+        trainer = group_trainer(
             tiny_t5,
             tmp_path,
             ContainsReward("the"),
-            advantage_estimator="rloo",
-            samples_per_prompt=4,
-            whiten_advantages=False,
             mini_batch_size=16,
             gradient_accumulation_steps=accum,
             ppo_epochs=1,

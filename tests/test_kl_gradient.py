@@ -52,34 +52,40 @@ def one_token(theta: torch.Tensor, ref: torch.Tensor, action: int):
     return logp, ref_logp, theta.detach().reshape(1, 1, V), ref.reshape(1, 1, V)
 
 
-def reward_gradient(theta: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
-    """E_a~p[grad of the PPO loss] with the KL as a detached reward (GAE, zero values)."""
+def expected_gradient(theta: torch.Tensor, loss_of_action) -> torch.Tensor:
+    """sum_a p(a) grad loss(a): the exact expectation over the one sampled token."""
     p = theta.detach().softmax(-1)
     total = torch.zeros(V, dtype=torch.float64)
-    mask = torch.ones(1, 1)
     for action in range(V):
+        total += p[action] * torch.autograd.grad(loss_of_action(action), theta)[0]
+    return total
+
+
+def reward_gradient(theta: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
+    """E_a~p[grad of the PPO loss] with the KL as a detached reward (GAE, zero values)."""
+    mask = torch.ones(1, 1)
+
+    def loss(action: int) -> torch.Tensor:
         logp, ref_logp, logits, ref_logits = one_token(theta, ref, action)
         rewards, _ = core.compute_rewards(
             torch.zeros(1), logp.detach(), ref_logp, mask, 1.0, estimator, logits, ref_logits
         )
         advantages, _ = core.compute_gae(rewards, torch.zeros(1, 1), mask, gamma=1.0, lam=0.95)
-        loss, _ = core.policy_loss(logp, logp.detach(), advantages, mask, cliprange=0.2)
-        total += p[action] * torch.autograd.grad(loss, theta)[0]
-    return total
+        return core.policy_loss(logp, logp.detach(), advantages, mask, cliprange=0.2)[0]
+
+    return expected_gradient(theta, loss)
 
 
 def loss_term_gradient(theta: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
     """E_a~p[grad of the KL loss term] (ppo.kl_loss_coef = 1, token-mean)."""
-    p = theta.detach().softmax(-1)
-    total = torch.zeros(V, dtype=torch.float64)
-    mask = torch.ones(1, 1)
-    for action in range(V):
+
+    def loss(action: int) -> torch.Tensor:
         logp, ref_logp, _, ref_logits = one_token(theta, ref, action)
         logits = theta.reshape(1, 1, V)  # with grad, for `full`
         terms = core.kl_loss(logp, ref_logp, estimator, logits, ref_logits)
-        loss = core.aggregate_loss(terms, mask)
-        total += p[action] * torch.autograd.grad(loss, theta)[0]
-    return total
+        return core.aggregate_loss(terms, torch.ones(1, 1))
+
+    return expected_gradient(theta, loss)
 
 
 def group_gradient(theta: torch.Tensor, ref: torch.Tensor, estimator: str, k: int = 2):
