@@ -181,6 +181,7 @@ def trainer_state(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         "kl_controller": trainer.kl_ctl.state_dict(),
         "running": trainer.running.state_dict() if trainer.running is not None else None,
         "skipped": trainer.skipped,
+        "consecutive_skips": trainer.consecutive_skips,
         "rng": rng_state(),
     }
     return tensors, state
@@ -209,4 +210,5 @@ def restore_trainer(trainer: Any, tensors: dict[str, torch.Tensor], state: dict[
     if trainer.running is not None and state["running"] is not None:
         trainer.running.load_state_dict(state["running"])
     trainer.skipped = int(state.get("skipped", 0))
+    trainer.consecutive_skips = int(state.get("consecutive_skips", 0))
     set_rng_state(state["rng"])

@@ -129,6 +129,12 @@ def check_settings(s: PPOSettings) -> None:
         f"use one of {PRECISIONS} (the top-level precision sets it)",
     )
     check_choice(s, "on_nonfinite", ("error", "skip"))
+    check(
+        s.max_consecutive_skips >= 1,
+        "max_consecutive_skips",
+        f"must be >= 1, got {s.max_consecutive_skips}",
+        "use e.g. 3",
+    )
 
 
 def local_sizes(s: PPOSettings, world_size: int) -> tuple[int, int]:

@@ -8,9 +8,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from detox_exp.ppo.policy import ActorCritic
 
@@ -66,6 +67,41 @@ def model_card(summary: Mapping[str, Any], config: Any) -> str:
     return "\n".join(lines)
 
 
+def merged_model(policy: ActorCritic, source: Mapping[str, Any] | None = None) -> PreTrainedModel:
+    """The policy with its LoRA update merged into FULL-precision base weights, in the dtype
+    the base checkpoint is stored in.
+
+    With ``precision=bf16`` the frozen base weights live in bf16 in memory; W + dW rounded to
+    bf16 (8 mantissa bits) would lose most of a LoRA update of ~0.1-1% of |W|. So a
+    low-precision base is re-read from its checkpoint (``source``: ``name_or_path``,
+    ``revision``, ``trust_remote_code``; the model config's ``model`` node), the adapter's
+    weights are loaded onto it in fp32, merged there and only then cast to the stored dtype.
+    A full-precision base in memory is merged in memory (exact, no re-read)."""
+    model = policy.model
+    if not policy.is_peft:
+        return copy.deepcopy(model)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    if frozen <= {torch.float32, torch.float64}:
+        return copy.deepcopy(model).merge_and_unload()
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    lora = model.peft_config[model.active_adapter]
+    source = dict(source or {})
+    name = source.get("name_or_path") or lora.base_model_name_or_path
+    base = AutoModelForSeq2SeqLM.from_pretrained(
+        name,
+        revision=source.get("revision"),
+        trust_remote_code=bool(source.get("trust_remote_code", False)),
+        use_safetensors=True,
+        dtype="auto",  # the dtype it is stored in
+    )
+    stored = base.dtype
+    wrapped = get_peft_model(base.float(), copy.deepcopy(lora))
+    adapter = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    set_peft_model_state_dict(wrapped, adapter)
+    return wrapped.merge_and_unload().to(stored)
+
+
 def save_policy(
     policy: ActorCritic,
     tokenizer: PreTrainedTokenizerBase,
@@ -74,7 +110,7 @@ def save_policy(
     config: Any,
 ) -> Path:
     """Write ``adapter/`` (LoRA or full weights), ``value_head.safetensors`` (gae only) and
-    ``merged/``."""
+    ``merged/`` (see :func:`merged_model`)."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     policy.model.save_pretrained(save_dir / "adapter", safe_serialization=True)
@@ -82,9 +118,8 @@ def save_policy(
         head = policy.value_head.state_dict()
         state = {k: v.detach().cpu().contiguous() for k, v in head.items()}
         save_file(state, str(save_dir / "value_head.safetensors"))
-    merged = copy.deepcopy(policy.model)
-    if policy.is_peft:
-        merged = merged.merge_and_unload()
+    cfg = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
+    merged = merged_model(policy, (cfg or {}).get("model"))
     merged.save_pretrained(save_dir / "merged", safe_serialization=True)
     tokenizer.save_pretrained(save_dir / "merged")
     card = model_card(summary, config)

@@ -55,7 +55,9 @@ class PPOSettings:
     forward_batch_size: int | None = None  # samples per no-grad rollout pass; null: all
     debug_param_digest: bool = False  # write a hash of the weights per process and step
     on_nonfinite: str = "error"  # NaN / inf: error (stop) | skip (drop the batch)
+    max_consecutive_skips: int = 3  # skip: stop after this many dropped batches in a row
     debug_nan_at_step: int | None = None  # fault injection: NaN scores at this step
+    debug_nan_grad_at_step: int | None = None  # fault injection: a NaN gradient mid-batch
     debug_kill_after_step: int | None = None  # fault injection: SIGKILL after this step
     sample_table_every: int = 10  # W&B table of sample responses every N steps (0: never)
     num_table_samples: int = 4

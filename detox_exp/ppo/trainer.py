@@ -8,6 +8,7 @@ importance ratio of the first minibatch is exactly 1 and old / new log-probs agr
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import signal
@@ -78,6 +79,7 @@ class PPOTrainer:
         self.k = s.samples_per_prompt
         self.forward_batch = s.forward_batch_size or self.local_batch
         self.skipped = 0  # batches skipped for NaN / inf (on_nonfinite=skip)
+        self.consecutive_skips = 0
         self.checkpoints: CheckpointManager | None = None
         self.last_checkpoint: Path | None = None
         self.wandb_id: str | None = None
@@ -307,7 +309,7 @@ class PPOTrainer:
         mini_groups = self.local_mini // k
         micro_groups = mini_groups // s.gradient_accumulation_steps
         world = self.dist.world_size
-        epochs_run = 0
+        epochs_run = n_updates = 0
         for _ in range(s.ppo_epochs):
             epochs_run += 1
             order = torch.randperm(n_groups, generator=self.generator).tolist()
@@ -322,20 +324,26 @@ class PPOTrainer:
                     num_tokens=tokens,
                     horizon=self.horizon,
                 )
-                for mc_start in range(0, len(mb), micro_groups):
-                    loss, mstats = self._loss(roll, mb[mc_start : mc_start + micro_groups], agg)
-                    self._check_finite("loss", loss)
-                    self.scaler.scale(loss * world).backward()
+                starts = range(0, len(mb), micro_groups)
+                for mc_start in starts:
+                    # DDP averages gradients over processes once, on the last micro-batch
+                    last = mc_start == starts[-1]
+                    sync = contextlib.nullcontext() if last else self._no_sync()
+                    with sync:
+                        loss, mstats = self._loss(roll, mb[mc_start : mc_start + micro_groups], agg)
+                        self._check_finite("loss", loss)
+                        self.scaler.scale(loss * world).backward()
                     for key, value in mstats.items():
                         stats[key].append(value)
                     epoch_kl.append(mstats[M.APPROX_KL])
+                self._inject_nan_gradient(n_updates)
                 self.scaler.unscale_(self.optimizer)
-                if s.max_grad_norm is not None:
-                    norm = torch.nn.utils.clip_grad_norm_(
-                        self.policy.trainable_parameters(), s.max_grad_norm
-                    )
-                    stats[M.GRAD_NORM].append(norm.item())
+                norm = self._grad_norm()
+                stats[M.GRAD_NORM].append(norm.item())
+                if not self.scaler.is_enabled():  # fp16: the scaler skips inf steps itself
+                    self._check_finite("gradients", norm)
                 self.scaler.step(self.optimizer)
+                n_updates += 1
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
             if s.target_approx_kl is not None:
@@ -401,6 +409,46 @@ class PPOTrainer:
         stats[M.LOSS_TOTAL] = loss.item()
         return loss, stats
 
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        return self.ddp.no_sync() if self.dist.enabled else contextlib.nullcontext()
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The trainable gradients' global norm, clipped to ``max_grad_norm`` if set."""
+        params = self.policy.trainable_parameters()
+        if self.settings.max_grad_norm is not None:
+            return torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
+        grads = [p.grad for p in params if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+    def _inject_nan_gradient(self, n_updates: int) -> None:
+        """Fault injection (``debug_nan_grad_at_step``): a NaN in one gradient before the
+        second optimizer step of the batch (the first if the batch has one)."""
+        s = self.settings
+        if s.debug_nan_grad_at_step != self.step + 1:
+            return
+        n_minibatches = self.local_batch // self.local_mini
+        if n_updates == min(1, n_minibatches * s.ppo_epochs - 1):
+            grad = next(p.grad for p in self.policy.trainable_parameters() if p.grad is not None)
+            grad.view(-1)[0] = float("nan")
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What a batch changes (weights, optimizer, scaler, score statistics), copied, so
+        that ``on_nonfinite=skip`` can drop the whole batch (see _restore)."""
+        return {
+            "params": [p.detach().clone() for p in self.policy.trainable_parameters()],
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scaler": copy.deepcopy(self.scaler.state_dict()),
+            "running": copy.deepcopy(self.running) if self.running is not None else None,
+        }
+
+    def _restore(self, snapshot: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            for param, saved in zip(self.policy.trainable_parameters(), snapshot["params"]):
+                param.copy_(saved)
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        self.scaler.load_state_dict(snapshot["scaler"])
+        self.running = snapshot["running"]
+
     def _check_finite(self, quantity: str, values: torch.Tensor) -> None:
         """NaN / inf guard: stop with a clear error, or skip the batch (ppo.on_nonfinite)."""
         bad = self.dist.sum(torch.tensor(float(not torch.isfinite(values).all()))).item() > 0
@@ -418,18 +466,31 @@ class PPOTrainer:
     def train_step(self) -> dict[str, float]:
         """One PPO step; returns (and logs) its metrics."""
         start = self._clock()
+        s = self.settings
+        snapshot = self._snapshot() if s.on_nonfinite == "skip" else None
         try:
             roll = self.rollout(self.next_batch())
             t_opt = self._clock()
             opt_stats = self.optimize(roll)
         except _SkipBatch as skip:
             self.optimizer.zero_grad(set_to_none=True)
+            self._restore(snapshot)  # undo the minibatch updates already applied
             self.skipped += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= s.max_consecutive_skips:
+                where = self.last_checkpoint or "none (set checkpoint.every)"
+                raise TrainingError(
+                    f"ppo step {self.step + 1}",
+                    f"{skip} contain NaN or inf in {self.consecutive_skips} batches in a row "
+                    f"(ppo.max_consecutive_skips); last good checkpoint: {where}",
+                    "lower ppo.optimizer.lr or check the reward model",
+                ) from None
             self.step += 1
             log.warning("ppo step %d: %s not finite, batch skipped", self.step, skip)
             metrics = {M.SKIPPED_BATCHES: self.skipped, M.STEP_TIME: self._clock() - start}
             self.tracker.log(metrics, step=self.step)
             return metrics
+        self.consecutive_skips = 0
         t_end = self._clock()
         mask = roll.mask
         # exact global statistics from gathered per-sample values; means of the rest
