@@ -8,7 +8,9 @@ A single process (the usual case) needs none of this and every helper is then a 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -19,10 +21,25 @@ def is_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-class Dist:
-    """Process-group facts and collectives (all no-ops with one process)."""
+# The group the stage waits run on (see Dist.wait), made with the default group.
+_WAIT: dict[str, Any] = {"group": None, "delay_s": 0.0}
 
-    def __init__(self, device: torch.device) -> None:
+
+class Dist:
+    """Process-group facts and collectives (all no-ops with one process).
+
+    The first ``Dist`` of a process starts the process group (the ``distributed`` config):
+    collectives time out after ``timeout_s``; the stage waits (:meth:`wait`), where the other
+    processes wait for the main one to train the reward model, evaluate or save, run on a
+    separate gloo group that times out after ``wait_timeout_s``."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        timeout_s: float = 1800,
+        wait_timeout_s: float = 21600,
+        debug_wait_delay_s: float = 0,
+    ) -> None:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -32,7 +49,11 @@ class Dist:
                 self.device = torch.device("cuda", self.local_rank)
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():
-                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+                backend = "nccl" if device.type == "cuda" else "gloo"
+                dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+                wait = timedelta(seconds=wait_timeout_s)
+                _WAIT["group"] = dist.new_group(backend="gloo", timeout=wait)
+                _WAIT["delay_s"] = float(debug_wait_delay_s)
 
     @property
     def is_main(self) -> bool:
@@ -45,6 +66,15 @@ class Dist:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def wait(self) -> None:
+        """Wait for every process at a stage boundary, on the wait group (its timeout covers
+        a main-process stage; NCCL's default of 10 minutes would not)."""
+        if not self.enabled:
+            return
+        if self.is_main and _WAIT["delay_s"]:  # fault injection: a slow main-process stage
+            time.sleep(_WAIT["delay_s"])
+        dist.barrier(group=_WAIT["group"])
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over processes (a copy)."""
@@ -98,10 +128,12 @@ def write_param_digest(
     step: int,
     local_scores: torch.Tensor,
     samples_per_prompt: int = 1,
+    **extra: Any,
 ) -> None:
     """Debug (ppo.debug_param_digest): a hash of this process's trainable weights after
     ``step``, so a test can check that every process holds the same weights, and this
-    process's scores by group (rows p * k ... p * k + k - 1 are prompt p's samples)."""
+    process's scores by group (rows p * k ... p * k + k - 1 are prompt p's samples), plus
+    ``extra`` JSON-able values."""
     import hashlib
     import json
     from pathlib import Path
@@ -118,6 +150,6 @@ def write_param_digest(
         "reward_sum": local_scores.sum().item(),
         "n": len(local_scores),
         "group_scores": local_scores.view(-1, samples_per_prompt).tolist(),
-    }
+    } | extra
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")

@@ -131,7 +131,7 @@ def run(
     if cfg.keep_freed_memory:
         keep_freed_memory()
     seed_everything(cfg.seed)
-    dist = Dist(resolve_device(cfg.device))
+    dist = Dist(resolve_device(cfg.device), **cfg.distributed)
     if dist.enabled:  # every process works in the main process's run dir
         with open_dict(cfg):
             cfg.paths.output_dir = dist.broadcast(str(cfg.paths.output_dir))
@@ -175,7 +175,7 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
     if stages.prepare_data and cfg.get("assets") is not None:
         if dist.is_main:
             build(cfg.assets).build()
-        dist.barrier()
+        dist.wait()
     tokenizer = build(cfg.model.tokenizer)
     if stages.prepare_data:
         splits = build(cfg.dataset).prepare(tokenizer)  # deterministic on every process
@@ -195,7 +195,7 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
         done = resume is not None and (trainer.output_dir / "metrics.json").is_file()
         if dist.is_main and not done:  # on resume the trained classifier is reused
             trainer.train(tracker)
-        dist.barrier()
+        dist.wait()
         reward_path = str(trainer.output_dir)
         timed("train_reward", start)
 
@@ -218,7 +218,7 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
 
     def evaluate(phase: str, policy: torch.nn.Module) -> None:
         if not dist.is_main:  # evaluation runs on the main process; the others wait
-            dist.barrier()
+            dist.wait()
             return
         start = time.perf_counter()
         if resume is not None and (run_dir / "eval" / phase / "metrics.json").is_file():
@@ -229,7 +229,7 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
             )
         tracker.log_summary(results[phase].metrics)
         timed(f"evaluate_{phase}", start)
-        dist.barrier()
+        dist.wait()
 
     if stages.evaluate_before:
         evaluate("before", model)
@@ -275,7 +275,7 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
         )
     if stages.ppo and dist.is_main and objects["ppo"].save_dir is not None:
         objects["ppo"].save(summary=dict(tracker.summary), config=cfg)
-    dist.barrier()
+    dist.wait()
     tracker.log_summary(timings)
     objects["model"] = model
     return dict(tracker.summary), objects

@@ -9,13 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
+from detox_exp.ppo.trainer import sampling_stream
 from tests.conftest import ROOT, local_overrides
 
 pytestmark = pytest.mark.slow
 
 
-def run_two_processes(standins, run_dir: Path, port: int, *extra: str) -> None:
+def run_two_processes(
+    standins, run_dir: Path, port: int, *extra: str, check: bool = True
+) -> subprocess.CompletedProcess:
     """The entrypoint under torchrun with 2 CPU processes (gloo), weights digested per step."""
     overrides = [o for o in local_overrides(standins, run_dir) if not o.startswith("hydra.run")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -23,7 +28,9 @@ def run_two_processes(standins, run_dir: Path, port: int, *extra: str) -> None:
     cmd += [f"hydra.run.dir={run_dir}", "ppo.steps=2", "ppo.debug_param_digest=true", *extra]
     env = os.environ | {"CI": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
 
 
 def test_two_process_ppo(standins, tmp_path: Path) -> None:
@@ -43,6 +50,13 @@ def test_two_process_ppo(standins, tmp_path: Path) -> None:
         assert a["digest"] == b["digest"]  # identical weights after every step
         assert a["n"] == b["n"] == 4  # each process scored its half of the batch of 8
     assert digests[0][0]["digest"] != digests[0][1]["digest"]  # and they did train
+    # each process samples from its own stream, seeded from (seed, rank, step)
+    seed = OmegaConf.load(run_dir / ".hydra/config.yaml").seed
+    probes = {(r, d["step"]): d["stream_probe"] for r in (0, 1) for d in digests[r]}
+    assert len({tuple(p) for p in probes.values()}) == 4
+    for (rank, step), probe in probes.items():
+        stream = sampling_stream(seed, rank, step, torch.device("cpu"))
+        assert probe == torch.rand(2, generator=stream).tolist()
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]  # logged once, by the main process
     for line, a, b in zip(lines, digests[0], digests[1]):
@@ -87,3 +101,26 @@ def test_two_process_group_sampling(standins, tmp_path: Path) -> None:
         std = sum(statistics.stdev(g) for g in groups) / 4
         assert line["ppo/group/reward_std"] == pytest.approx(std, rel=1e-4, abs=1e-6)
     assert digests[0][0]["digest"] != digests[0][1]["digest"]  # and they did train
+
+
+@pytest.mark.parametrize(("wait_timeout_s", "survives"), [(120, True), (3, False)])
+def test_slow_main_stage_does_not_time_out_the_others(
+    standins, tmp_path: Path, wait_timeout_s: int, survives: bool
+) -> None:
+    """The main process evaluates 8 s longer than the collectives' timeout of 3 s while the
+    other waits: the stage wait's own timeout covers it (and, set to 3 s, would not)."""
+    result = run_two_processes(
+        standins,
+        tmp_path / "run",
+        29535 + survives,
+        "stages.ppo=false",
+        "stages.evaluate_after=false",
+        "eval.num_prompts=4",
+        "distributed.timeout_s=3",
+        f"distributed.wait_timeout_s={wait_timeout_s}",
+        "distributed.debug_wait_delay_s=8",
+        check=False,
+    )
+    assert (result.returncode == 0) == survives, result.stderr[-3000:]
+    if not survives:
+        assert "timed out" in result.stderr.lower() or "timeout" in result.stderr.lower()

@@ -16,6 +16,7 @@ from detox_exp import metric_names as M
 from detox_exp.errors import TrainingError
 from detox_exp.models import load_policy
 from detox_exp.ppo.policy import ActorCritic
+from detox_exp.ppo.rollout import pad_queries, sample_responses
 from detox_exp.ppo.saving import merged_model
 from detox_exp.reward.scorer import Scores
 from tests.test_ppo_properties import ContainsReward, make_trainer
@@ -163,3 +164,19 @@ def test_accumulation_of_two_is_one_step(tiny_t5: Path, tmp_path: Path, estimato
         weights.append([p.detach().clone() for p in trainer.policy.trainable_parameters()])
     for a, b in zip(*weights, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_processes_sample_independent_streams(tiny_t5: Path, tmp_path: Path) -> None:
+    """The same prompts sampled with rank 0's and rank 1's stream differ; the same rank and
+    step give the same samples again (what a resumed run relies on)."""
+    trainer = make_trainer(tiny_t5, tmp_path, ContainsReward("the"))
+    ids = [trainer.prompts[i]["input_ids"] for i in range(8)]
+    query, mask = pad_queries(ids, trainer.tokenizer.pad_token_id, trainer.device)
+    responses = []
+    for rank in (0, 1, 0):
+        trainer.dist.rank = rank  # what torchrun's RANK sets
+        torch.manual_seed(123)  # the global stream is the same every time: not used
+        args = (trainer.policy.model, trainer.tokenizer, query, mask, trainer.generation)
+        responses.append(sample_responses(*args, generator=trainer.sampling_stream())[0])
+    assert torch.equal(responses[0], responses[2])
+    assert not torch.equal(responses[0], responses[1])

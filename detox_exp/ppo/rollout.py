@@ -164,6 +164,7 @@ def sample_responses(
     check_every: int = 4,
     step_decoder: bool = True,
     samples_per_prompt: int = 1,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched sampling with a KV cache. Returns (response_ids, mask), both [P * k, T].
 
@@ -175,6 +176,8 @@ def sample_responses(
     stops once every row has ended, checked every ``check_every`` tokens (one host sync).
     ``step_decoder``: decode T5 with :mod:`detox_exp.ppo.t5_decoding` (same logits, a
     fraction of the per-token overhead); other models, or False, use the model's forward.
+    ``generator``: the random stream to sample from (on the queries' device); None: torch's
+    global one.
     """
     sampling = make_sampling(gen)
     config = base_config(model)
@@ -209,7 +212,10 @@ def sample_responses(
                 ).logits[:, -1]
                 logits = logits.float()
             logits = sampling.warp(logits, step, eos_id)
-            next_token = sample_from_logits(logits) if sampling.do_sample else logits.argmax(-1)
+            if sampling.do_sample:
+                next_token = sample_from_logits(logits, generator)
+            else:
+                next_token = logits.argmax(-1)
             next_token = next_token.masked_fill(done, pad_id)
             tokens.append(next_token)
             done |= next_token == eos_id

@@ -48,6 +48,15 @@ from detox_exp.utils import progress, resolve_device
 log = logging.getLogger(__name__)
 
 
+def sampling_stream(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded from (seed, rank, step) (numpy's SeedSequence mixes
+    the three into one well-spread 64-bit seed)."""
+    import numpy as np
+
+    mixed = np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(mixed))
+
+
 class _SkipBatch(Exception):
     """Raised inside a step to drop the batch (ppo.on_nonfinite=skip)."""
 
@@ -132,6 +141,12 @@ class PPOTrainer:
             self._position += take
         return indices[self.dist.rank :: self.dist.world_size]
 
+    def sampling_stream(self) -> torch.Generator:
+        """The random stream this process samples the current step's responses from: seeded
+        from (seed, rank, step), so processes draw independent samples and a resumed run
+        draws the same ones again."""
+        return sampling_stream(self.settings.seed, self.dist.rank, self.step + 1, self.device)
+
     def _forward(
         self,
         query: torch.Tensor,
@@ -197,6 +212,7 @@ class PPOTrainer:
                 self.generation,
                 encoder_hidden,
                 samples_per_prompt=k,
+                generator=self.sampling_stream(),
             )
         extra = round_up(response.shape[1], WIDTH_MULTIPLE) - response.shape[1]
         response = torch.nn.functional.pad(response, (0, extra), value=self.tokenizer.pad_token_id)
@@ -536,6 +552,7 @@ class PPOTrainer:
                 self.step + 1,
                 roll.scores,
                 self.k,
+                stream_probe=torch.rand(2, generator=self.sampling_stream()).tolist(),
             )
         self.kl_ctl.update(mean_kl, self.batch_size)  # Ziegler et al.: n_steps = batch size
         self.step += 1
@@ -566,7 +583,7 @@ class PPOTrainer:
                 tensors, state = trainer_state(self)
                 meta = {"wandb_id": self.wandb_id, "metrics": metrics}
                 self.last_checkpoint = self.checkpoints.save(self.step, tensors, state, meta)
-            self.dist.barrier()
+            self.dist.wait()
         if self.settings.debug_kill_after_step == self.step:  # fault injection: a hard crash
             os.kill(os.getpid(), signal.SIGKILL)
 
