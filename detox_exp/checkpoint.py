@@ -6,14 +6,16 @@ A checkpoint is a folder ``<run_dir>/checkpoints/step-<N>/`` with
 - ``state.pt``: optimizer, grad scaler, KL controller, score statistics, data order and
   position, step counter, RNG states (python, numpy, torch, CUDA), all plain tensors and
   containers so that it loads with ``torch.load(weights_only=True)``,
-- ``meta.json``: step, W&B run id, the tracked metric.
+- ``meta.json``: step, W&B run id, the tracked metric, and the sha256 of the other files.
 It is written to a temporary folder and renamed into place, so a crash never leaves a
 half-written checkpoint; the newest ``keep`` are kept, plus ``best`` (by ``best_metric``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -27,6 +29,34 @@ from safetensors.torch import load_file, save_file
 from detox_exp.errors import ConfigError, DataError
 
 PREFIX = "step-"
+FILES = ("trainable.safetensors", "state.pt")
+
+log = logging.getLogger(__name__)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path`` (a missing file, unreadable meta.json, or a file
+    whose sha256 differs from the one recorded in meta.json), or None if it is intact."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"{path / 'meta.json'} is unreadable"
+    recorded = meta.get("sha256") or {}
+    for name in FILES:
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if name in recorded and sha256(file) != recorded[name]:
+            return f"{file} is damaged (its sha256 differs from meta.json's)"
+    return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,16 +105,27 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     ``resume=PATH``: a checkpoint folder, or a run dir / checkpoints folder holding one."""
     if resume is None:
         return None
-    if resume == "auto":
-        found = list_checkpoints(run_dir / "checkpoints")
-        return found[-1] if found else None
+    if resume == "auto":  # the newest intact one, warning about each damaged one skipped
+        for found in reversed(list_checkpoints(run_dir / "checkpoints")):
+            problem = damage(found)
+            if problem is None:
+                return found
+            log.warning("resume=auto: skipping checkpoint %s: %s", found.name, problem)
+        return None
     path = Path(resume).expanduser()
-    if (path / "meta.json").is_file():
+    if not (path / "meta.json").is_file():
+        found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+        path = found[-1] if found else None
+    if path is not None:
+        problem = damage(path)
+        if problem is not None:
+            raise DataError(
+                "resume",
+                problem,
+                "resume from an intact checkpoint (resume=PATH to an older step-N, or "
+                "resume=auto, which skips damaged ones)",
+            )
         return path
-    for folder in (path / "checkpoints", path):
-        found = list_checkpoints(folder)
-        if found:
-            return found[-1]
     raise DataError(
         "resume", f"no checkpoint at {resume}", "pass a checkpoint dir, a run dir, or resume=auto"
     )
@@ -131,7 +172,8 @@ class CheckpointManager:
             str(tmp / "trainable.safetensors"),
         )
         torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps(meta | {"step": step}, indent=2))
+        sums = {name: sha256(tmp / name) for name in FILES}
+        (tmp / "meta.json").write_text(json.dumps(meta | {"step": step, "sha256": sums}, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -59,6 +59,27 @@ def test_resolve_resume(tmp_path: Path) -> None:
         checkpoint.resolve_resume(str(tmp_path / "nothing"), run)
 
 
+def test_damaged_checkpoint_is_skipped_by_auto_and_refused_by_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    manager = checkpoint.CheckpointManager(run / "checkpoints", every=1, keep=3)
+    first, second = save(manager, 1, 0.0), save(manager, 2, 0.0)
+    assert checkpoint.damage(second) is None
+    state = second / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10])  # cut off, as by a full disk
+    assert "state.pt is damaged" in checkpoint.damage(second)
+    with caplog.at_level("WARNING"):
+        assert checkpoint.resolve_resume("auto", run) == first
+    assert "skipping checkpoint step-2" in caplog.text
+    with pytest.raises(DataError, match="state.pt is damaged"):
+        checkpoint.resolve_resume(str(second), run)
+    with pytest.raises(DataError, match="state.pt is damaged"):
+        checkpoint.resolve_resume(str(run), tmp_path / "other")  # its newest is step-2
+    (first / "trainable.safetensors").unlink()
+    assert checkpoint.resolve_resume("auto", run) is None  # nothing intact: start fresh
+
+
 def test_bad_checkpoint_settings(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="checkpoint.keep"):
         checkpoint.CheckpointManager(tmp_path, keep=0)

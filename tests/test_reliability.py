@@ -74,6 +74,24 @@ def test_exact_resume_after_sigkill(standins, tmp_path: Path) -> None:
     assert resumed_run["id"] == folders[0].name.rsplit("-", 1)[1]
 
 
+def test_damaged_newest_checkpoint(standins, tmp_path: Path) -> None:
+    """A cut-off state.pt in the newest checkpoint: resume=auto warns in one line and goes on
+    from the one before; resume=PATH to it stops with one line naming the file."""
+    overrides = ppo_overrides(standins, tmp_path) + ["ppo.steps=3", "stages.evaluate_after=false"]
+    assert run_cli(*overrides, cwd=ROOT).returncode == 0
+    state = tmp_path / "checkpoints" / "step-3" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    direct = run_cli(*overrides, f"resume={state.parent}", cwd=ROOT)
+    check_one_line_error(direct, "resume", "step-3/state.pt", "damaged")
+    resumed = run_cli(*overrides, "resume=auto", cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    console = resumed.stdout + resumed.stderr  # Hydra's log handler writes to stdout
+    warnings = [x for x in console.splitlines() if "skipping checkpoint step-3" in x]
+    assert len(warnings) == 1 and "Traceback" not in console
+    assert "resumed from" in console and "step-2" in console
+    assert sorted(steps(tmp_path)) == [1, 2, 3]
+
+
 def test_nan_stops_with_clear_error_after_keeping_a_checkpoint(standins, tmp_path: Path) -> None:
     result = run_cli(*ppo_overrides(standins, tmp_path), "ppo.debug_nan_at_step=3", cwd=ROOT)
     assert result.returncode == 3
