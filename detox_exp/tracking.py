@@ -7,6 +7,7 @@ Files in the run dir make a run readable without W&B:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -51,6 +52,7 @@ class Tracker:
         # False on the non-main processes of a multi-process run: they log nothing
         self.enabled = True
         self.resume_id: str | None = None
+        self.resume_step: int | None = None
         if self.wandb_settings is not None:
             mode = self.wandb_settings.get("mode")
             if mode is not None and mode not in WANDB_MODES:
@@ -63,7 +65,8 @@ class Tracker:
     # ----------------------------------------------------------------- lifecycle
     def resume_from(self, step: int, wandb_id: str | None) -> None:
         """Continue a run: keep summary.json, drop metrics.jsonl lines after ``step`` (they
-        are recomputed), and continue the W&B run ``wandb_id``."""
+        are recomputed), and continue the W&B run ``wandb_id`` rewound to ``step`` (see
+        start)."""
         if self.summary_path.is_file():
             self.summary = json.loads(self.summary_path.read_text())
         if self.enabled and self.metrics_path.is_file():
@@ -77,7 +80,7 @@ class Tracker:
             tmp = self.metrics_path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.metrics_path)
-        self.resume_id = wandb_id
+        self.resume_id, self.resume_step = wandb_id, step
 
     def start(self, config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> None:
         """Create the run dir and start the W&B run with the full resolved config.
@@ -103,21 +106,44 @@ class Tracker:
         wandb_dir.mkdir(parents=True, exist_ok=True)
         tags = [str(t) for t in settings.pop("tags", None) or []]
         init_timeout = float(settings.pop("init_timeout", None) or 90)
+        kwargs = dict(
+            config=dict(config),
+            mode=mode,
+            dir=str(wandb_dir),
+            tags=tags,
+            reinit="finish_previous",
+            settings=wandb.Settings(console="off", silent=True, init_timeout=init_timeout),
+            **{k: v for k, v in settings.items() if v is not None},
+        )
+        attempts = [kwargs]
         if self.resume_id:
-            settings |= {"id": self.resume_id, "resume": "allow"}
-        try:
-            self.run = wandb.init(
-                config=dict(config),
-                mode=mode,
-                dir=str(wandb_dir),
-                tags=tags,
-                reinit="finish_previous",
-                settings=wandb.Settings(console="off", silent=True, init_timeout=init_timeout),
-                **{k: v for k, v in settings.items() if v is not None},
-            )
-        except Exception as err:  # no W&B (server down, bad key...): the run goes on
-            self._warn_once(err)
-            self.run = None
+            # W&B ignores a step it has already seen, so the steps recomputed after the
+            # checkpoint would keep their old values: rewind the run to the checkpoint's step
+            # (wandb >= 0.17.1; the server must allow rewinding). Else continue the run as
+            # is, and the recomputed steps are only right in metrics.jsonl.
+            plain = kwargs | {"id": self.resume_id, "resume": "allow"}
+            attempts = [plain]
+            if "resume_from" in inspect.signature(wandb.init).parameters:
+                rewind = kwargs | {"resume_from": f"{self.resume_id}?_step={self.resume_step}"}
+                attempts = [rewind, plain]
+        self.run = None
+        for attempt in attempts:
+            try:
+                self.run = wandb.init(**attempt)
+                break
+            except Exception as err:  # no W&B (server down, bad key...): the run goes on
+                if attempt is attempts[-1]:
+                    self._warn_once(err)
+                else:
+                    log.warning(
+                        "W&B could not rewind run %s to step %s (%s); continuing it without "
+                        "rewinding: steps after %s keep their first values in W&B (metrics.jsonl "
+                        "has the recomputed ones)",
+                        self.resume_id,
+                        self.resume_step,
+                        err,
+                        self.resume_step,
+                    )
 
     def finish(self, exit_code: int = 0) -> None:
         """Write summary.json and close the W&B run (always called, also on failure)."""

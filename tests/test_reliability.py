@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, local_overrides, run_cli
 from tests.test_bad_input import check_one_line_error
-from tests.wandb_file import read_wandb_records
+from tests.wandb_file import read_history, read_wandb_records, replay_history
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +72,30 @@ def test_exact_resume_after_sigkill(standins, tmp_path: Path) -> None:
     assert len(folders) == 2 and len({f.name.rsplit("-", 1)[1] for f in folders}) == 1
     resumed_run = read_wandb_records(next(folders[1].glob("*.wandb")))["run"]
     assert resumed_run["id"] == folders[0].name.rsplit("-", 1)[1]
+
+
+def test_wandb_history_after_resume_holds_each_step_once(standins, tmp_path: Path) -> None:
+    """Stopped at step 4 with the last checkpoint at step 2, then resumed: step 3 is
+    recomputed. The W&B run is rewound to step 2, so that (replaying the offline run files as
+    a sync would) each step appears once, with the values in metrics.jsonl."""
+    overrides = ppo_overrides(standins, tmp_path) + ["checkpoint.every=2"]
+    stopped = run_cli(*overrides, "ppo.debug_nan_at_step=4", cwd=ROOT)
+    assert stopped.returncode == 3, stopped.stderr[-2000:]
+    assert sorted(steps(tmp_path)) == [1, 2, 3]
+    resumed = run_cli(*overrides, "resume=auto", cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    files = [next(f.glob("*.wandb")) for f in sorted(tmp_path.glob("wandb/offline-run-*"))]
+    assert len(files) == 2
+    assert 3 in read_history(files[0])[1]  # the first run did log step 3
+    history, repeated = replay_history(files)
+    assert repeated == []
+    jsonl = steps(tmp_path)
+    assert sorted(history) == sorted(jsonl) == [1, 2, 3, 4, 5, 6]
+    for step, line in jsonl.items():
+        for key, value in line.items():
+            if key == "step" or key.startswith(TIMING) or value is None:
+                continue
+            assert history[step][key] == pytest.approx(value, abs=1e-6), (step, key)
 
 
 def test_damaged_newest_checkpoint(standins, tmp_path: Path) -> None:

@@ -78,3 +78,42 @@ def read_wandb_records(path: Path) -> dict[str, Any]:
         "history_keys": history_keys,
         "summary_keys": summary_keys,
     }
+
+
+def read_history(path: Path) -> tuple[int | None, dict[int, dict[str, Any]]]:
+    """(the step the run was rewound to, or None; {step: that step's logged values}) of one
+    offline run file; records of one step are merged, as W&B merges them."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    branch, rows = None, {}
+    for payload in iter_payloads(path):
+        record = pb.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "run" and record.run.HasField("branch_point"):
+            branch = int(record.run.branch_point.value)
+        elif kind == "history":
+            row = {
+                (item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                for item in record.history.item
+            }
+            rows.setdefault(int(row["_step"]), {}).update(row)
+    return branch, rows
+
+
+def replay_history(paths: list[Path]) -> tuple[dict[int, dict[str, Any]], list[int]]:
+    """The history W&B holds after the run files ``paths`` (in the order written) are
+    synced: a rewind drops the steps after its branch point. Also returns the steps logged
+    again without a rewind in between (W&B would keep their first values)."""
+    history: dict[int, dict[str, Any]] = {}
+    repeated = []
+    for path in paths:
+        branch, rows = read_history(path)
+        if branch is not None:
+            history = {step: row for step, row in history.items() if step <= branch}
+        for step, row in rows.items():
+            if step in history:
+                repeated.append(step)
+            else:
+                history[step] = row
+    return history, repeated
