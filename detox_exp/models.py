@@ -213,6 +213,23 @@ def fuse_activations(model: torch.nn.Module) -> int:
     return swapped
 
 
+def check_lora(lora: Any) -> None:
+    """Ranges of the LoRA settings (``model.lora``; a mapping or a peft ``LoraConfig``)."""
+    get = lora.get if isinstance(lora, dict) else lambda key, default=None: getattr(lora, key)
+    r, alpha, dropout = get("r", 8), get("lora_alpha", 8), get("lora_dropout", 0.0)
+    for key, value in (("r", r), ("lora_alpha", alpha), ("lora_dropout", dropout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"model.lora.{key}", f"must be a number, got {value!r}", "fix it")
+    if not isinstance(r, int) or r < 1:
+        raise ConfigError("model.lora.r", f"must be an integer >= 1, got {r}", "use e.g. 16")
+    if alpha <= 0:
+        raise ConfigError("model.lora.lora_alpha", f"must be > 0, got {alpha}", "use e.g. 16")
+    if not 0 <= dropout < 1:
+        raise ConfigError(
+            "model.lora.lora_dropout", f"must be in [0, 1), got {dropout}", "use e.g. 0.05"
+        )
+
+
 def load_policy(
     name_or_path: str,
     lora: Any | None = None,
@@ -256,5 +273,6 @@ def load_policy(
         )
     from peft import get_peft_model
 
+    check_lora(lora)
     torch.manual_seed(seed)
     return get_peft_model(model, lora)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detox_exp import checkpoint
@@ -23,9 +23,11 @@ from detox_exp.data.dialogues import PromptSplits
 from detox_exp.distributed import Dist
 from detox_exp.errors import ConfigError, DataError
 from detox_exp.evaluation.evaluator import EvalResult
+from detox_exp.models import check_lora
 from detox_exp.perf import perf_summary
 from detox_exp.ppo.checks import PRECISIONS, check_ppo_config
 from detox_exp.ppo.rollout import make_sampling
+from detox_exp.schema import check_node, check_value
 from detox_exp.tracking import Tracker
 from detox_exp.utils import keep_freed_memory, resolve_device, seed_everything
 
@@ -67,7 +69,38 @@ def check_writable(run_dir: Path) -> None:
 
 
 def check_run_config(cfg: DictConfig) -> None:
-    """Checks that need the whole config (single components check their own arguments)."""
+    """Types and ranges of the whole config, before any stage runs: the top-level keys, every
+    component node against its target's signature (:mod:`detox_exp.schema`), the PPO
+    settings against their schema, and the rules that need several groups."""
+    check_value(cfg.seed, int, "seed")
+    threads = cfg.torch_threads
+    check_value(threads, int | None, "torch_threads")
+    if threads is not None and threads < 1:
+        raise ConfigError(
+            "torch_threads", f"must be >= 1 or null, got {threads}", "use e.g. 2, or null"
+        )
+    nodes = {
+        "model.tokenizer": cfg.model.tokenizer,
+        "model.policy": cfg.model.policy,
+        "dataset": cfg.dataset,
+        "reward.scorer": cfg.reward.scorer,
+        "eval": cfg.eval,
+        "checkpoint": cfg.checkpoint,
+        "logger": cfg.logger,
+    }
+    if cfg.stages.get("train_reward"):
+        nodes["reward.training"] = cfg.reward.training
+    if cfg.get("assets") is not None:
+        nodes["assets"] = cfg.assets
+    if not cfg.model.full_finetune:
+        nodes["model.lora"] = cfg.model.lora
+    for field, node in nodes.items():
+        plain = OmegaConf.to_container(node, resolve=True)
+        if field == "model.policy":  # its lora is ${model.lora}: checked as model.lora
+            plain.pop("lora", None)
+        check_node(plain, field)
+        if field == "model.lora":
+            check_lora(plain)
     resolve_device(cfg.device)
     if cfg.precision not in PRECISIONS:
         raise ConfigError("precision", f"unknown {cfg.precision!r}", f"use one of {PRECISIONS}")
@@ -93,6 +126,10 @@ def check_run_config(cfg: DictConfig) -> None:
     make_sampling({**gen, **eval_gen}, "eval.generation")
     if cfg.stages.get("ppo"):
         check_ppo_config(cfg.ppo)
+        # a small object whose constructor checks its ranges
+        controller = OmegaConf.to_container(cfg.ppo.kl_controller, resolve=True)
+        check_node(controller, "ppo.kl_controller")
+        get_object(controller.pop("_target_"))(**controller)
 
 
 def run_task(cfg: DictConfig) -> float | None:

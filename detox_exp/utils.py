@@ -94,10 +94,44 @@ def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
     return tqdm(iterable, **kwargs)
 
 
+def check_utf8(path: str | Path, field: str) -> None:
+    """DataError naming the byte offset if the file ``path`` is not valid UTF-8."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    field,
+                    f"{path} is not UTF-8 (byte offset {offset + err.start})",
+                    "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8",
+                ) from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(
+            field, f"{path} is not UTF-8 (it ends inside a character)", "re-encode it as UTF-8"
+        ) from None
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) for each non-empty line; malformed lines raise DataError."""
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    """Yield (line number, record) for each non-empty line; malformed lines (not UTF-8, not
+    JSON, not an object) raise DataError."""
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    str(path),
+                    f"line {lineno} is not UTF-8 (byte {err.start} of the line: "
+                    f"{raw[err.start : err.start + 1]!r})",
+                    "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8",
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -72,6 +72,23 @@ def test_jsonl_without_a_path(tmp_path: Path, standins) -> None:
     check_one_line_error(run_cli(*overrides, cwd=ROOT), "dataset.path", "is not set")
 
 
+def test_jsonl_that_is_not_utf8_names_the_line(tmp_path: Path, standins) -> None:
+    good = json.dumps({"id": "a", "dialogue": "x" * 300, "summary": "s", "topic": "t"})
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((good + "\n" + good.replace("x", "\u00e9", 1) + "\n").encode("latin-1"))
+    overrides = local_overrides(standins, tmp_path) + [f"dataset.path={path}"]
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), "latin1.jsonl", "line 2", "not UTF-8")
+
+
+def test_csv_that_is_not_utf8_names_the_offset(tmp_path: Path, standins) -> None:
+    path = tmp_path / "latin1.csv"
+    raw = "id,dialogue,summary,topic\na,caf\u00e9 ".encode("latin-1") + b"x" * 300
+    path.write_bytes(raw)
+    overrides = local_overrides(standins, tmp_path) + [f"dataset.path={path}"]
+    offset = raw.index(b"\xe9")
+    check_one_line_error(run_cli(*overrides, cwd=ROOT), "dataset.path", f"byte offset {offset}")
+
+
 def test_malformed_jsonl_names_the_line(tmp_path: Path, standins) -> None:
     good = json.dumps({"id": "a", "dialogue": "x" * 300, "summary": "s", "topic": "t"})
     path = bad_jsonl(tmp_path, [], raw=good + "\n" + good + "\n{not json\n")
@@ -129,11 +146,61 @@ def test_missing_local_model_dir(tmp_path: Path, standins) -> None:
         ("ppo.advantage_estimator=ppo2", "ppo.advantage_estimator"),
         ("ppo.score.clip=-1", "ppo.score.clip"),
         ("keep_freed_memory=maybe", "keep_freed_memory"),
+        # types and ranges of other groups (more in test_types_and_ranges_of_every_group)
+        ("model.lora.r=0", "model.lora.r"),
+        ("seed=abc", "seed"),
+        ("eval.num_prompts=0", "eval.num_prompts"),
     ],
 )
 def test_impossible_values(tmp_path: Path, standins, override: str, field: str) -> None:
     overrides = local_overrides(standins, tmp_path) + override.split()
-    check_one_line_error(run_cli(*overrides, cwd=ROOT), field)
+    result = run_cli(*overrides, cwd=ROOT)
+    check_one_line_error(result, field)
+    assert not (tmp_path / "data").exists()  # before any stage: no data prepared
+    assert "train" not in result.stdout.lower()  # nor a stage's log lines
+
+
+TYPE_AND_RANGE_CASES = [
+    ("model.lora.r=0", "model.lora.r"),
+    ("model.lora.r=2.5", "model.lora.r"),
+    ("model.lora.lora_dropout=x", "model.lora.lora_dropout"),
+    ("model.lora.lora_alpha=0", "model.lora.lora_alpha"),
+    ("model.full_finetune=maybe", "model.policy.full_finetune"),
+    ("seed=abc", "seed"),
+    ("torch_threads=-1", "torch_threads"),
+    ("torch_threads=two", "torch_threads"),
+    ("ppo.cliprange=abc", "ppo.cliprange"),
+    ("ppo.optimizer.lr=abc", "ppo.optimizer.lr"),
+    ("ppo.steps=1.5", "ppo.steps"),
+    ("ppo.whiten_advantages=sometimes", "ppo.whiten_advantages"),
+    ("ppo.max_consecutive_skips=0", "ppo.max_consecutive_skips"),
+    ("ppo/kl_controller=adaptive ppo.kl_controller.horizon=0", "ppo.kl_controller.horizon"),
+    ("eval.num_prompts=0", "eval.num_prompts"),
+    ("eval.samples_per_prompt=0", "eval.samples_per_prompt"),
+    ("eval.batch_size=1.5", "eval.batch_size"),
+    ("eval.toxic_threshold=abc", "eval.toxic_threshold"),
+    ("checkpoint.every=x", "checkpoint.every"),
+    ("dataset.max_chars=abc", "dataset.max_chars"),
+    ("dataset.min_chars=[1]", "dataset.min_chars"),
+    ("reward.batch_size=abc", "reward.scorer.batch_size"),
+    ("stages.train_reward=true reward.training.epochs=one", "reward.training.epochs"),
+    ("logger=wandb logger.wandb=5", "logger.wandb"),
+]
+
+
+@pytest.mark.parametrize(("override", "field"), TYPE_AND_RANGE_CASES)
+def test_types_and_ranges_of_every_group(tmp_path: Path, override: str, field: str) -> None:
+    """The checks the CLI runs before the first stage (check_run_config), in process: each
+    bad value is a ConfigError naming its key (the CLI prints it as one line, exit 2)."""
+    from detox_exp.errors import ConfigError
+    from detox_exp.pipeline import check_run_config
+    from tests.test_config import compose_cfg
+
+    cfg = compose_cfg(["experiment=demo", *override.split()], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        check_run_config(cfg)
+    assert err.value.field == field, str(err.value)
+    assert "Error" not in str(err.value) and "\n" not in str(err.value)
 
 
 def test_full_traceback_on_request(tmp_path: Path, standins) -> None:

@@ -16,7 +16,7 @@ from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from detox_exp.errors import ConfigError, DataError
-from detox_exp.utils import is_local_path, read_jsonl, write_jsonl
+from detox_exp.utils import check_utf8, is_local_path, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def _load_local_file(path: Path) -> Dataset:
     builder = {".json": "json", ".csv": "csv"}.get(path.suffix)
     if builder is None:
         raise DataError("dataset.path", f"unsupported file type {path.suffix!r}", "use .jsonl/.csv")
+    check_utf8(path, "dataset.path")
     return datasets.load_dataset(builder, data_files=str(path), split="train")
 
 

@@ -110,22 +110,38 @@ class Evaluator:
         seed: int = 0,
         device: str = "auto",
     ) -> None:
-        if num_prompts is not None and num_prompts < 1:
-            raise ConfigError("eval.num_prompts", f"must be >= 1, got {num_prompts}", "raise it")
-        if samples_per_prompt < 1:
-            raise ConfigError("eval.samples_per_prompt", "must be >= 1", "raise it")
-        if batch_size < 1:
-            raise ConfigError("eval.batch_size", f"must be >= 1, got {batch_size}", "raise it")
-        if not 0 < toxic_threshold < 1:
-            raise ConfigError("eval.toxic_threshold", "must be in (0, 1)", "use e.g. 0.5")
+        self.check_args(num_prompts, samples_per_prompt, batch_size, toxic_threshold, judges)
         self.num_prompts, self.k = num_prompts, samples_per_prompt
         self.batch_size, self.threshold = batch_size, toxic_threshold
         self.generation = dict(generation or {})
         self.bootstrap = dict(bootstrap or {})
         self.judges = dict(judges or {})
-        if "reward" in self.judges:
-            raise ConfigError("eval.judges.reward", "the name 'reward' is reserved", "rename it")
         self.seed, self.device = seed, device
+
+    @staticmethod
+    def check_args(
+        num_prompts: int | None = 100,
+        samples_per_prompt: int = 1,
+        batch_size: int = 32,
+        toxic_threshold: float = 0.5,
+        judges: Mapping[str, Any] | None = None,
+        **_: Any,
+    ) -> None:
+        """The ranges of the settings (the pipeline checks them before any stage runs)."""
+        if num_prompts is not None and num_prompts < 1:
+            raise ConfigError(
+                "eval.num_prompts", f"must be >= 1, got {num_prompts}", "raise it, or null: all"
+            )
+        if samples_per_prompt < 1:
+            raise ConfigError(
+                "eval.samples_per_prompt", f"must be >= 1, got {samples_per_prompt}", "raise it"
+            )
+        if batch_size < 1:
+            raise ConfigError("eval.batch_size", f"must be >= 1, got {batch_size}", "raise it")
+        if not 0 < toxic_threshold < 1:
+            raise ConfigError("eval.toxic_threshold", "must be in (0, 1)", "use e.g. 0.5")
+        if "reward" in (judges or {}):
+            raise ConfigError("eval.judges.reward", "the name 'reward' is reserved", "rename it")
 
     def prompts(self, data: Dataset) -> Dataset:
         n = len(data) if self.num_prompts is None else min(self.num_prompts, len(data))

@@ -173,5 +173,8 @@ def check_ppo_config(ppo: Mapping[str, Any]) -> PPOSettings:
 
 
 def check_lr(lr: float) -> None:
-    """``ppo.optimizer.lr`` must be positive."""
+    """``ppo.optimizer.lr`` must be a positive number."""
+    from detox_exp.schema import check_value
+
+    check_value(lr, float, "ppo.optimizer.lr")
     check(lr > 0, "optimizer.lr", f"must be > 0, got {lr}", "use e.g. 1.41e-5")

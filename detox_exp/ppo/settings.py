@@ -81,6 +81,7 @@ class PPOSettings:
     def from_mapping(cls, values: dict[str, Any]) -> PPOSettings:
         """Settings from keyword arguments; an unknown key is a one-line config error."""
         from detox_exp.errors import ConfigError
+        from detox_exp.schema import check_value, type_hints
 
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -88,6 +89,9 @@ class PPOSettings:
             raise ConfigError(
                 f"ppo.{unknown[0]}", "unknown PPO setting", "see conf/ppo/default.yaml"
             )
+        hints = type_hints(cls)
+        for key, value in values.items():
+            check_value(value, hints[key], f"ppo.{key}")
         return cls(**values)
 
 
