@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from detox_exp.models import t5_attention
+from detox_exp.fast.attention import t5_attention
 from detox_exp.ppo import core
 
 CONF = Path(__file__).resolve().parent.parent / "conf"  # the real prompt template
@@ -168,10 +168,10 @@ def lora_cast(bench_dir: Path) -> dict[str, float]:
 def bias_per_pass(bench_dir: Path) -> dict[str, float]:
     """Policy + reference forward of 16 prompts and 4 minibatch forward + backward passes
     (the rollout's and the update's passes), bf16, with the position bias + mask built once
-    per pass (models.layer_bias) or in every layer."""
+    per pass (fast.attention.layer_bias) or in every layer."""
     from transformers.integrations.sdpa_attention import create_position_bias_mask
 
-    from detox_exp import models
+    from detox_exp.fast import attention as models
 
     model, tokenizer, ids, mask, precision = _policy(bench_dir, bf16=True)
     dec = torch.randint(2, len(tokenizer), (16, 32))

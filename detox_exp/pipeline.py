@@ -21,15 +21,18 @@ from detox_exp import checkpoint
 from detox_exp import metric_names as M
 from detox_exp.data.dialogues import PromptSplits
 from detox_exp.distributed import Dist
-from detox_exp.errors import ConfigError, DataError
+from detox_exp.errors import ConfigError, DataError, bad_input_message
 from detox_exp.evaluation.evaluator import EvalResult
+from detox_exp.fast import configure as configure_fast
+from detox_exp.fast.memory import keep_freed_memory
 from detox_exp.models import check_lora
 from detox_exp.perf import perf_summary
-from detox_exp.ppo.checks import PRECISIONS, check_ppo_config
+from detox_exp.ppo.checks import PRECISIONS
 from detox_exp.ppo.rollout import make_sampling
+from detox_exp.ppo.settings import check_ppo_config
 from detox_exp.schema import check_node, check_value
 from detox_exp.tracking import Tracker
-from detox_exp.utils import keep_freed_memory, resolve_device, seed_everything
+from detox_exp.utils import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
     """``instantiate`` with plain Python containers (lists and dicts, not OmegaConf nodes).
 
     Our errors raised inside come wrapped in Hydra's InstantiationException; the CLI finds
-    them in the exception chain (cli.bad_input_message)."""
+    them in the exception chain (errors.bad_input_message)."""
     return instantiate(node, _convert_="all", **kwargs)
 
 
@@ -146,8 +149,6 @@ def run_task(cfg: DictConfig) -> float | None:
     except Exception as err:
         if info is None or not info.multirun:
             raise
-        from detox_exp.cli import bad_input_message
-
         message = bad_input_message(err) or f"{type(err).__name__}: {err}"
         log.error("job %d failed: %s", info.num, message, exc_info=bad_input_message(err) is None)
         sweeps.record_job(info, "failed", {}, Path(cfg.paths.output_dir), message)
@@ -165,6 +166,7 @@ def run(
     check_run_config(cfg)
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
+    configure_fast(**cfg.fast)
     if cfg.keep_freed_memory:
         keep_freed_memory()
     seed_everything(cfg.seed)

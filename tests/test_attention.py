@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from detox_exp.models import ATTENTION, load_policy
+from detox_exp.fast.attention import ATTENTION
+from detox_exp.models import load_policy
 from detox_exp.ppo.rollout import pad_queries, sample_responses
 from tests.conftest import trained_lora
 
@@ -146,7 +147,7 @@ def test_lora_input_cast_is_lossless_under_autocast(tiny_t5: Path) -> None:
 def test_layers_share_one_combined_bias_per_pass(tiny_t5: Path, monkeypatch) -> None:
     """The bias + mask tensor is built once per pass and reused by the other layers, with
     bit-identical logits and gradients to building it in every layer."""
-    from detox_exp import models
+    from detox_exp.fast import attention as models
 
     ids, mask, dec = _inputs(tiny_t5)
     model = load_policy(str(tiny_t5), full_finetune=True, torch_dtype=torch.bfloat16).eval()
@@ -186,7 +187,7 @@ def test_trained_bias_and_inference_mode(tiny_t5: Path, monkeypatch) -> None:
     """Full fine-tuning under bf16 autocast (the position bias trains, so it is not cached):
     the bias still reaches the scores in their dtype, bit-identical to building it in every
     layer. And inference-mode passes (no version counters) run."""
-    from detox_exp import models
+    from detox_exp.fast import attention as models
 
     ids, mask, dec = _inputs(tiny_t5)
     model = load_policy(str(tiny_t5), full_finetune=True).eval()
@@ -208,7 +209,7 @@ def test_trained_bias_and_inference_mode(tiny_t5: Path, monkeypatch) -> None:
 def test_bias_that_needs_no_combining_is_not_cached_on_itself() -> None:
     """No mask, not causal: the combined bias is the position bias itself; storing it on
     itself would be a reference cycle that outlives the pass."""
-    from detox_exp.models import layer_bias
+    from detox_exp.fast.attention import layer_bias
 
     position_bias = torch.zeros(1, 1, 1, 5, dtype=torch.bfloat16)
     query = torch.zeros(2, 1, 1, 4, dtype=torch.bfloat16)

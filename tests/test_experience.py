@@ -1,10 +1,13 @@
-"""Experience.minibatch: the chosen rows, right padding trimmed to WIDTH_MULTIPLE."""
+"""Experience.minibatch: the chosen rows, right padding trimmed to fast.width_multiple."""
 
 from __future__ import annotations
 
 import torch
 
-from detox_exp.ppo.experience import WIDTH_MULTIPLE, Experience
+from detox_exp.fast import SWITCHES
+from detox_exp.ppo.experience import Experience
+
+WIDTH_MULTIPLE = SWITCHES.width_multiple
 
 
 def _experience(query_lengths: list[int], response_lengths: list[int]) -> Experience:

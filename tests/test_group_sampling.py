@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from detox_exp import metric_names as M
+from detox_exp.fast import SWITCHES
 from detox_exp.models import load_tokenizer
 from detox_exp.ppo import core
-from detox_exp.ppo.experience import WIDTH_MULTIPLE
 from detox_exp.ppo.policy import ActorCritic, base_model
 from detox_exp.ppo.rollout import decoder_inputs, pad_queries, sample_responses
 from detox_exp.reward.scorer import Scores
@@ -173,7 +173,10 @@ def test_experience_rows_of_groups() -> None:
     exp.query, exp.query_mask = exp.query[:2], exp.query_mask[:2]
     assert exp.rows(torch.tensor([1, 0])).tolist() == [2, 3, 0, 1]
     mb = exp.minibatch(torch.tensor([1]))
-    assert mb.query.shape == (1, WIDTH_MULTIPLE) and mb.response.shape == (2, 2 * WIDTH_MULTIPLE)
+    assert mb.query.shape == (1, SWITCHES.width_multiple) and mb.response.shape == (
+        2,
+        2 * SWITCHES.width_multiple,
+    )
     assert torch.equal(mb.logprobs, exp.logprobs[[2, 3]])
 
 

@@ -87,7 +87,7 @@ def test_flan_t5_dialogsum_loads_by_hub_id_offline(standins, tmp_path: Path, ppo
 def test_fused_gelu_matches_the_original_activation(tiny_t5: Path) -> None:
     from transformers import AutoModelForSeq2SeqLM
 
-    from detox_exp.models import fuse_activations
+    from detox_exp.fast.activations import fuse_activations
 
     original = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5).eval()
     fused = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5).eval()

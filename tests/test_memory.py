@@ -10,7 +10,7 @@ import pytest
 
 SCRIPT = """
 import ctypes, sys, torch
-from detox_exp.utils import keep_freed_memory
+from detox_exp.fast.memory import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (

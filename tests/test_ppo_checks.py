@@ -10,8 +10,8 @@ import pytest
 
 from detox_exp.errors import ConfigError
 from detox_exp.pipeline import check_run_config
-from detox_exp.ppo.checks import check_ppo_config, local_sizes
-from detox_exp.ppo.settings import PPOSettings
+from detox_exp.ppo.checks import local_sizes
+from detox_exp.ppo.settings import PPOSettings, check_ppo_config
 from tests.test_config import compose_cfg
 
 

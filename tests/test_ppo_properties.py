@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
@@ -110,14 +111,77 @@ def test_logprobs_do_not_depend_on_batch_neighbours(tiny_t5: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize("estimator", ["k3", "full"])
-def test_logged_kl_never_negative(tiny_t5: Path, tmp_path: Path, estimator: str) -> None:
-    trainer = make_trainer(
-        tiny_t5, tmp_path, ContainsReward("the"), steps=4, kl_estimator=estimator
+def test_logged_kl_is_the_unclamped_estimate_and_not_negative(
+    tiny_t5: Path, tmp_path: Path, estimator: str
+) -> None:
+    """The logged per-token KL (``kl_log_estimator``) equals the estimate computed here
+    without any clamp, from the rollout's log-probs (k3) or the full distributions (full),
+    and that unclamped estimate is >= 0 on real rollouts of a policy that moved."""
+    trainer = make_trainer(tiny_t5, tmp_path, ContainsReward("the"), kl_log_estimator=estimator)
+    for step in range(3):
+        roll = trainer.rollout(trainer.next_batch())
+        if estimator == "k3":
+            log_r = (roll.ref_logprobs - roll.logprobs).double()
+            unclamped = torch.exp(log_r) - 1 - log_r
+        else:
+            out = trainer._forward(roll.query, roll.query_mask, roll.response, keep_logits=True)
+            logp = torch.log_softmax(out["logits"].double(), -1)
+            logq = torch.log_softmax(out["ref_logits"].double(), -1)
+            unclamped = (logp.exp() * (logp - logq)).sum(-1)
+        unclamped = unclamped * roll.mask
+        torch.testing.assert_close(roll.kl.double(), unclamped, rtol=1e-5, atol=1e-7)
+        assert (unclamped >= -1e-7).all()
+        if step > 0:
+            assert unclamped.sum() > 0  # the policy moved: a real, positive KL
+        trainer.optimize(roll)
+
+
+class RecordingScorer:
+    """Passes texts on to ``inner`` and keeps what it was given."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.received = inner, []
+
+    def score(self, texts: list[str]) -> Scores:
+        self.received.append(list(texts))
+        return self.inner.score(texts)
+
+
+def test_the_scorer_receives_the_responses_only(tiny_t5: Path, tmp_path: Path) -> None:
+    """In PPO and in evaluation the reward model gets the decoded sampled tokens, without
+    the prompt."""
+    from detox_exp.evaluation.evaluator import Evaluator
+    from detox_exp.ppo.rollout import decode
+
+    scorer = RecordingScorer(ContainsReward("the"))
+    trainer = make_trainer(tiny_t5, tmp_path, scorer)
+    indices = trainer.next_batch()
+    roll = trainer.rollout(indices)
+    (texts,) = scorer.received
+    assert texts == decode(trainer.tokenizer, roll.response)
+    for j, text in enumerate(texts):
+        assert trainer.prompts[indices[j]]["prompt"] not in text
+
+    prompts = trainer.prompts.select(range(4))
+    data = prompts.add_column("id", [str(i) for i in range(4)])
+    data = data.add_column("reference", ["a summary"] * 4)
+    scorer.received.clear()
+    Evaluator(num_prompts=4, batch_size=2, device="cpu").evaluate(
+        trainer.policy.model,
+        trainer.tokenizer,
+        scorer,
+        data,
+        "before",
+        tmp_path,
+        trainer.generation,
     )
-    history = trainer.train()
-    assert len(history) == 4
-    assert all(step[M.KL] >= 0.0 for step in history)
-    assert history[-1][M.KL] > 0.0  # the policy moved
+    (texts,) = scorer.received
+    rows = [
+        json.loads(x) for x in (tmp_path / "eval/before/generations.jsonl").read_text().splitlines()
+    ]
+    assert texts == [row["response"] for row in rows] and len(texts) == 4
+    for text, prompt in zip(texts, prompts["prompt"], strict=True):
+        assert prompt not in text
 
 
 def test_decoder_inputs_start_with_start_token() -> None:

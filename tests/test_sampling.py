@@ -135,7 +135,7 @@ def _q_weight(model) -> torch.Tensor:
 
 
 def test_folded_adapter_gives_the_same_logits_and_restores_weights(tiny_t5: Path) -> None:
-    from detox_exp.ppo.policy import folded_adapter
+    from detox_exp.fast.lora_fold import folded_adapter
 
     model, _, ids, mask = _lora_model(tiny_t5)
     before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
@@ -163,7 +163,7 @@ def test_folded_adapter_gives_the_same_logits_and_restores_weights(tiny_t5: Path
 def test_folding_is_skipped_where_it_would_be_wrong(tiny_t5: Path, case: str) -> None:
     """In bf16 / under autocast, W + delta would round small updates away; inside
     disable_adapter() folding would switch the adapter back on."""
-    from detox_exp.ppo.policy import folded_adapter
+    from detox_exp.fast.lora_fold import folded_adapter
 
     model, _, _, _ = _lora_model(tiny_t5, torch.bfloat16 if case == "bf16_weights" else None)
     original = _q_weight(model)

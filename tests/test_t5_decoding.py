@@ -21,9 +21,10 @@ from transformers import (
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from detox_exp.fast import t5_decoding
+from detox_exp.fast.lora_fold import folded_adapter
 from detox_exp.models import load_policy
-from detox_exp.ppo import t5_decoding
-from detox_exp.ppo.policy import encode, folded_adapter
+from detox_exp.ppo.policy import encode
 from detox_exp.ppo.rollout import pad_queries, sample_responses
 from tests.conftest import trained_lora
 

@@ -1,21 +1,27 @@
 """Checks of the PPO settings (``ppo.*``, :class:`~detox_exp.ppo.settings.PPOSettings`):
 each failure is a one-line error that names the field and the fix. The pipeline runs them on
-the config before any stage (:func:`check_ppo_config`), so a typo does not cost a reward
-training and a baseline evaluation first; building the settings runs them again."""
+the config before any stage (:func:`~detox_exp.ppo.settings.check_ppo_config`), so a typo
+does not cost a reward training and a baseline evaluation first; building the settings runs
+them again. Duck-typed on the settings, so that this module does not import them back."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from detox_exp.errors import ConfigError
 from detox_exp.ppo.core import KL_ESTIMATORS, KL_LOG_ESTIMATORS, KL_LOSS_ESTIMATORS
-from detox_exp.ppo.settings import (
-    ADVANTAGE_ESTIMATORS,
-    LOSS_AGG_MODES,
-    PRECISIONS,
-    PPOSettings,
+
+if TYPE_CHECKING:
+    from detox_exp.ppo.settings import PPOSettings
+
+ADVANTAGE_ESTIMATORS = ("gae", "rloo", "grpo", "dr_grpo")
+LOSS_AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
 )
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def check(condition: bool, field: str, problem: str, fix: str) -> None:
@@ -159,17 +165,6 @@ def local_sizes(s: PPOSettings, world_size: int) -> tuple[int, int]:
         "lower it",
     )
     return s.batch_size // world_size, local_mini
-
-
-def check_ppo_config(ppo: Mapping[str, Any]) -> PPOSettings:
-    """Check a ``ppo`` config node against the schema (the schema's defaults fill in what it
-    leaves out), including ``ppo.optimizer.lr``; returns the settings."""
-    built = {"_target_", "_partial_", "optimizer", "kl_controller"}
-    settings = PPOSettings.from_mapping({k: ppo[k] for k in ppo if k not in built})
-    lr = (ppo.get("optimizer") or {}).get("lr")
-    if lr is not None:
-        check_lr(lr)
-    return settings
 
 
 def check_lr(lr: float) -> None:

@@ -2,8 +2,8 @@
 
 Shapes: ``B`` rows (this process's share of the batch), ``S`` prompt width, ``T`` response
 width. Prompts are right-padded, responses hold pad after their first EOS; both widths are
-rounded up to :data:`WIDTH_MULTIPLE`, and :meth:`Experience.minibatch` trims a minibatch's
-padding to the same multiple.
+rounded up to ``fast.width_multiple`` (:mod:`detox_exp.fast.widths`), and
+:meth:`Experience.minibatch` trims a minibatch's padding to the same multiple.
 """
 
 from __future__ import annotations
@@ -12,13 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from detox_exp.ppo.rollout import round_up
-
-# Tensor widths (prompt and response lengths) are rounded up to this multiple. oneDNN, which
-# runs bf16 matmuls on CPU, caches a kernel per shape: with every batch a new width, a bf16
-# benchmark run grew from 730 to 1,150 MB over 10 steps; rounded widths keep it flat. The
-# padding is masked and costs no measurable time in fp32.
-WIDTH_MULTIPLE = 16
+from detox_exp.fast import SWITCHES
+from detox_exp.fast.widths import round_up
 
 
 @dataclass
@@ -74,12 +69,13 @@ class Experience:
 
     def minibatch(self, groups: torch.Tensor) -> Minibatch:
         """The prompts ``groups`` and all their samples, with the columns past the longest
-        prompt / response among them dropped (widths rounded up to ``WIDTH_MULTIPLE``)."""
+        prompt / response among them dropped (widths rounded up to ``fast.width_multiple``)."""
         idx = self.rows(groups)
         mask = self.mask[idx]
         query_mask = self.query_mask[groups]
-        t = round_up(int(mask.sum(1).max().item()), WIDTH_MULTIPLE, mask.shape[1])
-        s = round_up(int(query_mask.sum(1).max().item()), WIDTH_MULTIPLE, query_mask.shape[1])
+        multiple = SWITCHES.width_multiple
+        t = round_up(int(mask.sum(1).max().item()), multiple, mask.shape[1])
+        s = round_up(int(query_mask.sum(1).max().item()), multiple, query_mask.shape[1])
         return Minibatch(
             query=self.query[groups][:, :s],
             query_mask=query_mask[:, :s],

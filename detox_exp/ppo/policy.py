@@ -88,58 +88,6 @@ def mixed_precision(
         yield
 
 
-@contextmanager
-def folded_adapter(model: nn.Module) -> Iterator[None]:
-    """No-grad decoding with each LoRA update folded into its frozen weight (W + s B A):
-    one matmul per projection instead of three, which matters when decoding one token at a
-    time. The original weight tensors are put back afterwards, bit for bit (no unmerge
-    round-off).
-
-    A no-op (the adapters run unfolded) unless folding is exact enough and complete: fp32
-    weights and no autocast (in bf16 / fp16, ``W + delta`` would round small updates away),
-    every LoRA layer a plain ``nn.Linear`` with an active, unmerged, non-DoRA adapter, and no
-    other trained modules (``modules_to_save``) that disabling the adapter would switch off.
-    """
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import AuxiliaryTrainingWrapper
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    foldable = (
-        bool(layers)
-        and getattr(model, "disable_adapter", None) is not None
-        and not torch.is_autocast_enabled(next(model.parameters()).device.type)
-        and not any(isinstance(m, AuxiliaryTrainingWrapper) for m in model.modules())
-        and all(
-            type(m.get_base_layer()) is nn.Linear
-            and m.get_base_layer().weight.dtype == torch.float32
-            and not m.merged
-            and not m.disable_adapters
-            and plain_lora(m)
-            for m in layers
-        )
-    )
-    if not foldable:
-        yield
-        return
-    originals = []
-    try:
-        with torch.no_grad():
-            for layer in layers:
-                base = layer.get_base_layer()
-                adapters = [a for a in layer.active_adapters if a in layer.lora_A]
-                if not adapters:
-                    continue
-                delta = sum(layer.get_delta_weight(a) for a in adapters)
-                originals.append((base, base.weight))
-                folded = base.weight + delta.to(base.weight.dtype)
-                base.weight = nn.Parameter(folded, requires_grad=False)
-        with model.disable_adapter():
-            yield
-    finally:
-        for base, weight in originals:
-            base.weight = weight
-
-
 def expand_groups(x: torch.Tensor, samples_per_prompt: int) -> torch.Tensor:
     """Rows [P, ...] -> [P * k, ...], each prompt's row repeated for its k samples. Its
     backward sums the k samples' gradients into the prompt's row."""

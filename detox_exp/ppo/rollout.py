@@ -20,14 +20,10 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from detox_exp.errors import ConfigError
-from detox_exp.ppo import t5_decoding
-from detox_exp.ppo.policy import (
-    base_config,
-    base_model,
-    encode,
-    expand_groups,
-    folded_adapter,
-)
+from detox_exp.fast import SWITCHES, t5_decoding
+from detox_exp.fast.lora_fold import folded_adapter
+from detox_exp.fast.widths import round_up
+from detox_exp.ppo.policy import base_config, base_model, encode, expand_groups
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -85,12 +81,6 @@ def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None =
     # searchsorted(..., right=True) skips zero-probability tokens (flat cdf steps)
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
     return token.clamp_(max=logits.shape[-1] - 1).squeeze(1)
-
-
-def round_up(n: int, multiple: int, cap: int | None = None) -> int:
-    """``n`` rounded up to a multiple of ``multiple`` (at most ``cap``)."""
-    n = -(-n // multiple) * multiple
-    return n if cap is None else min(n, cap)
 
 
 def pad_queries(
@@ -162,7 +152,7 @@ def sample_responses(
     gen: Mapping[str, Any],
     encoder_hidden: torch.Tensor | None = None,
     check_every: int = 4,
-    step_decoder: bool = True,
+    step_decoder: bool | None = None,
     samples_per_prompt: int = 1,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,8 +164,9 @@ def sample_responses(
     pad after the first EOS.
     ``encoder_hidden`` [P, S, d]: the prompts' encoder output, if already computed. The loop
     stops once every row has ended, checked every ``check_every`` tokens (one host sync).
-    ``step_decoder``: decode T5 with :mod:`detox_exp.ppo.t5_decoding` (same logits, a
-    fraction of the per-token overhead); other models, or False, use the model's forward.
+    ``step_decoder``: decode T5 with :mod:`detox_exp.fast.t5_decoding` (same logits, a
+    fraction of the per-token overhead; None: the ``fast.step_decoder`` switch); other
+    models, or False, use the model's forward.
     ``generator``: the random stream to sample from (on the queries' device); None: torch's
     global one.
     """
@@ -190,6 +181,8 @@ def sample_responses(
     token = torch.full((batch, 1), config.decoder_start_token_id, device=query_ids.device)
     done = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
     tokens = []
+    if step_decoder is None:
+        step_decoder = SWITCHES.step_decoder
     with folded_adapter(model):
         fast = step_decoder and t5_decoding.prepare(
             model, encoder_hidden, query_mask, sampling.max_new_tokens, k

@@ -9,19 +9,15 @@ Batch sizes count SAMPLES: a rollout of ``batch_size`` samples holds
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-ADVANTAGE_ESTIMATORS = ("gae", "rloo", "grpo", "dr_grpo")
-LOSS_AGG_MODES = (
-    "token-mean",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-)
-PRECISIONS = ("fp32", "bf16", "fp16")
+from detox_exp.errors import ConfigError
+from detox_exp.ppo.checks import check_lr, check_settings
+from detox_exp.schema import check_value, type_hints
 
 
 @dataclass
@@ -50,7 +46,7 @@ class PPOSettings:
     kl_log_estimator: str = "k3"  # logged objective/kl, read by the controller (>= 0)
     kl_loss_coef: float = 0.0  # weight of a KL term in the LOSS (gradient flowing), 0: off
     kl_loss_estimator: str = "k3"  # k3: follows grad KL(ref || pi); k2: grad KL(pi || ref)
-    score: dict[str, Any] = field(default_factory=dict)  # scale, normalize, clip
+    score: dict[str, Any] | None = field(default_factory=dict)  # scale, normalize, clip
     separate_value_model: bool = False  # values from a second copy of the network (gae)
     forward_batch_size: int | None = None  # samples per no-grad rollout pass; null: all
     debug_param_digest: bool = False  # write a hash of the weights per process and step
@@ -67,8 +63,6 @@ class PPOSettings:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (the top-level precision sets it)
 
     def __post_init__(self) -> None:
-        from detox_exp.ppo.checks import check_settings
-
         self.score = dict(self.score or {})
         check_settings(self)
 
@@ -80,9 +74,6 @@ class PPOSettings:
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> PPOSettings:
         """Settings from keyword arguments; an unknown key is a one-line config error."""
-        from detox_exp.errors import ConfigError
-        from detox_exp.schema import check_value, type_hints
-
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -93,6 +84,17 @@ class PPOSettings:
         for key, value in values.items():
             check_value(value, hints[key], f"ppo.{key}")
         return cls(**values)
+
+
+def check_ppo_config(ppo: Mapping[str, Any]) -> PPOSettings:
+    """Check a ``ppo`` config node against the schema (the schema's defaults fill in what it
+    leaves out), including ``ppo.optimizer.lr``; returns the settings."""
+    built = {"_target_", "_partial_", "optimizer", "kl_controller"}
+    settings = PPOSettings.from_mapping({k: ppo[k] for k in ppo if k not in built})
+    lr = (ppo.get("optimizer") or {}).get("lr")
+    if lr is not None:
+        check_lr(lr)
+    return settings
 
 
 # Registered so that Hydra users can compose against the schema (``ppo/schema``).

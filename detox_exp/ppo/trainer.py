@@ -28,16 +28,17 @@ from detox_exp import metric_names as M
 from detox_exp.checkpoint import CheckpointManager, restore_trainer, trainer_state
 from detox_exp.distributed import Dist, masked_whiten_global, write_param_digest
 from detox_exp.errors import TrainingError
+from detox_exp.fast import SWITCHES
+from detox_exp.fast.widths import round_up
 from detox_exp.ppo import core
 from detox_exp.ppo.checks import check_lr, local_sizes
-from detox_exp.ppo.experience import WIDTH_MULTIPLE, Experience
+from detox_exp.ppo.experience import Experience
 from detox_exp.ppo.policy import ActorCritic, mixed_precision
 from detox_exp.ppo.rollout import (
     decode,
     decoder_inputs,
     make_sampling,
     pad_queries,
-    round_up,
     sample_responses,
 )
 from detox_exp.ppo.settings import PPOSettings
@@ -198,7 +199,7 @@ class PPOTrainer:
             [self.prompts[i]["input_ids"] for i in indices],
             self.tokenizer.pad_token_id,
             self.device,
-            WIDTH_MULTIPLE,
+            SWITCHES.width_multiple,
         )
         with self._autocast():
             # the encoder runs once per prompt: its output serves generation (all k samples)
@@ -214,7 +215,7 @@ class PPOTrainer:
                 samples_per_prompt=k,
                 generator=self.sampling_stream(),
             )
-        extra = round_up(response.shape[1], WIDTH_MULTIPLE) - response.shape[1]
+        extra = round_up(response.shape[1], SWITCHES.width_multiple) - response.shape[1]
         response = torch.nn.functional.pad(response, (0, extra), value=self.tokenizer.pad_token_id)
         mask = torch.nn.functional.pad(mask, (0, extra), value=0.0)
         texts = decode(self.tokenizer, response)
