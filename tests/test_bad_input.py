@@ -130,23 +130,9 @@ def test_missing_local_model_dir(tmp_path: Path, standins) -> None:
 @pytest.mark.parametrize(
     ("override", "field"),
     [
+        # through the real CLI: one line, exit 2, before any stage (the in-process
+        # test_types_and_ranges_of_every_group covers every other case)
         ("ppo.mini_batch_size=3", "ppo.mini_batch_size"),
-        ("ppo.batch_size=0", "ppo.batch_size"),
-        ("ppo.optimizer.lr=0", "ppo.optimizer.lr"),
-        ("ppo.cliprange=0", "ppo.cliprange"),
-        ("ppo.gamma=1.5", "ppo.gamma"),
-        ("ppo.lam=-0.1", "ppo.lam"),
-        ("ppo.kl_estimator=k9", "ppo.kl_estimator"),
-        ("model.generation.min_new_tokens=40", "model.generation.min_new_tokens"),
-        ("model.generation.top_p=0", "model.generation.top_p"),
-        ("+eval.generation.temperature=0", "eval.generation.temperature"),
-        ("ppo/kl_controller=adaptive ppo.kl_controller.target=0", "ppo.kl_controller.target"),
-        ("ppo.kl_controller.kl_coef=-1", "ppo.kl_controller.kl_coef"),
-        ("ppo=grpo ppo.samples_per_prompt=3", "ppo.batch_size"),
-        ("ppo.advantage_estimator=ppo2", "ppo.advantage_estimator"),
-        ("ppo.score.clip=-1", "ppo.score.clip"),
-        ("keep_freed_memory=maybe", "keep_freed_memory"),
-        # types and ranges of other groups (more in test_types_and_ranges_of_every_group)
         ("model.lora.r=0", "model.lora.r"),
         ("seed=abc", "seed"),
         ("eval.num_prompts=0", "eval.num_prompts"),
@@ -161,6 +147,21 @@ def test_impossible_values(tmp_path: Path, standins, override: str, field: str) 
 
 
 TYPE_AND_RANGE_CASES = [
+    ("ppo.batch_size=0", "ppo.batch_size"),
+    ("ppo.optimizer.lr=0", "ppo.optimizer.lr"),
+    ("ppo.cliprange=0", "ppo.cliprange"),
+    ("ppo.gamma=1.5", "ppo.gamma"),
+    ("ppo.lam=-0.1", "ppo.lam"),
+    ("ppo.kl_estimator=k9", "ppo.kl_estimator"),
+    ("model.generation.min_new_tokens=40", "model.generation.min_new_tokens"),
+    ("model.generation.top_p=0", "model.generation.top_p"),
+    ("+eval.generation.temperature=0", "eval.generation.temperature"),
+    ("ppo/kl_controller=adaptive ppo.kl_controller.target=0", "ppo.kl_controller.target"),
+    ("ppo.kl_controller.kl_coef=-1", "ppo.kl_controller.kl_coef"),
+    ("ppo=grpo ppo.samples_per_prompt=3", "ppo.batch_size"),
+    ("ppo.advantage_estimator=ppo2", "ppo.advantage_estimator"),
+    ("ppo.score.clip=-1", "ppo.score.clip"),
+    ("keep_freed_memory=maybe", "keep_freed_memory"),
     ("model.lora.r=0", "model.lora.r"),
     ("model.lora.r=2.5", "model.lora.r"),
     ("model.lora.lora_dropout=x", "model.lora.lora_dropout"),
