@@ -52,7 +52,7 @@ def test_metrics_jsonl_has_every_ppo_step(demo_run: Path) -> None:
     steps = [line["step"] for line in lines if M.KL in line]
     assert steps == [1, 2]
     for line in lines:
-        if M.KL in line:  # the demo: RLOO, 8 samples per prompt
+        if M.KL in line:  # the demo: GRPO, 8 samples per prompt
             for key in M.PPO_STEP_METRICS + M.GROUP_STEP_METRICS:
                 assert key in line, key
             assert not any(key in line for key in M.CRITIC_STEP_METRICS)
@@ -65,7 +65,7 @@ def test_policy_saved_and_loadable(demo_run: Path) -> None:
     model = AutoModelForSeq2SeqLM.from_pretrained(merged)
     assert model.config.is_encoder_decoder
     assert (merged / "README.md").read_text().startswith("# detox_exp PPO policy")
-    assert not (demo_run / "policy" / "value_head.safetensors").exists()  # RLOO: no critic
+    assert not (demo_run / "policy" / "value_head.safetensors").exists()  # GRPO: no critic
     assert (demo_run / "policy" / "adapter" / "adapter_model.safetensors").is_file()
 
 
