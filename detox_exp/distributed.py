@@ -63,10 +63,6 @@ class Dist:
     def enabled(self) -> bool:
         return self.world_size > 1
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
     def wait(self) -> None:
         """Wait for every process at a stage boundary, on the wait group (its timeout covers
         a main-process stage; NCCL's default of 10 minutes would not)."""

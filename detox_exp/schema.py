@@ -102,6 +102,20 @@ def type_hints(target: Callable[..., Any]) -> dict[str, Any]:
     return {}
 
 
+def check_fields(
+    schema: type, values: Mapping[str, Any], prefix: str, unknown_problem: str, fix: str
+) -> None:
+    """``values`` against the dataclass ``schema``: an unknown key (``unknown_problem``,
+    ``fix``) or a value of the wrong type is a one-line ConfigError naming
+    ``<prefix>.<key>``."""
+    hints = type_hints(schema)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}", unknown_problem, fix)
+    for key, value in values.items():
+        check_value(value, hints[key], f"{prefix}.{key}")
+
+
 def check_node(node: Mapping[str, Any], field: str) -> None:
     """Check a resolved ``_target_`` node (plain containers): argument types against the
     target's signature, nested ``_target_`` nodes likewise, then the target's

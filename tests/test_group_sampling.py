@@ -229,6 +229,18 @@ def test_ppo_steps_with_zero_score_do_not_grow_the_kl(tiny_t5: Path, tmp_path: P
     assert after_k3 > results["gae"][1], (after_k3, results["gae"])
 
 
+def one_step_on_unequal_lengths(trainer, lengths: list[int]):
+    """A rollout whose responses are cut to ``lengths`` (the random tiny T5 rarely ends
+    early), one ``optimize`` on it: (the trainable weights after it, its stats)."""
+    torch.manual_seed(5)
+    roll = trainer.rollout(trainer.next_batch())
+    for row, keep in enumerate(lengths):
+        roll.mask[row, keep:] = 0
+    roll.advantages = roll.advantages * roll.mask
+    stats = trainer.optimize(roll)
+    return [p.detach().clone() for p in trainer.policy.trainable_parameters()], stats
+
+
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
 def test_gradient_accumulation_gives_the_same_update(
     tiny_t5: Path, tmp_path: Path, mode: str
@@ -248,15 +260,7 @@ def test_gradient_accumulation_gives_the_same_update(
             max_grad_norm=None,
             optimizer=partial(torch.optim.SGD, lr=1.0),
         )
-        torch.manual_seed(5)
-        roll = trainer.rollout(trainer.next_batch())
-        # responses of different lengths (the random tiny T5 rarely ends early): cut some
-        for row, keep in enumerate([8, 3, 5, 1] * 4):
-            roll.mask[row, keep:] = 0
-        roll.advantages = roll.advantages * roll.mask
-        stats = trainer.optimize(roll)
-        lora = [p.detach().clone() for n, p in trainer.policy.named_parameters() if "lora_" in n]
-        weights.append((lora, stats))
+        weights.append(one_step_on_unequal_lengths(trainer, [8, 3, 5, 1] * 4))
     (one, stats_one), (parts, stats_parts) = weights
     for a, b in zip(one, parts):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

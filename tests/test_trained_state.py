@@ -19,6 +19,7 @@ from detox_exp.ppo.policy import ActorCritic
 from detox_exp.ppo.rollout import pad_queries, sample_responses
 from detox_exp.ppo.saving import merged_model
 from detox_exp.reward.scorer import Scores
+from tests.test_group_sampling import one_step_on_unequal_lengths
 from tests.test_ppo_properties import ContainsReward, make_trainer
 
 
@@ -155,13 +156,7 @@ def test_accumulation_of_two_is_one_step(tiny_t5: Path, tmp_path: Path, estimato
             ppo_epochs=1,
             optimizer=partial(torch.optim.Adam, lr=1e-3),
         )
-        torch.manual_seed(5)
-        roll = trainer.rollout(trainer.next_batch())
-        for row, keep in enumerate([8, 3, 5, 1, 7, 2, 6, 4]):
-            roll.mask[row, keep:] = 0
-        roll.advantages = roll.advantages * roll.mask
-        trainer.optimize(roll)
-        weights.append([p.detach().clone() for p in trainer.policy.trainable_parameters()])
+        weights.append(one_step_on_unequal_lengths(trainer, [8, 3, 5, 1, 7, 2, 6, 4])[0])
     for a, b in zip(*weights, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 

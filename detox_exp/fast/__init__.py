@@ -39,14 +39,10 @@ def configure(**values: Any) -> Switches:
     """Set the switches (the ``fast`` config node); unknown keys and wrong types are
     one-line config errors."""
     from detox_exp.errors import ConfigError
-    from detox_exp.schema import check_value, type_hints
+    from detox_exp.schema import check_fields
 
-    known = {f.name for f in fields(Switches)}
-    hints = type_hints(Switches)
-    for key, value in values.items():
-        if key not in known:
-            raise ConfigError(f"fast.{key}", "unknown switch", f"use one of {sorted(known)}")
-        check_value(value, hints[key], f"fast.{key}")
+    known = sorted(f.name for f in fields(Switches))
+    check_fields(Switches, values, "fast", "unknown switch", f"use one of {known}")
     if values.get("width_multiple", 1) < 1:
         raise ConfigError("fast.width_multiple", "must be >= 1", "use 16, or 1 for no rounding")
     for key, value in values.items():

@@ -20,10 +20,10 @@ def folded_adapter(model: nn.Module) -> Iterator[None]:
     round-off).
 
     A no-op (the adapters run unfolded) with ``fast.fold_lora`` off, or unless folding is
-    exact enough and complete: fp32
-    weights and no autocast (in bf16 / fp16, ``W + delta`` would round small updates away),
-    every LoRA layer a plain ``nn.Linear`` with an active, unmerged, non-DoRA adapter, and no
-    other trained modules (``modules_to_save``) that disabling the adapter would switch off.
+    exact enough and complete: fp32 weights and no autocast (in bf16 / fp16, ``W + delta``
+    would round small updates away), every LoRA layer a plain ``nn.Linear`` with an active,
+    unmerged, non-DoRA adapter, and no other trained modules (``modules_to_save``) that
+    disabling the adapter would switch off.
     """
     from peft.tuners.lora import LoraLayer
     from peft.utils import AuxiliaryTrainingWrapper

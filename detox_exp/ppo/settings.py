@@ -10,14 +10,13 @@ Batch sizes count SAMPLES: a rollout of ``batch_size`` samples holds
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from detox_exp.errors import ConfigError
 from detox_exp.ppo.checks import check_lr, check_settings
-from detox_exp.schema import check_value, type_hints
+from detox_exp.schema import check_fields
 
 
 @dataclass
@@ -74,15 +73,7 @@ class PPOSettings:
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> PPOSettings:
         """Settings from keyword arguments; an unknown key is a one-line config error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"ppo.{unknown[0]}", "unknown PPO setting", "see conf/ppo/default.yaml"
-            )
-        hints = type_hints(cls)
-        for key, value in values.items():
-            check_value(value, hints[key], f"ppo.{key}")
+        check_fields(cls, values, "ppo", "unknown PPO setting", "see conf/ppo/default.yaml")
         return cls(**values)
 
 

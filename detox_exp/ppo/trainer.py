@@ -466,6 +466,9 @@ class PPOTrainer:
         self.scaler.load_state_dict(snapshot["scaler"])
         self.running = snapshot["running"]
 
+    def _last_good(self) -> str:
+        return str(self.last_checkpoint or "none (set checkpoint.every)")
+
     def _check_finite(self, quantity: str, values: torch.Tensor) -> None:
         """NaN / inf guard: stop with a clear error, or skip the batch (ppo.on_nonfinite)."""
         bad = self.dist.sum(torch.tensor(float(not torch.isfinite(values).all()))).item() > 0
@@ -473,10 +476,9 @@ class PPOTrainer:
             return
         if self.settings.on_nonfinite == "skip":
             raise _SkipBatch(quantity)
-        where = self.last_checkpoint or "none (set checkpoint.every)"
         raise TrainingError(
             f"ppo step {self.step + 1}",
-            f"{quantity} contain NaN or inf; last good checkpoint: {where}",
+            f"{quantity} contain NaN or inf; last good checkpoint: {self._last_good()}",
             "lower ppo.optimizer.lr, check the reward model, or set ppo.on_nonfinite=skip",
         )
 
@@ -495,11 +497,10 @@ class PPOTrainer:
             self.skipped += 1
             self.consecutive_skips += 1
             if self.consecutive_skips >= s.max_consecutive_skips:
-                where = self.last_checkpoint or "none (set checkpoint.every)"
                 raise TrainingError(
                     f"ppo step {self.step + 1}",
                     f"{skip} contain NaN or inf in {self.consecutive_skips} batches in a row "
-                    f"(ppo.max_consecutive_skips); last good checkpoint: {where}",
+                    f"(ppo.max_consecutive_skips); last good checkpoint: {self._last_good()}",
                     "lower ppo.optimizer.lr or check the reward model",
                 ) from None
             self.step += 1
