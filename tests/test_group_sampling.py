@@ -13,7 +13,7 @@ from detox_exp import metric_names as M
 from detox_exp.fast import SWITCHES
 from detox_exp.models import load_tokenizer
 from detox_exp.ppo import core
-from detox_exp.ppo.policy import ActorCritic, base_model
+from detox_exp.ppo.policy import ActorCritic, base_model, cross_attention_projections
 from detox_exp.ppo.rollout import decoder_inputs, pad_queries, sample_responses
 from detox_exp.reward.scorer import Scores
 from tests.conftest import trained_lora
@@ -73,6 +73,32 @@ def test_shared_encoder_equals_per_sample_path(tiny_t5: Path) -> None:
     for a, b in zip(shared[3], plain[3]):  # the encoder's LoRA gets the k samples' sum
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert all(g.abs().sum() > 0 for g in shared[3])
+
+
+def test_cross_attention_projects_once_per_prompt(tiny_t5: Path) -> None:
+    """Every teacher-forced pass projects the cross-attention keys / values of P prompts, not
+    of P * k samples (the equality with the per-sample path is the test above)."""
+    model, _, query, qmask, response = _batch(tiny_t5)
+    policy = ActorCritic(model).eval()
+    projections = cross_attention_projections(policy.model)
+    assert len(projections) == 2 * policy.config.num_decoder_layers
+    assert sum(hasattr(p, "lora_A") for p in projections) == policy.config.num_decoder_layers
+    rows: list[int] = []
+    # what each projection itself computes (prepend: before the expansion back to P * k rows)
+    handles = [
+        p.register_forward_hook(lambda m, a, out: rows.append(out.shape[0]), prepend=True)
+        for p in projections
+    ]
+    dec = decoder_inputs(response, policy.config.decoder_start_token_id)
+    try:
+        out = policy(query, qmask, dec, samples_per_prompt=K)
+        policy.reference_logits(query, qmask, dec, samples_per_prompt=K)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert rows == [len(query)] * (2 * len(projections)), rows
+    assert out.logits.shape[0] == len(query) * K
+    assert not projections[0]._forward_pre_hooks and not projections[0]._forward_hooks
 
 
 @pytest.mark.parametrize("step_decoder", [True, False])

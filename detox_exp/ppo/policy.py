@@ -94,6 +94,63 @@ def expand_groups(x: torch.Tensor, samples_per_prompt: int) -> torch.Tensor:
     return x.repeat_interleave(samples_per_prompt, dim=0) if samples_per_prompt > 1 else x
 
 
+def cross_attention_projections(model: nn.Module) -> list[nn.Module]:
+    """The key and value projections of every decoder cross-attention of a T5-family
+    ``model`` (peft-wrapped or not); [] for other architectures."""
+    decoder = base_model(model).get_decoder()
+    projections = []
+    for block in getattr(decoder, "block", ()):
+        attention = (
+            getattr(block.layer[1], "EncDecAttention", None) if len(block.layer) > 1 else None
+        )
+        if attention is None:
+            return []
+        projections += [attention.k, attention.v]
+    return projections
+
+
+@contextmanager
+def shared_cross_attention(
+    model: nn.Module, encoder_hidden: torch.Tensor, samples_per_prompt: int
+) -> Iterator[torch.Tensor]:
+    """Yields the encoder output to hand ``model``'s decoder for k samples per prompt, and
+    within it the decoder's cross-attention keys and values are projected once per prompt
+    and expanded to the k samples (T5 family; other architectures get
+    ``expand_groups(encoder_hidden)`` and run unchanged).
+
+    In a T5 decoder the encoder output feeds only the cross-attention key / value
+    projections, and the k copies of a prompt's output are equal, so each projection reads
+    ``encoder_hidden`` [P, S, d] itself and its output is repeated k times; the [P * k, S, d]
+    copy the decoder is handed carries no gradient. Exact, forward and backward (the k
+    samples' gradients sum into the one projection); it saves k - 1 of every k key / value
+    projections of the prompt's S positions, LoRA included, forward and backward.
+    """
+    k = samples_per_prompt
+    projections = cross_attention_projections(model) if k > 1 else []
+    if not projections:
+        yield expand_groups(encoder_hidden, k)
+        return
+    rows = encoder_hidden.shape[0] * k
+
+    def per_prompt(module: nn.Module, args: tuple) -> tuple:
+        if args[0].shape[0] != rows:
+            raise ValueError(f"cross-attention input has {args[0].shape[0]} rows, not {rows}")
+        return (encoder_hidden, *args[1:])
+
+    def to_samples(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return expand_groups(output, k)
+
+    handles = []
+    for projection in projections:
+        handles.append(projection.register_forward_pre_hook(per_prompt))
+        handles.append(projection.register_forward_hook(to_samples))
+    try:
+        yield expand_groups(encoder_hidden.detach(), k)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class ActorCritic(nn.Module):
     """Policy LM + value head (one value per response token, from the last decoder state).
 
@@ -146,18 +203,20 @@ class ActorCritic(nn.Module):
         samples_per_prompt: int = 1,
     ):
         """``model``'s decoder over [P * k, T] with its encoder run once on the [P, S]
-        prompts (or ``encoder_hidden`` [P, S, d] given), expanded to the k samples."""
+        prompts (or ``encoder_hidden`` [P, S, d] given), expanded to the k samples, and the
+        cross-attention keys / values projected once per prompt (:func:`shared_cross_attention`)."""
         if encoder_hidden is None:
             encoder_hidden = encode(model, query_ids, query_mask)
         k = samples_per_prompt
-        return model(
-            encoder_outputs=BaseModelOutput(last_hidden_state=expand_groups(encoder_hidden, k)),
-            attention_mask=expand_groups(query_mask, k),
-            decoder_input_ids=decoder_ids,
-            output_hidden_states=hidden,
-            use_cache=False,
-            return_dict=True,
-        )
+        with shared_cross_attention(model, encoder_hidden, k) as decoder_side:
+            return model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=decoder_side),
+                attention_mask=expand_groups(query_mask, k),
+                decoder_input_ids=decoder_ids,
+                output_hidden_states=hidden,
+                use_cache=False,
+                return_dict=True,
+            )
 
     def encode(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         """The policy's encoder output [P, S, d] (adapter on), to share between generation
