@@ -291,3 +291,42 @@ def test_gradient_accumulation_gives_the_same_update(
     for a, b in zip(one, parts):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert stats_one[M.LOSS_POLICY] == pytest.approx(stats_parts[M.LOSS_POLICY], abs=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_one_update_per_batch_reuses_the_rollout_pass(
+    tiny_t5: Path, tmp_path: Path, estimator: str
+) -> None:
+    """With one epoch of one minibatch the rollout's policy pass (with grad) serves the
+    update: one policy forward fewer per step, and the same update as a fresh forward."""
+    from detox_exp.fast import configure
+
+    k = 1 if estimator == "gae" else 4
+    settings = {"batch_size": 16, "mini_batch_size": 16, "ppo_epochs": 1}
+    if k > 1:
+        settings |= {"samples_per_prompt": k, "whiten_advantages": False}
+
+    def step(reuse: bool):
+        configure(reuse_rollout_forward=reuse)
+        try:
+            trainer = make_trainer(
+                tiny_t5, tmp_path, ContainsReward("the"), advantage_estimator=estimator, **settings
+            )
+            calls: list[bool] = []
+            handle = trainer.policy.register_forward_hook(
+                lambda m, a, out: calls.append(out.logits.requires_grad)
+            )
+            assert trainer.reuses_rollout_forward() == reuse
+            metrics = trainer.train_step()
+            handle.remove()
+        finally:
+            configure(reuse_rollout_forward=True)
+        weights = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
+        return calls, metrics, weights
+
+    reused, plain = step(True), step(False)
+    assert reused[0] == [True] and plain[0] == [False, True]  # policy passes: grad or not
+    assert reused[1][M.RATIO_MEAN] == 1.0 and reused[1][M.APPROX_KL] == 0.0
+    torch.testing.assert_close(reused[1][M.LOSS_POLICY], plain[1][M.LOSS_POLICY])
+    for a, b in zip(reused[2], plain[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

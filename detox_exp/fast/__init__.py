@@ -14,6 +14,9 @@ below). What each one buys is measured in docs/benchmarks.md.
   fp32 (tests/test_sampling.py).
 - ``width_multiple`` (:mod:`.widths`): prompt and response widths rounded up to a multiple,
   so oneDNN keeps one kernel per shape (1: no rounding).
+- ``reuse_rollout_forward`` (``PPOTrainer.reuses_rollout_forward``): with one update per
+  batch (one epoch, one minibatch), the rollout's policy pass runs with grad and serves the
+  update, instead of a second forward of the same weights (tests/test_group_sampling.py).
 - the top-level ``keep_freed_memory`` (:mod:`.memory`): glibc malloc tuning.
 """
 
@@ -30,6 +33,7 @@ class Switches:
     step_decoder: bool = True
     fold_lora: bool = True
     width_multiple: int = 16
+    reuse_rollout_forward: bool = True
 
 
 SWITCHES = Switches()  # read by the code above; set once per run by configure()

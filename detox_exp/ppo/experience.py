@@ -14,6 +14,7 @@ import torch
 
 from detox_exp.fast import SWITCHES
 from detox_exp.fast.widths import round_up
+from detox_exp.ppo.policy import ForwardOutput
 
 
 @dataclass
@@ -61,6 +62,9 @@ class Experience:
     returns: torch.Tensor  # [B, T] advantages + values (gae) or the sequence reward
     timings: dict[str, float]  # seconds per rollout phase (time/*)
     ref_logits: torch.Tensor | None = None  # [B, T, V] reference logits (kl loss "full")
+    # the rollout's policy pass with its graph, for the batch's one update (see
+    # PPOTrainer.reuses_rollout_forward); None once used, or when the update runs its own
+    live: ForwardOutput | None = None
 
     def rows(self, groups: torch.Tensor) -> torch.Tensor:
         """The sample rows [len(groups) * k] of the prompts (groups) ``groups``."""

@@ -33,7 +33,7 @@ from detox_exp.fast.widths import round_up
 from detox_exp.ppo import core
 from detox_exp.ppo.checks import check_lr, local_sizes
 from detox_exp.ppo.experience import Experience
-from detox_exp.ppo.policy import ActorCritic, mixed_precision
+from detox_exp.ppo.policy import ActorCritic, ForwardOutput, mixed_precision
 from detox_exp.ppo.rollout import (
     decode,
     decoder_inputs,
@@ -148,6 +148,22 @@ class PPOTrainer:
         draws the same ones again."""
         return sampling_stream(self.settings.seed, self.dist.rank, self.step + 1, self.device)
 
+    def reuses_rollout_forward(self) -> bool:
+        """Whether the rollout's policy pass also serves the batch's one update (switch
+        ``fast.reuse_rollout_forward``): with one epoch of one minibatch, no accumulation and
+        one rollout pass, the update's forward would recompute the same logits from the same
+        weights. The rollout then runs that pass with grad and keeps it for the update (its
+        old log-probs are the pass's own, detached: ratio exactly 1, as on-policy), which
+        saves one policy forward per step."""
+        s = self.settings
+        return (
+            SWITCHES.reuse_rollout_forward
+            and s.ppo_epochs == 1
+            and self.local_mini == self.local_batch
+            and s.gradient_accumulation_steps == 1
+            and self.forward_batch >= self.local_batch
+        )
+
     def _forward(
         self,
         query: torch.Tensor,
@@ -155,22 +171,35 @@ class PPOTrainer:
         response: torch.Tensor,
         keep_logits: bool = False,
         encoder_hidden: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
+        live: bool = False,
+    ) -> dict[str, Any]:
         """Policy log-probs, values (gae) and entropy, and reference log-probs, of given
         responses [P * k, T] of prompts [P, S] (the rollout calls it without grad; each
-        encoder runs once per prompt). ``keep_logits`` also returns both logits."""
+        encoder runs once per prompt). ``keep_logits`` also returns both logits. ``live``:
+        the policy pass runs with grad (its own encoder pass, through DDP) and is returned
+        as ``"live"`` for the update (see :meth:`reuses_rollout_forward`)."""
         dec = decoder_inputs(response, self.policy.config.decoder_start_token_id)
+        result: dict[str, Any] = {}
         with self._autocast():
-            out = self.policy(
-                query, query_mask, dec, encoder_hidden=encoder_hidden, samples_per_prompt=self.k
-            )
-            logits = out.logits
-            result = {
-                "logprobs": core.in_row_chunks(core.logprobs_from_logits, logits, response),
-                "entropy": core.in_row_chunks(core.entropy_from_logits, logits),
-            }
+            if live:
+                with torch.enable_grad():
+                    out = self.ddp(
+                        query,
+                        query_mask,
+                        dec,
+                        with_values=self.settings.uses_critic,
+                        samples_per_prompt=self.k,
+                    )
+                result["live"] = out
+            else:
+                out = self.policy(
+                    query, query_mask, dec, encoder_hidden=encoder_hidden, samples_per_prompt=self.k
+                )
+            logits = out.logits.detach()
+            result["logprobs"] = core.in_row_chunks(core.logprobs_from_logits, logits, response)
+            result["entropy"] = core.in_row_chunks(core.entropy_from_logits, logits)
             if out.values is not None:
-                result["values"] = out.values.float()
+                result["values"] = out.values.detach().float()
             if keep_logits:
                 result["logits"] = logits.float()
             ref_logits = self.policy.reference_logits(query, query_mask, dec, self.k)
@@ -224,13 +253,17 @@ class PPOTrainer:
         t2 = self._clock()
         full_loss = s.kl_loss_coef > 0 and s.kl_loss_estimator == "full"
         full = full_loss or "full" in (s.kl_estimator, s.kl_log_estimator)
+        live = self.reuses_rollout_forward()
         chunks = defaultdict(list)
         per_pass = max(1, self.forward_batch // k)  # prompts per no-grad pass
         for start in range(0, len(indices), per_pass):
             ps, rs = slice(start, start + per_pass), slice(start * k, (start + per_pass) * k)
-            out = self._forward(query[ps], query_mask[ps], response[rs], full, encoder_hidden[ps])
+            out = self._forward(
+                query[ps], query_mask[ps], response[rs], full, encoder_hidden[ps], live
+            )
             for key, value in out.items():
                 chunks[key].append(value)
+        live_pass = chunks.pop("live", [None])[0]  # one pass when live
         batch = {key: torch.cat(v) for key, v in chunks.items()}
         t3 = self._clock()
         timings = {M.TIME_GENERATE: t1 - t0, M.TIME_SCORE: t2 - t1, M.TIME_FORWARD: t3 - t2}
@@ -260,6 +293,7 @@ class PPOTrainer:
             returns=returns,
             timings=timings,
             ref_logits=batch["ref_logits"] if full_loss else None,
+            live=live_pass,
         )
 
     def _advantages(
@@ -389,11 +423,21 @@ class PPOTrainer:
         if agg is None:
             agg = partial(core.aggregate_loss, mode=s.loss_agg_mode, horizon=self.horizon)
         mb = roll.minibatch(groups)
-        dec = decoder_inputs(mb.response, self.policy.config.decoder_start_token_id)
-        with self._autocast():
-            out = self.ddp(
-                mb.query, mb.query_mask, dec, with_values=s.uses_critic, samples_per_prompt=self.k
-            )
+        if roll.live is not None:  # the rollout's pass, with grad (reuses_rollout_forward)
+            rows, t = roll.rows(groups), mb.response.shape[1]
+            values = None if roll.live.values is None else roll.live.values[rows][:, :t]
+            out = ForwardOutput(logits=roll.live.logits[rows][:, :t], values=values)
+            roll.live = None  # its graph serves one backward
+        else:
+            dec = decoder_inputs(mb.response, self.policy.config.decoder_start_token_id)
+            with self._autocast():
+                out = self.ddp(
+                    mb.query,
+                    mb.query_mask,
+                    dec,
+                    with_values=s.uses_critic,
+                    samples_per_prompt=self.k,
+                )
         logits = out.logits.float()
         logprobs = core.logprobs_from_logits(logits, mb.response)
         pg_loss, pg_stats = core.policy_loss(
