@@ -5,6 +5,8 @@ VENV ?= .venv
 # e.g. `make setup TORCH=torch` (the default CUDA build of the newest torch).
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# pytest-xdist workers for `make test` (the tests sharing the demo assets stay on one worker)
+WORKERS ?= 2
 
 .PHONY: setup demo test test-fast lint format clean
 
@@ -25,10 +27,10 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(WORKERS) --dist loadgroup
 
 test-fast: setup
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -n $(WORKERS) --dist loadgroup -m "not slow"
 
 format: setup
 	$(BIN)/ruff format .

@@ -17,7 +17,17 @@ CONF_DIR = ROOT / "conf"
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.pop("WANDB_API_KEY", None)  # tests never talk to a W&B server
-    torch.set_num_threads(2)
+    # two threads, shared out between pytest-xdist workers (`make test` runs two)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, 2 // workers))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist with ``--dist loadgroup`` (``make test``) the tests that use the demo
+    assets run on one worker, so that the assets are built once."""
+    for item in items:
+        if "demo_cache" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("demo_cache"))
 
 
 @pytest.fixture(scope="session")

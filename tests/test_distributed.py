@@ -67,19 +67,24 @@ def test_two_process_ppo(standins, tmp_path: Path) -> None:
     assert (run_dir / "policy/merged/config.json").is_file()
 
 
-def test_two_process_group_sampling(standins, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("mini_batch_size", "port"), [(8, 29534), (16, 29538)])
+def test_two_process_group_sampling(
+    standins, tmp_path: Path, mini_batch_size: int, port: int
+) -> None:
     """k = 4 samples per prompt on 2 processes: each process holds whole groups, and the
-    logged group statistics are those of all groups of the global batch."""
+    logged group statistics are those of all groups of the global batch. With one minibatch
+    per batch the update runs on the rollout's pass (fast.reuse_rollout_forward) under DDP."""
     import statistics
 
     run_dir = tmp_path / "run"
     run_two_processes(
         standins,
         run_dir,
-        29534,
+        port,
         "ppo=rloo",
         "ppo.batch_size=16",
-        "ppo.mini_batch_size=8",
+        f"ppo.mini_batch_size={mini_batch_size}",
+        "ppo.ppo_epochs=1",
         "stages.evaluate_before=false",
         "stages.evaluate_after=false",
     )
