@@ -5,7 +5,7 @@ VENV ?= .venv
 # e.g. `make setup TORCH=torch` (the default CUDA build of the newest torch).
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
-# pytest-xdist workers for `make test` (the tests sharing the demo assets stay on one worker)
+# pytest-xdist workers for `make test` (one module per worker at a time: module fixtures run once)
 WORKERS ?= 2
 
 .PHONY: setup demo test test-fast lint format clean
@@ -27,10 +27,10 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/pytest -q -n $(WORKERS) --dist loadgroup
+	$(BIN)/pytest -q -n $(WORKERS) --dist loadscope
 
 test-fast: setup
-	$(BIN)/pytest -q -n $(WORKERS) --dist loadgroup -m "not slow"
+	$(BIN)/pytest -q -n $(WORKERS) --dist loadscope -m "not slow"
 
 format: setup
 	$(BIN)/ruff format .

@@ -9,7 +9,9 @@ for T5 attention and row chunks. With ``--dir`` (a benchmark DIR from
 first 16 prompts, 32 sampled tokens with the flat T5 step decoder vs the model's forward, and
 a forward (16 prompts) and forward + backward (4 prompts) with peft's LoRA input cast on vs
 off under bf16 autocast, and the rollout's and update's passes with the position bias + mask
-built once per pass or in every layer; versions alternate, medians of 8 after 2 warm-ups.
+built once per pass or in every layer, and fp32 forward / forward + backward passes of 4
+prompts x 4 samples with the cross-attention keys / values projected per prompt or per
+sample; versions alternate, medians of 8 after 2 warm-ups.
 """
 
 from __future__ import annotations
@@ -165,6 +167,40 @@ def lora_cast(bench_dir: Path) -> dict[str, float]:
     )
 
 
+def cross_attention_sharing(bench_dir: Path) -> dict[str, float]:
+    """fp32 teacher-forced passes of 4 prompts x 4 samples with the cross-attention keys /
+    values projected once per prompt (``policy.shared_cross_attention``) or per sample."""
+    from detox_exp.ppo import policy as policy_module
+
+    model, tokenizer, ids, mask, _ = _policy(bench_dir, bf16=False)
+    actor = policy_module.ActorCritic(model, value_head=False).eval()
+    dec = torch.randint(2, len(tokenizer), (16, 32))
+    found = policy_module.cross_attention_projections
+
+    def run(shared: bool, grad: bool) -> Callable[[], object]:
+        def call() -> None:
+            policy_module.cross_attention_projections = found if shared else lambda m: []
+            try:
+                with nullcontext() if grad else torch.no_grad():
+                    out = actor(ids[:4], mask[:4], dec, samples_per_prompt=4)
+                    if grad:
+                        out.logits.logsumexp(-1).sum().backward()
+            finally:
+                policy_module.cross_attention_projections = found
+
+        return call
+
+    times = alternating_ms(
+        {"forward, per sample": run(False, False), "forward, per prompt": run(True, False)}
+    )
+    return times | alternating_ms(
+        {
+            "forward + backward, per sample": run(False, True),
+            "forward + backward, per prompt": run(True, True),
+        }
+    )
+
+
 def bias_per_pass(bench_dir: Path) -> dict[str, float]:
     """Policy + reference forward of 16 prompts and 4 minibatch forward + backward passes
     (the rollout's and the update's passes), bf16, with the position bias + mask built once
@@ -233,6 +269,11 @@ def main() -> None:
     print(
         "bf16 LoRA input cast, forward of 16 prompts / forward + backward of 4: "
         + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items())
+    )
+    times = cross_attention_sharing(args.dir)
+    print(
+        "fp32 cross-attention keys / values, 4 prompts x 4 samples: "
+        + ", ".join(f"{k} {v:.0f} ms" for k, v in times.items())
     )
     times = bias_per_pass(args.dir)
     print(

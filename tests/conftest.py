@@ -23,19 +23,30 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist with ``--dist loadgroup`` (``make test``) the tests that use the demo
-    assets run on one worker, so that the assets are built once."""
-    for item in items:
-        if "demo_cache" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("demo_cache"))
+    """The ``slow`` tests first (a stable sort), so that pytest-xdist's workers start on the
+    long modules and the short ones fill in behind them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache dir with the demo assets (built once per session, or reused from
-    DETOX_EXP_TEST_CACHE when set, to save the ~1 minute build while iterating)."""
+    """A cache dir with the demo assets, built once per session and shared by the
+    pytest-xdist workers (the first builds them under a file lock, the others wait), or
+    reused from DETOX_EXP_TEST_CACHE when set, to save the ~1 minute build while iterating."""
     cache = os.environ.get("DETOX_EXP_TEST_CACHE")
-    return Path(cache) if cache else tmp_path_factory.mktemp("cache")
+    if cache:
+        return Path(cache)
+    from filelock import FileLock
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "demo_cache"
+    with FileLock(f"{shared}.lock"):
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            cfg = compose("config", overrides=["experiment=demo"])
+        instantiate(cfg.assets, cache_dir=str(shared / "demo")).build()  # no-op once built
+    return shared
 
 
 def trained_lora(model: torch.nn.Module, targets: tuple[str, ...] = ("q", "v")):
