@@ -164,6 +164,20 @@ class PPOTrainer:
             and self.forward_batch >= self.local_batch
         )
 
+    def _update_pass(
+        self, query: torch.Tensor, query_mask: torch.Tensor, dec: torch.Tensor
+    ) -> ForwardOutput:
+        """The policy's forward for an update (through DDP, values if gae), in the run's
+        precision; the caller decides whether grad is on."""
+        with self._autocast():
+            return self.ddp(
+                query,
+                query_mask,
+                dec,
+                with_values=self.settings.uses_critic,
+                samples_per_prompt=self.k,
+            )
+
     def _forward(
         self,
         query: torch.Tensor,
@@ -183,13 +197,7 @@ class PPOTrainer:
         with self._autocast():
             if live:
                 with torch.enable_grad():
-                    out = self.ddp(
-                        query,
-                        query_mask,
-                        dec,
-                        with_values=self.settings.uses_critic,
-                        samples_per_prompt=self.k,
-                    )
+                    out = self._update_pass(query, query_mask, dec)
                 result["live"] = out
             else:
                 out = self.policy(
@@ -430,14 +438,7 @@ class PPOTrainer:
             roll.live = None  # its graph serves one backward
         else:
             dec = decoder_inputs(mb.response, self.policy.config.decoder_start_token_id)
-            with self._autocast():
-                out = self.ddp(
-                    mb.query,
-                    mb.query_mask,
-                    dec,
-                    with_values=s.uses_critic,
-                    samples_per_prompt=self.k,
-                )
+            out = self._update_pass(mb.query, mb.query_mask, dec)
         logits = out.logits.float()
         logprobs = core.logprobs_from_logits(logits, mb.response)
         pg_loss, pg_stats = core.policy_loss(
