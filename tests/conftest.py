@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,21 +68,83 @@ def trained_lora(model: torch.nn.Module, targets: tuple[str, ...] = ("q", "v")):
     return model
 
 
+class _Zygote:
+    """One pre-imported parent per test process (``tests/cli_zygote.py``) that forks a child
+    per CLI run, so that a run does not pay the 10-15 s of imports of a fresh interpreter."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.buffer = b""
+
+    def start(self) -> subprocess.Popen:
+        if self.proc is None or self.proc.poll() is not None:
+            env = os.environ.copy() | {"CI": "true", "WANDB_SILENT": "true"}
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "cli_zygote.py")],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                bufsize=0,
+            )
+            self.buffer = b""
+            atexit.register(self.proc.kill)
+            self.read(timeout=300)  # {"ready": true}
+        return self.proc
+
+    def read(self, timeout: float) -> dict:
+        """The next reply line (unbuffered reads: ``select`` sees only what is in the pipe)."""
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            if not select.select([fd], [], [], timeout)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"the CLI zygote died (exit {self.proc.wait()})")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, argv: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int, str, str]:
+        proc = self.start()
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            request = {"argv": argv, "cwd": str(cwd), "env": env}
+            files = {"stdout": str(out), "stderr": str(err)}
+            proc.stdin.write((json.dumps(request | files) + "\n").encode())
+            pid = self.read(timeout=60)["pid"]
+            try:
+                code = self.read(timeout=timeout)["returncode"]
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                self.read(timeout=60)
+                raise subprocess.TimeoutExpired(argv, timeout) from None
+            return code, out.read_text(errors="replace"), err.read_text(errors="replace")
+
+
+_ZYGOTE = _Zygote()
+IMPORT_TIME_ENV = ("HF_", "TRANSFORMERS_")
+
+
 def run_cli(
-    *overrides: str, cwd: Path, env: dict | None = None, timeout: int = 600
+    *overrides: str, cwd: Path, env: dict | None = None, timeout: int = 600, fresh: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run the real entrypoint (``python -m detox_exp``) in a subprocess."""
+    """Run the real entrypoint in a process of its own: ``python -m detox_exp`` when
+    ``fresh``, else ``detox_exp.cli.main`` in a child forked from a pre-imported parent.
+    Settings that huggingface_hub / transformers / datasets read at import time (``HF_*``)
+    always get a fresh interpreter."""
     full_env = os.environ.copy() | {"CI": "true", "WANDB_SILENT": "true"}
     full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env.pop("PYTEST_CURRENT_TEST", None)
     full_env |= env or {}
-    return subprocess.run(
-        [sys.executable, "-m", "detox_exp", *overrides],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    args = [sys.executable, "-m", "detox_exp", *overrides]
+    if fresh or any(key.startswith(IMPORT_TIME_ENV) for key in env or {}):
+        return subprocess.run(
+            args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        )
+    code, out, err = _ZYGOTE.run(list(overrides), cwd, full_env, timeout)
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""End-to-end: the real entrypoint on the (shrunk) offline demo, in a subprocess."""
+"""End-to-end: the real entrypoint on the (shrunk) offline demo, in a subprocess (the demo
+run itself in a fresh ``python -m detox_exp``, the others forked from a pre-imported one)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def demo_run(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         "logger.wandb.mode=offline",
         cwd=ROOT,
         env={"DETOX_EXP_CACHE": str(demo_cache)},
+        fresh=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir / "stdout.txt").write_text(result.stdout)

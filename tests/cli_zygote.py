@@ -1,0 +1,104 @@
+"""A pre-imported parent for the CLI tests: it imports torch, transformers, peft, datasets,
+wandb, Hydra and detox_exp once, then forks one child per request, and the child runs the
+real entrypoint (``detox_exp.cli.main``) with the request's argv, cwd and environment.
+
+Each run still gets a process of its own (its own globals, exit code, signals: a run that
+SIGKILLs itself reports -9), but skips the 10-15 s of imports that ``python -m detox_exp``
+pays. The parent never runs a torch op, so no thread pool exists to be broken by the fork.
+
+Protocol, one JSON object per line: the test writes ``{"argv", "cwd", "env", "stdout",
+"stderr"}`` to stdin; the parent answers ``{"pid": ...}`` at the fork and
+``{"returncode": ...}`` when the child ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+
+def preload() -> None:
+    import datasets  # noqa: F401
+    import hydra  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers
+    import wandb  # noqa: F401
+
+    import detox_exp.cli  # noqa: F401
+    import detox_exp.demo.assets  # noqa: F401
+    import detox_exp.evaluation.report  # noqa: F401
+    import detox_exp.pipeline  # noqa: F401
+    import detox_exp.ppo.trainer  # noqa: F401
+    import detox_exp.sweeps  # noqa: F401
+
+    # transformers imports its model classes lazily, on first attribute access
+    for name in (
+        "T5ForConditionalGeneration",
+        "RobertaForSequenceClassification",
+        "AutoModelForSeq2SeqLM",
+        "AutoModelForSequenceClassification",
+        "AutoTokenizer",
+        "PreTrainedTokenizerFast",
+    ):
+        getattr(transformers, name)
+
+
+def child(request: dict) -> None:
+    """Runs in the forked child; never returns."""
+    code = 1
+    try:
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(out, fd)
+            os.close(out)
+        sys.argv = [os.path.join(os.path.dirname(detox_main()), "__main__.py"), *request["argv"]]
+        from detox_exp.cli import main
+
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            if not isinstance(exit_.code, int | None):
+                print(exit_.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def detox_main() -> str:
+    import detox_exp
+
+    return detox_exp.__file__
+
+
+def serve() -> None:
+    preload()
+    out = sys.stdout
+    print(json.dumps({"ready": True}), file=out, flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            child(request)
+        print(json.dumps({"pid": pid}), file=out, flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), file=out, flush=True)
+
+
+if __name__ == "__main__":
+    serve()
