@@ -19,12 +19,15 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
 
 
+# two threads, shared out between pytest-xdist workers (`make test` runs two), in the test
+# processes and in the CLI runs they start (more threads than cores makes both slower)
+THREADS = max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.pop("WANDB_API_KEY", None)  # tests never talk to a W&B server
-    # two threads, shared out between pytest-xdist workers (`make test` runs two)
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, 2 // workers))
+    torch.set_num_threads(THREADS)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -131,13 +134,16 @@ def run_cli(
     *overrides: str, cwd: Path, env: dict | None = None, timeout: int = 600, fresh: bool = False
 ) -> subprocess.CompletedProcess:
     """Run the real entrypoint in a process of its own: ``python -m detox_exp`` when
-    ``fresh``, else ``detox_exp.cli.main`` in a child forked from a pre-imported parent.
-    Settings that huggingface_hub / transformers / datasets read at import time (``HF_*``)
-    always get a fresh interpreter."""
+    ``fresh``, else ``detox_exp.cli.main`` in a child forked from a pre-imported parent,
+    with this process's share of the cores (``torch_threads``) unless given. Settings that
+    huggingface_hub / transformers / datasets read at import time (``HF_*``) always get a
+    fresh interpreter."""
     full_env = os.environ.copy() | {"CI": "true", "WANDB_SILENT": "true"}
     full_env.pop("HYDRA_FULL_ERROR", None)
     full_env.pop("PYTEST_CURRENT_TEST", None)
     full_env |= env or {}
+    if not any(o.startswith("torch_threads=") for o in overrides):
+        overrides = (*overrides, f"torch_threads={THREADS}")
     args = [sys.executable, "-m", "detox_exp", *overrides]
     if fresh or any(key.startswith(IMPORT_TIME_ENV) for key in env or {}):
         return subprocess.run(
