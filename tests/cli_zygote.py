@@ -32,6 +32,7 @@ def preload() -> None:
     import detox_exp.evaluation.report  # noqa: F401
     import detox_exp.pipeline  # noqa: F401
     import detox_exp.ppo.trainer  # noqa: F401
+    import detox_exp.reward.training  # noqa: F401
     import detox_exp.sweeps  # noqa: F401
 
     # transformers imports its model classes lazily, on first attribute access
@@ -47,10 +48,11 @@ def preload() -> None:
 
 
 def child(request: dict) -> None:
-    """Runs in the forked child; never returns."""
+    """Runs in the forked child, as ``python -m detox_exp`` would; never returns."""
     code = 1
     try:
         os.chdir(request["cwd"])
+        sys.path[0] = request["cwd"]  # where ``python -m`` puts the working directory
         os.environ.clear()
         os.environ.update(request["env"])
         null = os.open(os.devnull, os.O_RDONLY)
@@ -59,31 +61,27 @@ def child(request: dict) -> None:
             out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(out, fd)
             os.close(out)
-        sys.argv = [os.path.join(os.path.dirname(detox_main()), "__main__.py"), *request["argv"]]
+        import detox_exp
         from detox_exp.cli import main
 
+        sys.argv = [os.path.join(os.path.dirname(detox_exp.__file__), "__main__.py")]
+        sys.argv += request["argv"]
         try:
             main()
             code = 0
         except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-            if not isinstance(exit_.code, int | None):
+            if exit_.code is None or isinstance(exit_.code, int):
+                code = exit_.code or 0
+            else:  # sys.exit("message"): printed, exit code 1
                 print(exit_.code, file=sys.stderr)
         except BaseException:
             traceback.print_exc()
-            code = 1
     finally:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
             os._exit(code)
-
-
-def detox_main() -> str:
-    import detox_exp
-
-    return detox_exp.__file__
 
 
 def serve() -> None:

@@ -136,8 +136,8 @@ def run_cli(
     """Run the real entrypoint in a process of its own: ``python -m detox_exp`` when
     ``fresh``, else ``detox_exp.cli.main`` in a child forked from a pre-imported parent,
     with this process's share of the cores (``torch_threads``) unless given. Settings that
-    huggingface_hub / transformers / datasets read at import time (``HF_*``) always get a
-    fresh interpreter."""
+    huggingface_hub / transformers / datasets read at import time (``HF_*``), and every
+    run off Linux, get a fresh interpreter."""
     full_env = os.environ.copy() | {"CI": "true", "WANDB_SILENT": "true"}
     full_env.pop("HYDRA_FULL_ERROR", None)
     full_env.pop("PYTEST_CURRENT_TEST", None)
@@ -145,6 +145,8 @@ def run_cli(
     if not any(o.startswith("torch_threads=") for o in overrides):
         overrides = (*overrides, f"torch_threads={THREADS}")
     args = [sys.executable, "-m", "detox_exp", *overrides]
+    # fork after importing torch is safe on Linux only (macOS: Objective-C runtime state)
+    fresh = fresh or sys.platform != "linux"
     if fresh or any(key.startswith(IMPORT_TIME_ENV) for key in env or {}):
         return subprocess.run(
             args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
