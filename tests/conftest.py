@@ -17,6 +17,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
+CLI_ENV = {"CI": "true", "WANDB_SILENT": "true"}  # added to every CLI run's environment
 
 
 # two threads, shared out between pytest-xdist workers (`make test` runs two), in the test
@@ -40,7 +41,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache dir with the demo assets, built once per session and shared by the
     pytest-xdist workers (the first builds them under a file lock, the others wait), or
-    reused from DETOX_EXP_TEST_CACHE when set, to save the ~1 minute build while iterating."""
+    reused from DETOX_EXP_TEST_CACHE when set, to save the 2-4 minute build while iterating."""
     cache = os.environ.get("DETOX_EXP_TEST_CACHE")
     if cache:
         return Path(cache)
@@ -81,7 +82,7 @@ class _Zygote:
 
     def start(self) -> subprocess.Popen:
         if self.proc is None or self.proc.poll() is not None:
-            env = os.environ.copy() | {"CI": "true", "WANDB_SILENT": "true"}
+            env = os.environ.copy() | CLI_ENV
             self.proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "tests" / "cli_zygote.py")],
                 cwd=ROOT,
@@ -138,7 +139,7 @@ def run_cli(
     with this process's share of the cores (``torch_threads``) unless given. Settings that
     huggingface_hub / transformers / datasets read at import time (``HF_*``), and every
     run off Linux, get a fresh interpreter."""
-    full_env = os.environ.copy() | {"CI": "true", "WANDB_SILENT": "true"}
+    full_env = os.environ.copy() | CLI_ENV
     full_env.pop("HYDRA_FULL_ERROR", None)
     full_env.pop("PYTEST_CURRENT_TEST", None)
     full_env |= env or {}
@@ -146,8 +147,11 @@ def run_cli(
         overrides = (*overrides, f"torch_threads={THREADS}")
     args = [sys.executable, "-m", "detox_exp", *overrides]
     # fork after importing torch is safe on Linux only (macOS: Objective-C runtime state)
-    fresh = fresh or sys.platform != "linux"
-    if fresh or any(key.startswith(IMPORT_TIME_ENV) for key in env or {}):
+    if (
+        fresh
+        or sys.platform != "linux"
+        or any(key.startswith(IMPORT_TIME_ENV) for key in env or {})
+    ):
         return subprocess.run(
             args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
         )
