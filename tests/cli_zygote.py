@@ -6,15 +6,21 @@ Each run still gets a process of its own (its own globals, exit code, signals: a
 SIGKILLs itself reports -9), but skips the 10-15 s of imports that ``python -m detox_exp``
 pays. The parent never runs a torch op, so no thread pool exists to be broken by the fork.
 
-Protocol, one JSON object per line: the test writes ``{"argv", "cwd", "env", "stdout",
-"stderr"}`` to stdin; the parent answers ``{"pid": ...}`` at the fork and
-``{"returncode": ...}`` when the child ends.
+A request may start several children at once, the ranks of a multi-process run as torchrun
+starts them (each with its own ``RANK`` / ``LOCAL_RANK`` in its environment): as torchrun's
+agent does, the first rank that fails stops the others (SIGTERM).
+
+Protocol, one JSON object per line: the test writes ``{"children": [{"argv", "cwd", "env",
+"stdout", "stderr"}, ...]}`` to stdin; the parent answers ``{"pids": [...]}`` at the forks
+and ``{"returncode": ...}`` when all have ended: the child's own code for one child, else
+the first non-zero code (0 if none).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -90,13 +96,30 @@ def serve() -> None:
     out = sys.stdout
     print(json.dumps({"ready": True}), file=out, flush=True)
     for line in sys.stdin:
-        request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            child(request)
-        print(json.dumps({"pid": pid}), file=out, flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), file=out, flush=True)
+        pids = []
+        for request in json.loads(line)["children"]:
+            pid = os.fork()
+            if pid == 0:
+                child(request)
+            pids.append(pid)
+        print(json.dumps({"pids": pids}), file=out, flush=True)
+        print(json.dumps({"returncode": wait_all(pids)}), file=out, flush=True)
+
+
+def wait_all(pids: list[int]) -> int:
+    """Wait for every child; the first to fail stops the others."""
+    running, failed = set(pids), None
+    while running:
+        pid, status = os.wait()
+        if pid not in running:
+            continue
+        running.discard(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 and failed is None:
+            failed = code
+            for other in running:
+                os.kill(other, signal.SIGTERM)
+    return failed or 0
 
 
 if __name__ == "__main__":

@@ -110,21 +110,29 @@ class _Zygote:
         line, self.buffer = self.buffer.split(b"\n", 1)
         return json.loads(line)
 
-    def run(self, argv: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int, str, str]:
+    def run(
+        self, argv: list[str], cwd: Path, envs: list[dict], timeout: float
+    ) -> tuple[int, list[str], list[str]]:
+        """One child per environment in ``envs``, all at once -> (exit code, each child's
+        stdout, each child's stderr)."""
         proc = self.start()
         with tempfile.TemporaryDirectory() as tmp:
-            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-            request = {"argv": argv, "cwd": str(cwd), "env": env}
-            files = {"stdout": str(out), "stderr": str(err)}
-            proc.stdin.write((json.dumps(request | files) + "\n").encode())
-            pid = self.read(timeout=60)["pid"]
+            files = [(Path(tmp, f"stdout{i}"), Path(tmp, f"stderr{i}")) for i in range(len(envs))]
+            children = [
+                {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(o), "stderr": str(e)}
+                for env, (o, e) in zip(envs, files)
+            ]
+            proc.stdin.write((json.dumps({"children": children}) + "\n").encode())
+            pids = self.read(timeout=60)["pids"]
             try:
                 code = self.read(timeout=timeout)["returncode"]
             except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
                 self.read(timeout=60)
                 raise subprocess.TimeoutExpired(argv, timeout) from None
-            return code, out.read_text(errors="replace"), err.read_text(errors="replace")
+            outs = [o.read_text(errors="replace") for o, _ in files]
+            return code, outs, [e.read_text(errors="replace") for _, e in files]
 
 
 _ZYGOTE = _Zygote()
@@ -155,8 +163,36 @@ def run_cli(
         return subprocess.run(
             args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
         )
-    code, out, err = _ZYGOTE.run(list(overrides), cwd, full_env, timeout)
-    return subprocess.CompletedProcess(args, code, out, err)
+    code, out, err = _ZYGOTE.run(list(overrides), cwd, [full_env], timeout)
+    return subprocess.CompletedProcess(args, code, out[0], err[0])
+
+
+def run_ranks(
+    *overrides: str, nproc: int, port: int, cwd: Path, env: dict, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """The entrypoint on ``nproc`` local processes with the environment torchrun gives its
+    workers (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` / ``MASTER_PORT``, ...),
+    forked from the pre-imported parent; a failed rank stops the others, as under torchrun.
+    stdout / stderr are the ranks' in rank order. Linux only (see :func:`run_cli`)."""
+    base = os.environ.copy() | CLI_ENV | env
+    for key in ("HYDRA_FULL_ERROR", "PYTEST_CURRENT_TEST"):
+        base.pop(key, None)
+    envs = [
+        base
+        | {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "GROUP_RANK": "0",
+            "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        for rank in range(nproc)
+    ]
+    code, outs, errs = _ZYGOTE.run(list(overrides), cwd, envs, timeout)
+    args = ["fork-launch", f"--nproc_per_node={nproc}", *overrides]
+    return subprocess.CompletedProcess(args, code, "".join(outs), "".join(errs))
 
 
 @pytest.fixture(scope="session")

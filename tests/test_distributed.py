@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo) run PPO together: shared weights, global metrics."""
+"""Two CPU processes (gloo) run PPO together: shared weights, global metrics. One test starts
+them with torchrun; the others with torchrun's environment from the pre-imported test parent."""
 
 from __future__ import annotations
 
@@ -13,21 +14,35 @@ import torch
 from omegaconf import OmegaConf
 
 from detox_exp.ppo.trainer import sampling_stream
-from tests.conftest import ROOT, local_overrides
+from tests.conftest import ROOT, local_overrides, run_ranks
 
 pytestmark = pytest.mark.slow
 
 
 def run_two_processes(
-    standins, run_dir: Path, port: int, *extra: str, check: bool = True
+    standins,
+    run_dir: Path,
+    port: int,
+    *extra: str,
+    check: bool = True,
+    launcher: str = "fork",
 ) -> subprocess.CompletedProcess:
-    """The entrypoint under torchrun with 2 CPU processes (gloo), weights digested per step."""
+    """The entrypoint on 2 CPU processes (gloo), weights digested per step, started by
+    torchrun (``launcher="torchrun"``, as users run it) or with torchrun's environment from
+    the pre-imported test parent (``"fork"``: the same ranks without 2 x 10-15 s of imports;
+    torchrun off Linux)."""
     overrides = [o for o in local_overrides(standins, run_dir) if not o.startswith("hydra.run")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(port), "-m", "detox_exp", *overrides]
-    cmd += [f"hydra.run.dir={run_dir}", "ppo.steps=2", "ppo.debug_param_digest=true", *extra]
-    env = os.environ | {"CI": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    overrides += [f"hydra.run.dir={run_dir}", "ppo.steps=2", "ppo.debug_param_digest=true"]
+    overrides += ["torch_threads=1", *extra]
+    env = {"CI": "true", "OMP_NUM_THREADS": "1"}
+    if launcher == "fork" and sys.platform == "linux":
+        result = run_ranks(*overrides, nproc=2, port=port, cwd=ROOT, env=env, timeout=600)
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        cmd += ["--master_port", str(port), "-m", "detox_exp", *overrides]
+        result = subprocess.run(
+            cmd, cwd=ROOT, env=os.environ | env, capture_output=True, text=True, timeout=600
+        )
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -36,7 +51,13 @@ def run_two_processes(
 def test_two_process_ppo(standins, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_two_processes(
-        standins, run_dir, 29533, "ppo.batch_size=8", "ppo.mini_batch_size=4", "eval.num_prompts=4"
+        standins,
+        run_dir,
+        29533,
+        "ppo.batch_size=8",
+        "ppo.mini_batch_size=4",
+        "eval.num_prompts=4",
+        launcher="torchrun",
     )
     digests = {
         rank: [
