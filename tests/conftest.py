@@ -139,6 +139,15 @@ _ZYGOTE = _Zygote()
 IMPORT_TIME_ENV = ("HF_", "TRANSFORMERS_")
 
 
+def cli_env(env: dict) -> dict:
+    """A CLI run's environment: this process's, without pytest's and Hydra's own settings,
+    plus ``CLI_ENV`` and ``env``."""
+    full = os.environ.copy() | CLI_ENV
+    for key in ("HYDRA_FULL_ERROR", "PYTEST_CURRENT_TEST"):
+        full.pop(key, None)
+    return full | env
+
+
 def run_cli(
     *overrides: str, cwd: Path, env: dict | None = None, timeout: int = 600, fresh: bool = False
 ) -> subprocess.CompletedProcess:
@@ -147,10 +156,7 @@ def run_cli(
     with this process's share of the cores (``torch_threads``) unless given. Settings that
     huggingface_hub / transformers / datasets read at import time (``HF_*``), and every
     run off Linux, get a fresh interpreter."""
-    full_env = os.environ.copy() | CLI_ENV
-    full_env.pop("HYDRA_FULL_ERROR", None)
-    full_env.pop("PYTEST_CURRENT_TEST", None)
-    full_env |= env or {}
+    full_env = cli_env(env or {})
     if not any(o.startswith("torch_threads=") for o in overrides):
         overrides = (*overrides, f"torch_threads={THREADS}")
     args = [sys.executable, "-m", "detox_exp", *overrides]
@@ -174,9 +180,7 @@ def run_ranks(
     workers (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` / ``MASTER_PORT``, ...),
     forked from the pre-imported parent; a failed rank stops the others, as under torchrun.
     stdout / stderr are the ranks' in rank order. Linux only (see :func:`run_cli`)."""
-    base = os.environ.copy() | CLI_ENV | env
-    for key in ("HYDRA_FULL_ERROR", "PYTEST_CURRENT_TEST"):
-        base.pop(key, None)
+    base = cli_env(env)
     envs = [
         base
         | {

@@ -49,9 +49,11 @@ def _run_dir(tmp_path: Path, k: int, reward_type: str = "log_prob") -> Path:
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra/config.yaml").write_text(
         f"reward:\n  reward_type: {reward_type}\nppo:\n  kl_controller:\n    kl_coef: 1.0\n"
+        "eval:\n  toxic_threshold: 0.5\n"
     )
     out = tmp_path / "eval/before"
     out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps({"samples_per_prompt": k}))
     rng = np.random.default_rng(0)
     lines = []
     for p in range(6):
@@ -66,6 +68,7 @@ def _run_dir(tmp_path: Path, k: int, reward_type: str = "log_prob") -> Path:
                     "toxicity": {"reward": tox},
                     "reward": float(np.log(1 - tox)),
                     "rouge_l": 0.3,
+                    "length": 3,
                 }
             )
     (out / "generations.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from detox_exp.evaluation.metrics import distinct_n, response_collapse
-from detox_exp.utils import read_jsonl
+from detox_exp.evaluation.evaluator import EvalResult
+from detox_exp.evaluation.metrics import distinct_n, response_collapse, toxicity_stats
 
 
 def rejection_optimum(
@@ -67,13 +67,13 @@ def rejection_optimum(
     return picked, kl, int(none.sum())
 
 
-def corpus_row(records: Sequence[dict], kl: float) -> dict[str, float]:
+def corpus_row(records: Sequence[dict], kl: float, threshold: float) -> dict[str, float]:
     """The evaluation's corpus metrics of one response per prompt."""
     texts = [r["response"] for r in records]
-    tox = np.array([r["toxicity"]["reward"] for r in records])
+    tox = toxicity_stats([r["toxicity"]["reward"] for r in records], threshold)
     return {
-        "toxicity_mean": float(tox.mean()),
-        "toxic_fraction": float((tox > 0.5).mean()),
+        "toxicity_mean": tox["toxicity_mean"],
+        "toxic_fraction": tox["toxic_fraction"],
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
         **response_collapse(texts),
@@ -91,10 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--beta", type=float, help="default: the run's ppo.kl_controller")
     parser.add_argument("--seed", type=int, default=0, help="seed of the acceptance draws")
     args = parser.parse_args(argv)
-    generations = args.run_dir / "eval" / args.phase / "generations.jsonl"
+    evaluation = args.run_dir / "eval" / args.phase
     config = args.run_dir / ".hydra" / "config.yaml"
-    if not generations.is_file() or not config.is_file():
-        print(f"run_dir: no {generations} or {config}; pass a detox-exp run dir", file=sys.stderr)
+    needed = (evaluation / "generations.jsonl", evaluation / "metrics.json", config)
+    if not all(path.is_file() for path in needed):
+        print(f"run_dir: no {evaluation} or {config}; pass a detox-exp run dir", file=sys.stderr)
         return 2
     cfg = OmegaConf.load(config)
     if cfg.reward.get("reward_type") != "log_prob":
@@ -108,20 +109,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     beta = (
         args.beta if args.beta is not None else float(ctl.get("kl_coef", ctl.get("init_kl_coef")))
     )
-    records = [r for _, r in read_jsonl(generations)]
-    k = max(r["sample"] for r in records) + 1
-    if k < 2 or len(records) % k:
+    result = EvalResult.load(args.run_dir, args.phase)
+    p, k = result.toxicity.shape
+    if k < 2:
         print(
             f"eval.samples_per_prompt: {k} samples per prompt; rerun with e.g. 16", file=sys.stderr
         )
         return 2
-    groups = [records[i : i + k] for i in range(0, len(records), k)]
+    groups = [result.records[i * k : (i + 1) * k] for i in range(p)]
     rewards = np.array([[r["reward"] for r in g] for g in groups])
     picked, kl, fallbacks = rejection_optimum(rewards, beta, np.random.default_rng(args.seed))
+    threshold = float(cfg.eval.get("toxic_threshold", 0.5))
     rows = {
-        "reference (sample 0)": corpus_row([g[0] for g in groups], 0.0),
+        "reference (sample 0)": corpus_row([g[0] for g in groups], 0.0, threshold),
         f"optimum (beta {beta:g})": corpus_row(
-            [g[i] for g, i in zip(groups, picked)], float(kl.mean())
+            [g[i] for g, i in zip(groups, picked)], float(kl.mean()), threshold
         ),
     }
     names = list(next(iter(rows.values())))
