@@ -113,9 +113,9 @@ def test_standalone_evaluation_of_a_saved_policy(
     )
 
 
-@pytest.mark.parametrize("ppo", ["rloo", "default"])
+@pytest.mark.parametrize("ppo", ["grpo", "default"])
 def test_other_estimators_run_end_to_end(demo_cache: Path, tmp_path: Path, ppo: str) -> None:
-    """`detox-exp experiment=demo ppo=rloo` (critic-free) and `ppo=default` (GAE, here with
+    """`detox-exp experiment=demo ppo=grpo` (critic-free) and `ppo=default` (GAE, here with
     the demo's 8 samples per prompt sharing one encoder pass)."""
     from detox_exp import metric_names as M
 

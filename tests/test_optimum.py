@@ -45,11 +45,11 @@ def test_positive_rewards_are_refused() -> None:
         rejection_optimum(np.array([[0.5, -1.0]]), 1.0, np.random.default_rng(0))
 
 
-def _run_dir(tmp_path: Path, k: int, reward_type: str = "log_prob") -> Path:
+def _run_dir(tmp_path: Path, k: int, reward_type: str = "log_prob", ent_coef: float = 0.0) -> Path:
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra/config.yaml").write_text(
         f"reward:\n  reward_type: {reward_type}\nppo:\n  kl_controller:\n    kl_coef: 1.0\n"
-        "eval:\n  toxic_threshold: 0.5\n"
+        f"  ent_coef: {ent_coef}\neval:\n  toxic_threshold: 0.5\n"
     )
     out = tmp_path / "eval/before"
     out.mkdir(parents=True)
@@ -81,6 +81,12 @@ def test_cli_reports_reference_and_optimum(tmp_path: Path, capsys) -> None:
     assert "6 prompts x 8 reference samples" in out
     change = json.loads(out.strip().splitlines()[-1])["toxicity_change"]
     assert change < -0.5  # the optimum drops the toxic draws
+    assert "ent_coef" not in out
+
+
+def test_cli_says_an_entropy_bonus_aims_elsewhere(tmp_path: Path, capsys) -> None:
+    assert main([str(_run_dir(tmp_path, k=8, ent_coef=0.2))]) == 0
+    assert "ppo.ent_coef=0.2: runs of this config also reward entropy" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,9 @@ be measured on the same prompts and by the same metrics as the runs themselves:
     python -m detox_exp.evaluation.optimum outputs/optimum_s1
 
 The report sets the optimum (one accepted response per prompt) beside the reference's first
-sample of each prompt (what a 1-sample evaluation of the reference sees).
+sample of each prompt (what a 1-sample evaluation of the reference sees). With an entropy
+bonus (``ppo.ent_coef > 0``) a run aims at a flatter distribution than ``pi*``; the report
+says so.
 """
 
 from __future__ import annotations
@@ -128,6 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     names = list(next(iter(rows.values())))
     print(f"{len(groups)} prompts x {k} reference samples; {fallbacks} prompts without an accept")
+    ent_coef = float(cfg.ppo.get("ent_coef", 0.0))
+    if ent_coef:  # the bonus moves a run's optimum to a flatter distribution than pi*
+        print(
+            f"ppo.ent_coef={ent_coef:g}: runs of this config also reward entropy; this is the "
+            "optimum of E[r] - beta * KL without that bonus"
+        )
     print("| policy | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for label, row in rows.items():
