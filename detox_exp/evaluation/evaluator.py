@@ -52,11 +52,14 @@ class EvalResult:
     lengths: np.ndarray  # [n_prompts, k] response length in tokens, EOS excluded
     records: list[dict[str, Any]] = field(default_factory=list)
 
+    def groups(self) -> list[list[dict[str, Any]]]:
+        """Each prompt's k records, in prompt order."""
+        k = self.toxicity.shape[1]
+        return [self.records[i : i + k] for i in range(0, len(self.records), k)]
+
     def responses(self) -> list[list[str]]:
         """Each prompt's k responses, in prompt order."""
-        k = self.toxicity.shape[1]
-        texts = [r["response"] for r in self.records]
-        return [texts[i : i + k] for i in range(0, len(texts), k)]
+        return [[r["response"] for r in group] for group in self.groups()]
 
     @classmethod
     def load(cls, run_dir: str | Path, phase: str) -> EvalResult:

@@ -112,13 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.beta if args.beta is not None else float(ctl.get("kl_coef", ctl.get("init_kl_coef")))
     )
     result = EvalResult.load(args.run_dir, args.phase)
-    p, k = result.toxicity.shape
+    k = result.toxicity.shape[1]
     if k < 2:
         print(
             f"eval.samples_per_prompt: {k} samples per prompt; rerun with e.g. 16", file=sys.stderr
         )
         return 2
-    groups = [result.records[i * k : (i + 1) * k] for i in range(p)]
+    groups = result.groups()
     rewards = np.array([[r["reward"] for r in g] for g in groups])
     picked, kl, fallbacks = rejection_optimum(rewards, beta, np.random.default_rng(args.seed))
     threshold = float(cfg.eval.get("toxic_threshold", 0.5))
