@@ -1,11 +1,12 @@
 """Every speed switch (``fast.*``, detox_exp/fast/) off is the plain path: transformers' own
 T5 forward with SDPA attention and its GELU module, the model's forward for every decoded
 token, peft's LoRA layers unfolded, unrounded widths. A rollout and one optimisation step
-give the same samples, log-probs and weights either way."""
+give the same samples, log-probs and gradients either way."""
 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,12 @@ import torch
 
 from detox_exp.errors import ConfigError
 from detox_exp.fast import SWITCHES, configure
-from tests.test_ppo_properties import ContainsReward, make_trainer
+from tests.helpers.trainers import (
+    CharSumReward,
+    assert_grads_close,
+    make_trainer,
+    record_step_grads,
+)
 
 ALL_ON = {f.name: f.default for f in dataclasses.fields(SWITCHES)}
 ALL_OFF = {name: (1 if name == "width_multiple" else False) for name in ALL_ON}
@@ -27,19 +33,27 @@ def restore_switches():
 
 
 def _rollout_and_step(tiny_t5: Path, tmp_path: Path, switches: dict):
+    """A rollout and one epoch of 4 SGD steps: plain SGD keeps the two paths' round-off at
+    round-off (an Adam step would turn it into steps of up to lr, see GRAD_TOL)."""
     configure(**switches)
-    trainer = make_trainer(tiny_t5, tmp_path, ContainsReward("the"), ppo_epochs=1)
+    trainer = make_trainer(
+        tiny_t5,
+        tmp_path,
+        CharSumReward(),
+        ppo_epochs=1,
+        optimizer=partial(torch.optim.SGD, lr=1e-2),
+    )
+    grads = record_step_grads(trainer.optimizer)
     roll = trainer.rollout(list(range(16)))
     trainer.optimize(roll)
-    weights = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
-    return trainer, roll, weights
+    return trainer, roll, grads
 
 
 def test_switches_off_is_the_same_computation(
     tiny_t5: Path, tmp_path: Path, restore_switches
 ) -> None:
-    fast, fast_roll, fast_weights = _rollout_and_step(tiny_t5, tmp_path, ALL_ON)
-    plain, plain_roll, plain_weights = _rollout_and_step(tiny_t5, tmp_path, ALL_OFF)
+    fast, fast_roll, fast_grads = _rollout_and_step(tiny_t5, tmp_path, ALL_ON)
+    plain, plain_roll, plain_grads = _rollout_and_step(tiny_t5, tmp_path, ALL_OFF)
     gelu = {type(m).__name__ for m in plain.policy.modules()} & {"NewGELUActivation"}
     assert gelu and "FusedGELUTanh" not in {type(m).__name__ for m in plain.policy.modules()}
     assert plain.policy.config._attn_implementation == "sdpa"
@@ -55,8 +69,9 @@ def test_switches_off_is_the_same_computation(
             rtol=0,
             atol=1e-5,
         )
-    for a, b in zip(fast_weights, plain_weights, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert len(fast_grads) == len(plain_grads) == 4  # 16 samples in minibatches of 4
+    for a, b in zip(fast_grads, plain_grads, strict=True):
+        assert_grads_close(a, b)
 
 
 def test_bad_switches_are_config_errors(restore_switches) -> None:

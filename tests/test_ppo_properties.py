@@ -8,69 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
-from peft import LoraConfig
 
 from detox_exp import metric_names as M
 from detox_exp.models import load_policy, load_tokenizer
-from detox_exp.ppo import core
 from detox_exp.ppo.rollout import decoder_inputs, pad_queries
-from detox_exp.ppo.trainer import PPOTrainer
 from detox_exp.reward.scorer import Scores
-from detox_exp.tracking import Tracker
-
-
-class ContainsReward:
-    """Toy reward: 1 when the response contains ``target``, else 0 (toxicity = 1 - reward)."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-
-    def score(self, texts: list[str]) -> Scores:
-        reward = torch.tensor([float(self.target in t) for t in texts])
-        return Scores(reward=reward, toxicity=1.0 - reward)
-
-
-def make_trainer(
-    tiny_t5: Path, tmp_path: Path, scorer, lora_modules: tuple = ("q", "v"), **overrides
-) -> PPOTrainer:
-    tokenizer = load_tokenizer(str(tiny_t5))
-    prompts = [f"Summarize: dialogue number {i} about the weather and the bank." for i in range(40)]
-    ids = tokenizer(prompts)["input_ids"]
-    data = Dataset.from_dict({"prompt": prompts, "input_ids": ids})
-    lora = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        target_modules=list(lora_modules),
-        task_type="SEQ_2_SEQ_LM",
-    )
-    model = load_policy(str(tiny_t5), lora=lora, seed=0)
-    kwargs = dict(
-        model=model,
-        tokenizer=tokenizer,
-        scorer=scorer,
-        prompts=data,
-        tracker=Tracker(tmp_path),
-        generation={
-            "max_new_tokens": 8,
-            "min_new_tokens": 0,
-            "do_sample": True,
-            "top_k": 0,
-            "top_p": 1.0,
-        },
-        optimizer=partial(torch.optim.AdamW, lr=1e-2),
-        kl_controller=core.FixedKLController(0.05),
-        steps=3,
-        batch_size=16,
-        mini_batch_size=4,
-        ppo_epochs=2,
-        sample_table_every=0,
-        device="cpu",
-    )
-    kwargs |= overrides
-    torch.manual_seed(0)
-    return PPOTrainer(**kwargs)
+from tests.helpers.trainers import ContainsReward, make_trainer
 
 
 def test_step0_kl_is_zero_and_first_ratio_is_one(tiny_t5: Path, tmp_path: Path) -> None:
