@@ -61,3 +61,17 @@ PPO_STEP_METRICS = (  # every step, every advantage estimator
 )
 CRITIC_STEP_METRICS = (LOSS_VALUE, VAR_EXPLAINED)  # ppo.advantage_estimator=gae only
 GROUP_STEP_METRICS = (GROUP_ZERO_STD, GROUP_REWARD_STD)  # ppo.samples_per_prompt > 1
+
+# the frontier stage (detox_exp/frontier): the optimum at the run's beta, on train prompts
+FRONTIER_BETA = "frontier/beta"
+FRONTIER_TOXICITY_CHANGE = "frontier/toxicity_change"
+FRONTIER_KL = "frontier/kl"
+FRONTIER_TABLE = "frontier/table"
+FRONTIER_PLOT = "frontier/plot"
+
+# the held-out optimum at the run's beta, from the before-evaluation's K >= 2 samples
+OPTIMUM_PHASE = "optimum"  # eval/optimum/<metric>
+# (before - after) / (before - optimum) of the mean toxicity: the share of the optimum's
+# drop the run achieved; and the run's KL to the reference as a multiple of the optimum's
+OPTIMUM_DROP_ACHIEVED = "eval/vs_optimum/toxicity_drop_achieved"
+OPTIMUM_KL_RATIO = "eval/vs_optimum/kl_ratio"

@@ -1,4 +1,4 @@
-"""The pipeline: prepare data -> train reward model -> evaluate -> PPO -> evaluate.
+"""The pipeline: prepare data -> train reward model -> evaluate -> frontier -> PPO -> evaluate.
 
 Every component is built with ``hydra.utils.instantiate`` from its ``_target_`` node; this
 module only orders the stages and hands results from one to the next.
@@ -25,6 +25,7 @@ from detox_exp.errors import ConfigError, DataError, bad_input_message
 from detox_exp.evaluation.evaluator import EvalResult
 from detox_exp.fast import configure as configure_fast
 from detox_exp.fast.memory import keep_freed_memory
+from detox_exp.frontier.stage import configured_beta
 from detox_exp.models import check_lora
 from detox_exp.perf import perf_summary
 from detox_exp.ppo.checks import PRECISIONS
@@ -113,7 +114,14 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "keep_freed_memory", f"must be true or false, got {cfg.keep_freed_memory!r}", "fix it"
         )
-    stage_names = {"prepare_data", "train_reward", "evaluate_before", "ppo", "evaluate_after"}
+    stage_names = {
+        "prepare_data",
+        "train_reward",
+        "evaluate_before",
+        "frontier",
+        "ppo",
+        "evaluate_after",
+    }
     unknown = set(cfg.stages) - stage_names
     if unknown:
         raise ConfigError(
@@ -127,10 +135,21 @@ def check_run_config(cfg: DictConfig) -> None:
         else {}
     )
     make_sampling({**gen, **eval_gen}, "eval.generation")
+    if cfg.stages.get("frontier"):
+        frontier = OmegaConf.to_container(cfg.frontier, resolve=True)
+        check_node(frontier, "frontier")
+        get_object(frontier.pop("_target_"))(**frontier)  # its constructor checks its ranges
+    controller = OmegaConf.to_container(cfg.ppo.kl_controller, resolve=True)
+    frontier_off = not cfg.stages.get("frontier")
+    if configured_beta(controller) is None and frontier_off and cfg.stages.get("ppo"):
+        raise ConfigError(
+            "ppo.kl_controller",
+            "ppo/kl_controller=frontier takes beta from the frontier stage, which is off",
+            "set stages.frontier=true, or use ppo/kl_controller=fixed",
+        )
     if cfg.stages.get("ppo"):
         check_ppo_config(cfg.ppo)
         # a small object whose constructor checks its ranges
-        controller = OmegaConf.to_container(cfg.ppo.kl_controller, resolve=True)
         check_node(controller, "ppo.kl_controller")
         get_object(controller.pop("_target_"))(**controller)
 
@@ -272,8 +291,18 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
 
     if stages.evaluate_before:
         evaluate("before", model)
+    controller = OmegaConf.to_container(cfg.ppo.kl_controller, resolve=True)
+    beta = configured_beta(controller)  # None: taken from the frontier
+    if stages.get("frontier"):
+        start = time.perf_counter()
+        beta = _frontier_stage(cfg, tracker, run_dir, dist, model, tokenizer, scorer, splits)
+        timed("frontier", start)
     if stages.ppo:
         start = time.perf_counter()
+        overrides = {}
+        if "target_drop" in controller:  # ppo/kl_controller=frontier: beta from the frontier
+            ctl = build(cfg.ppo.kl_controller, kl_coef=beta)
+            overrides["kl_controller"] = ctl
         ppo = build(cfg.ppo)(
             model=model,
             tokenizer=tokenizer,
@@ -281,6 +310,7 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
             prompts=splits.train,
             tracker=tracker,
             generation=generation,
+            **overrides,
         )
         ppo.checkpoints = build(cfg.checkpoint)
         ppo.wandb_id = tracker.run.id if tracker.run is not None else None
@@ -292,9 +322,13 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
         objects["ppo"] = ppo
     if stages.evaluate_after:
         evaluate("after", model)
-    if "before" in results and "after" in results:
-        from detox_exp.evaluation import report
+    from detox_exp.evaluation import report
 
+    if "before" in results and beta is not None:  # the held-out optimum at the run's beta
+        tracker.log_summary(
+            report.optimum_metrics(results["before"], beta, evaluator.threshold, cfg.seed)
+        )
+    if "before" in results and "after" in results:
         before, after = results["before"], results["after"]
         tracker.log_summary(
             report.paired_deltas(before, after, evaluator.bootstrap, evaluator.threshold)
@@ -312,12 +346,66 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
             },
             step=None,
         )
+        tracker.log_summary(report.against_optimum(tracker.summary))
     if stages.ppo and dist.is_main and objects["ppo"].save_dir is not None:
         objects["ppo"].save(summary=dict(tracker.summary), config=cfg)
     dist.wait()
     tracker.log_summary(timings)
     objects["model"] = model
     return dict(tracker.summary), objects
+
+
+def _frontier_stage(
+    cfg: DictConfig,
+    tracker: Tracker,
+    run_dir: Path,
+    dist: Dist,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    scorer: Any,
+    splits: PromptSplits,
+) -> float:
+    """Sample the reference on train prompts, write the frontier and choose the run's beta
+    (main process; the others wait and receive the beta, or the same one-line error)."""
+    from detox_exp.frontier import stage as frontier
+
+    decision: dict[str, Any] = {}
+    if dist.is_main:
+        runner = build(cfg.frontier)
+        generation = OmegaConf.to_container(cfg.model.generation, resolve=True)
+        draws = runner.sample(model, tokenizer, scorer, splits.train, generation)
+        result = runner.read(draws)
+        controller = OmegaConf.to_container(cfg.ppo.kl_controller, resolve=True)
+        beta = None
+        try:
+            beta = frontier.choose_beta(result, controller, runner.min_drop)
+            decision = {"beta": beta}
+        except ConfigError as err:
+            decision = {"error": [err.field, err.problem, err.fix]}
+        out = run_dir / "frontier"
+        frontier.write_frontier(result, out, beta)
+        print(f"\n{frontier.frontier_markdown(result, beta)}", flush=True)
+        tracker.log_table(
+            M.FRONTIER_TABLE,
+            frontier.ROW_KEYS,
+            [[row[key] for key in frontier.ROW_KEYS] for row in result.rows],
+            step=None,
+        )
+        tracker.log_image(M.FRONTIER_PLOT, out / "frontier.png")
+        if beta is not None:
+            row = result.at(beta)
+            tracker.log_summary(
+                {
+                    M.FRONTIER_BETA: beta,
+                    M.FRONTIER_TOXICITY_CHANGE: row["toxicity_change"],
+                    M.FRONTIER_KL: row["kl"],
+                }
+            )
+    dist.wait()
+    decision = dist.broadcast(decision)
+    if "error" in decision:
+        raise ConfigError(*decision["error"])
+    return float(decision["beta"])
 
 
 def _fmt(value: Any) -> str:
@@ -327,8 +415,11 @@ def _fmt(value: Any) -> str:
 
 
 def print_report(summary: dict[str, Any], run_dir: Path, wandb_location: str) -> None:
-    """The before / after table, with the paired bootstrap CI of each change."""
-    lines = ["", "| metric | before | after | change (95% CI) |", "|---|---|---|---|"]
+    """The before / after table, with the paired bootstrap CI of each change, and the
+    optimum of the objective at the run's beta (held-out, from the before samples)."""
+    optimum = any(key.startswith(f"eval/{M.OPTIMUM_PHASE}/") for key in summary)
+    head = "| metric | before | after | " + ("optimum | " if optimum else "")
+    lines = ["", head + "change (95% CI) |", "|---" * (5 if optimum else 4) + "|"]
     shown = False
     for key in REPORT_KEYS:
         before, after = summary.get(f"eval/before/{key}"), summary.get(f"eval/after/{key}")
@@ -346,8 +437,16 @@ def print_report(summary: dict[str, Any], run_dir: Path, wandb_location: str) ->
             change = f"{delta:+.3f} [{_fmt(lo)}, {_fmt(hi)}]"
             if rel is not None and not math.isnan(rel):
                 change += f" ({rel:+.0%})"
-        lines.append(f"| {key} | {_fmt(before)} | {_fmt(after)} | {change} |")
+        best = f"{_fmt(summary.get(f'eval/{M.OPTIMUM_PHASE}/{key}'))} | " if optimum else ""
+        lines.append(f"| {key} | {_fmt(before)} | {_fmt(after)} | {best}{change} |")
     if shown:
         print("\n".join(lines))
+    achieved, kl_ratio = summary.get(M.OPTIMUM_DROP_ACHIEVED), summary.get(M.OPTIMUM_KL_RATIO)
+    if achieved is not None:
+        beta = summary.get(f"eval/{M.OPTIMUM_PHASE}/beta")
+        line = f"against the optimum at beta {beta:.3g}: {achieved:.0%} of its toxicity drop"
+        if kl_ratio is not None:
+            line += f", at {kl_ratio:.1f}x its KL"
+        print(line)
     print(f"run dir: {run_dir}")
     print(f"W&B run: {wandb_location}")

@@ -178,3 +178,49 @@ def test_reward_training_beats_chance(standins, tmp_path: Path) -> None:
     tox = ToxicityScorer(str(tmp_path / "rm"), device="cpu").score(held_out.eval_texts).toxicity
     is_hate = torch.tensor([label == "hate" for label in held_out.eval_labels])
     assert tox[is_hate].mean() > tox[~is_hate].mean() + 0.5
+
+
+def test_a_dialogue_in_several_rows_is_one_prompt_with_all_references(
+    tmp_path: Path, tiny_t5: Path
+) -> None:
+    """DialogSum's test split stores each dialogue three times, one row per reference
+    summary: the held-out prompts are distinct dialogues carrying all three references,
+    and ROUGE is scored against the best of them."""
+    import csv
+
+    from detox_exp.evaluation.metrics import rouge_l_per_example
+
+    dialogues = generate_dialogues(30, seed=4)
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    for path, rows in ((train, dialogues[:20]), (test, dialogues[20:])):
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["id", "dialogue", "summary", "topic"])
+            writer.writeheader()
+            for d in rows:
+                copies = 3 if path == test else 1
+                for n in range(copies):
+                    summary = d["summary"] if n == 0 else f"annotator {n} wrote {d['summary']}"
+                    writer.writerow(d | {"id": f"{d['id']}_{n}", "summary": summary})
+    data = DialogueData(
+        path=None,
+        data_files={"train": str(train), "test": str(test)},
+        prompt_template=TEMPLATE,
+        eval_split="test",
+        max_prompt_tokens=4096,
+        max_eval_samples=None,
+    )
+    splits = data.prepare(load_tokenizer(str(tiny_t5)))
+    assert len(splits.eval) == 10 and len(set(splits.eval["prompt"])) == 10
+    for row in splits.eval:
+        assert len(row["references"]) == 3 and row["reference"] == row["references"][0]
+        assert row["references"][1].startswith("annotator 1 wrote")
+    assert all(len(r) == 1 for r in splits.train["references"])
+    # the best of the references: a response equal to the second one scores 1
+    row = splits.eval[0]
+    got = rouge_l_per_example([row["references"][1]], [row["references"]])
+    assert got[0] == pytest.approx(1.0)
+    assert rouge_l_per_example([row["references"][1]], [row["reference"]])[0] < 1.0
+    # saved and loaded back with the references
+    splits.save(tmp_path / "prepared")
+    again = PromptSplits.load(tmp_path / "prepared")
+    assert again.eval[0]["references"] == row["references"]

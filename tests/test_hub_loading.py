@@ -65,6 +65,9 @@ def test_flan_t5_dialogsum_loads_by_hub_id_offline(standins, tmp_path: Path, ppo
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "eval/before/toxicity_mean" in summary and "eval/after/rouge_l" in summary
+    # debug=fast: the frontier runs and is written, the beta is the fixed 1 (conf/debug/fast)
+    assert (run_dir / "frontier/frontier.jsonl").is_file() and summary["frontier/beta"] == 1.0
+    assert "eval/optimum/toxicity_mean" in summary  # 4 samples per held-out prompt
     eval_ids = {json.loads(x)["id"] for x in (run_dir / "data/eval.jsonl").read_text().splitlines()}
     train_ids = {
         json.loads(x)["id"] for x in (run_dir / "data/train.jsonl").read_text().splitlines()

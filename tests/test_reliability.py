@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, local_overrides, run_cli
-from tests.test_bad_input import check_one_line_error
+from tests.helpers.cli import check_one_line_error
 from tests.wandb_file import read_history, read_wandb_records, replay_history
 
 pytestmark = pytest.mark.slow

@@ -21,12 +21,19 @@ from detox_exp.utils import check_utf8, is_local_path, read_jsonl, write_jsonl
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("id", "dialogue", "summary")
-PROMPT_COLUMNS = ("id", "prompt", "reference", "topic", "input_ids")
+PROMPT_COLUMNS = ("id", "prompt", "reference", "references", "topic", "input_ids")
+
+
+def references_of(row: dict[str, Any]) -> list[str]:
+    """Every reference summary of a prompt row (prepared data without a ``references``
+    column has its one ``reference``)."""
+    return list(row.get("references") or [row["reference"]])
 
 
 @dataclass
 class PromptSplits:
-    """Tokenised prompts. Columns: id, prompt, reference (summary), topic, input_ids."""
+    """Tokenised prompts, one per distinct dialogue. Columns: id, prompt, reference (the
+    first summary), references (all of the dialogue's summaries), topic, input_ids."""
 
     train: Dataset
     eval: Dataset
@@ -237,16 +244,39 @@ class DialogueData:
 
         split = split.filter(keep)
         template = self.prompt_template
-
-        def to_prompt(row: dict[str, Any]) -> dict[str, Any]:
-            return {
-                "id": str(row["id"]),
-                "prompt": template.format(dialogue=row["dialogue"]),
-                "reference": row["summary"] or "",
-                "topic": row["topic"] or "",
-            }
-
-        return split.map(to_prompt, remove_columns=split.column_names)
+        # One prompt per distinct dialogue, with every reference summary the source holds
+        # for it (DialogSum's test split has three rows per dialogue, one per annotator):
+        # held-out prompts are then distinct, and ROUGE is scored against all references.
+        first: dict[str, int] = {}
+        summaries: list[list[str]] = []
+        rows: list[dict[str, Any]] = []
+        for row in split:
+            dialogue = row["dialogue"]
+            if dialogue not in first:
+                first[dialogue] = len(rows)
+                rows.append(row)
+                summaries.append([])
+            summaries[first[dialogue]].append(row["summary"] or "")
+        if len(rows) < len(split):
+            log.info("%d rows hold %d distinct dialogues", len(split), len(rows))
+        return Dataset.from_dict(
+            {
+                "id": [str(row["id"]) for row in rows],
+                "prompt": [template.format(dialogue=row["dialogue"]) for row in rows],
+                "reference": [refs[0] for refs in summaries],
+                "references": summaries,
+                "topic": [row["topic"] or "" for row in rows],
+            },
+            features=datasets.Features(
+                {
+                    "id": datasets.Value("string"),
+                    "prompt": datasets.Value("string"),
+                    "reference": datasets.Value("string"),
+                    "references": datasets.Sequence(datasets.Value("string")),
+                    "topic": datasets.Value("string"),
+                }
+            ),
+        )
 
     def _tokenize(self, tokenizer: PreTrainedTokenizerBase, split: Dataset, name: str) -> Dataset:
         if len(split) == 0:

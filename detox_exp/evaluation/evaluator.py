@@ -18,6 +18,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from detox_exp.data.dialogues import references_of
 from detox_exp.errors import ConfigError
 from detox_exp.evaluation.metrics import (
     distinct_n,
@@ -191,7 +192,7 @@ class Evaluator:
         model.train(was_training)
         scores = scorer.score(responses)
         toxicity = scores.toxicity.numpy().reshape(len(prompts), self.k)
-        references = [prompts[i]["reference"] for i, _ in rows]
+        references = [references_of(prompts[i]) for i, _ in rows]
         rouge_l = rouge_l_per_example(responses, references).reshape(len(prompts), self.k)
         metrics = toxicity_stats(toxicity.ravel(), self.threshold)
         metrics |= {
@@ -223,7 +224,8 @@ class Evaluator:
             {
                 "id": prompts[i]["id"],
                 "prompt": prompts[i]["prompt"],
-                "reference": references[n],
+                "reference": references[n][0],
+                "references": references[n],
                 "response": responses[n],
                 "sample": s,
                 "toxicity": {name: float(values[n]) for name, values in judged.items()},

@@ -215,7 +215,10 @@ def _get_rouge_scorer() -> Any:
     return rouge_scorer.RougeScorer(list(_ROUGE_TYPES), use_stemmer=True)
 
 
-def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
+References = Sequence[str] | Sequence[Sequence[str]]
+
+
+def _check_pairs(predictions: Sequence[str], references: References) -> None:
     if isinstance(predictions, str) or isinstance(references, str):
         raise ValueError("predictions and references must be sequences of strings")
     if len(predictions) != len(references):
@@ -227,19 +230,29 @@ def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
         raise ValueError("predictions and references must be non-empty")
 
 
-def _rouge_matrix(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
-    """F-measures as an array of shape ``[n_examples, 3]`` (rouge1, rouge2, rougeL)."""
+def _rouge_matrix(predictions: Sequence[str], references: References) -> np.ndarray:
+    """F-measures as an array of shape ``[n_examples, 3]`` (rouge1, rouge2, rougeL).
+
+    An example's reference is a string or a list of strings; with several, each score is
+    the best over them (``RougeScorer.score_multi``: the max F-measure per score type, the
+    usual multi-reference reduction, since annotators' summaries are each a correct
+    answer, and a summary close to any one of them is a good summary)."""
     _check_pairs(predictions, references)
     scorer = _get_rouge_scorer()
     out = np.empty((len(predictions), len(_ROUGE_TYPES)), dtype=np.float64)
     for i, (pred, ref) in enumerate(zip(predictions, references, strict=True)):
         # RougeScorer.score(target, prediction): reference first.
-        scores = scorer.score(ref, pred)
+        if isinstance(ref, str):
+            scores = scorer.score(ref, pred)
+        elif len(ref) == 0 or not all(isinstance(r, str) for r in ref):
+            raise ValueError(f"example {i}: references must be a string or a non-empty list")
+        else:
+            scores = scorer.score_multi(list(ref), pred)
         out[i] = [scores[t].fmeasure for t in _ROUGE_TYPES]
     return out
 
 
-def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+def rouge_scores(predictions: Sequence[str], references: References) -> dict[str, float]:
     """Mean ROUGE F-measures of predictions against references.
 
     Uses ``rouge_score.rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"],
@@ -248,7 +261,8 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[
 
     Args:
         predictions: Generated summaries.
-        references: Reference summaries, aligned with ``predictions``.
+        references: Reference summaries, aligned with ``predictions``: a string each, or a
+            list of strings each (the best over them, see ``_rouge_matrix``).
 
     Returns:
         ``{"rouge_1", "rouge_2", "rouge_l"}``: mean per-example F-measure in ``[0, 1]``.
@@ -260,7 +274,7 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[
     return {_ROUGE_KEYS[t]: float(m) for t, m in zip(_ROUGE_TYPES, means, strict=True)}
 
 
-def rouge_l_per_example(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+def rouge_l_per_example(predictions: Sequence[str], references: References) -> np.ndarray:
     """Per-example ROUGE-L F-measure (same scorer as :func:`rouge_scores`).
 
     Useful as the paired per-prompt input to :func:`paired_bootstrap_ci`.

@@ -1,10 +1,14 @@
-"""Before -> after changes with paired bootstrap confidence intervals."""
+"""Before -> after changes with paired bootstrap confidence intervals, and the held-out
+optimum of the objective at the run's beta beside them."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
+from detox_exp import metric_names as M
 from detox_exp.evaluation.evaluator import EvalResult
 from detox_exp.evaluation.metrics import (
     distinct_of_grams,
@@ -13,6 +17,7 @@ from detox_exp.evaluation.metrics import (
     paired_bootstrap_corpus,
     response_collapse,
 )
+from detox_exp.frontier import core as frontier
 
 # metrics whose change gets a paired bootstrap CI (prompts resampled, the same before / after)
 PAIRED = (
@@ -124,3 +129,50 @@ def side_by_side_rows(before: EvalResult, after: EvalResult, limit: int = 100) -
         if len(rows) >= limit:
             break
     return rows
+
+
+def optimum_metrics(
+    before: EvalResult, beta: float, threshold: float, seed: int = 0, repeats: int = 4
+) -> dict[str, float]:
+    """``eval/optimum/*``: the optimum ``pi* ~ ref * exp(r / beta)`` on the held-out prompts,
+    read from the before-evaluation's K >= 2 samples per prompt by self-normalised weights
+    (:func:`detox_exp.frontier.core.optimum_metrics`); {} with one sample per prompt."""
+    groups = before.groups()
+    p, k = before.toxicity.shape
+    if k < 2:
+        return {}
+    rewards = np.array([[r["reward"] for r in g] for g in groups])
+    texts = [[r["response"] for r in g] for g in groups]
+    per_sample = {
+        "rouge_l": before.rouge_l,
+        "response_len_mean": before.lengths,
+        "empty_fraction": np.array([[float(not r["response"]) for r in g] for g in groups]),
+    }
+    corpus = frontier.reference_corpus_metrics(texts)
+    uniforms = np.random.default_rng(seed).random((repeats, p, k))
+    values = frontier.optimum_metrics(
+        beta, rewards, before.toxicity, texts, per_sample, corpus, threshold, uniforms
+    )
+    values |= {"beta": float(beta), "num_prompts": p, "samples_per_prompt": k}
+    return {f"eval/{M.OPTIMUM_PHASE}/{name}": v for name, v in values.items()}
+
+
+def against_optimum(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The share of the optimum's toxicity drop the run achieved, and its KL as a multiple
+    of the optimum's (where before, after and optimum are all in ``summary``)."""
+    key = "eval/{}/{}".format
+    before, after, best = (
+        summary.get(key(phase, "toxicity_mean")) for phase in ("before", "after", "optimum")
+    )
+    if before is None or after is None or best is None:
+        return {}
+    out = {}
+    if before - best > 0:
+        out[M.OPTIMUM_DROP_ACHIEVED] = (before - after) / (before - best)
+    kl_after, kl_best = (
+        summary.get(key("after", "kl_to_reference")),
+        summary.get(key("optimum", "kl_to_reference")),
+    )
+    if kl_after is not None and kl_best:
+        out[M.OPTIMUM_KL_RATIO] = kl_after / kl_best
+    return out

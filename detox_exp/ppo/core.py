@@ -494,6 +494,20 @@ class FixedKLController:
         self.value = float(state["value"])
 
 
+class FrontierKLController(FixedKLController):
+    """A constant KL coefficient taken from a target before training: the largest beta whose
+    optimum cuts the mean toxicity by at least ``target_drop`` (the least KL spent for that
+    cut), found on the frontier stage's reference samples (:mod:`detox_exp.frontier`).
+    ``kl_coef`` is that beta, set by the pipeline after the frontier stage."""
+
+    def __init__(self, target_drop: float, kl_coef: float | None = None) -> None:
+        _check_arg(
+            0 < target_drop < 1, "target_drop", f"must be in (0, 1), got {target_drop}", "use 0.5"
+        )
+        self.target_drop = float(target_drop)
+        super().__init__(1.0 if kl_coef is None else kl_coef)
+
+
 class AdaptiveKLController:
     """Adaptive KL coefficient (Ziegler et al. 2019, section 2.2): moves ``value`` so that the
     observed KL approaches ``target``, by at most 20% per ``horizon`` samples.

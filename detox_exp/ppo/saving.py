@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from transformers import AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from detox_exp import metric_names as M
 from detox_exp.ppo.policy import ActorCritic
 
 CARD_METRICS = (
@@ -26,6 +27,10 @@ CARD_METRICS = (
 )
 
 
+def _card_value(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def model_card(summary: Mapping[str, Any], config: Any) -> str:
     cfg = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
     ppo = cfg["ppo"]
@@ -33,6 +38,10 @@ def model_card(summary: Mapping[str, Any], config: Any) -> str:
     kl_coef = controller.get("kl_coef", controller.get("init_kl_coef"))
     if "target" in controller:
         kl_coef = f"from {kl_coef}, adapted toward a KL of {controller['target']}"
+    if "target_drop" in controller:
+        beta = summary.get(M.FRONTIER_BETA)
+        kl_coef = f"{beta:.4g}" if beta is not None else "-"
+        kl_coef += f", the frontier's for a {controller['target_drop']:.0%} cut of the toxicity"
     lines = [
         "# detox_exp PPO policy",
         "",
@@ -56,13 +65,18 @@ def model_card(summary: Mapping[str, Any], config: Any) -> str:
         "",
         "## Held-out evaluation (toxicity of the response only)",
         "",
-        "| metric | before | after |",
-        "|---|---|---|",
+        "| metric | before | after | optimum |",
+        "|---|---|---|---|",
     ]
     for key in CARD_METRICS:
-        before, after = summary.get(f"eval/before/{key}"), summary.get(f"eval/after/{key}")
-        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        lines.append(f"| {key} | {fmt(before)} | {fmt(after)} |")
+        values = [summary.get(f"eval/{phase}/{key}") for phase in ("before", "after", "optimum")]
+        lines.append(f"| {key} | " + " | ".join(_card_value(v) for v in values) + " |")
+    if summary.get(f"eval/{M.OPTIMUM_PHASE}/beta") is not None:
+        lines += [
+            "",
+            f"optimum: the objective's optimum ref * exp(r / beta) at beta "
+            f"{summary[f'eval/{M.OPTIMUM_PHASE}/beta']:.4g}, read from the before samples.",
+        ]
     lines += ["", "## Config", "", "```json", json.dumps(cfg, indent=2, default=str), "```", ""]
     return "\n".join(lines)
 
