@@ -96,3 +96,74 @@ def test_corpus_metrics_are_scaled_onto_the_reference() -> None:
     sharp = core.optimum_metrics(1.0, peaked, tox, texts, {}, ref, 0.5, u)
     assert sharp["unique_fraction"] < 0.5 * ref["unique_fraction"]
     assert sharp["kl_to_reference"] == pytest.approx(np.log(4), rel=1e-6)
+
+
+def _draws(rng: np.random.Generator, prompts: int = 100, k: int = 16):
+    from detox_exp.frontier.stage import ReferenceDraws
+
+    idx = rng.choice(4, size=(prompts, k), p=PROBS)
+    texts = [[f"response {i} of prompt {p}" for i in row] for p, row in enumerate(idx)]
+    return ReferenceDraws(REWARDS["log_prob"][idx], TOX[idx], np.full(idx.shape, 0.3), texts)
+
+
+def test_beta_is_chosen_or_refused() -> None:
+    """The run's beta: from a target with the frontier controller; a configured beta whose
+    optimum cuts less than min_drop, or a target out of reach, is one ConfigError."""
+    from detox_exp.errors import ConfigError
+    from detox_exp.frontier.stage import FRONTIER_CONTROLLER, choose_beta, read_frontier
+
+    result = read_frontier(_draws(np.random.default_rng(4)), [0.01, 0.1, 1, 10], 0.5, 0, 2)
+    assert [r["beta"] for r in result.rows] == [0.01, 0.1, 1, 10]
+    target = {"_target_": FRONTIER_CONTROLLER, "target_drop": 0.5}
+    beta = choose_beta(result, target, min_drop=0.1)
+    assert 0.01 < beta < 10 and result.drop(beta) == pytest.approx(0.5, abs=1e-6)
+    assert result.at(beta)["toxicity_change"] == pytest.approx(-0.5, abs=1e-6)
+    fixed = {"_target_": "detox_exp.ppo.core.FixedKLController", "kl_coef": 0.1}
+    assert choose_beta(result, fixed, min_drop=0.1) == 0.1
+    with pytest.raises(ConfigError, match="frontier.min_drop") as err:
+        choose_beta(result, fixed | {"kl_coef": 1000.0}, min_drop=0.1)
+    assert "kl_coef=" in str(err.value) and "KL" in str(err.value)
+    assert choose_beta(result, fixed | {"kl_coef": 1000.0}, min_drop=0) == 1000.0  # off
+    with pytest.raises(ConfigError, match="target_drop.*the best is"):
+        choose_beta(result, target | {"target_drop": 0.999}, min_drop=0.1)
+
+
+def test_bad_frontier_settings_are_config_errors() -> None:
+    from detox_exp.errors import ConfigError
+    from detox_exp.frontier.stage import Frontier
+    from detox_exp.ppo.core import FrontierKLController
+
+    for kwargs, field in (
+        ({"samples_per_prompt": 1}, "frontier.samples_per_prompt"),
+        ({"betas": []}, "frontier.betas"),
+        ({"betas": [0.1, -1]}, "frontier.betas"),
+        ({"min_drop": 1.0}, "frontier.min_drop"),
+        ({"num_prompts": 0}, "frontier.num_prompts"),
+    ):
+        with pytest.raises(ConfigError, match=field):
+            Frontier(**kwargs)
+    with pytest.raises(ConfigError, match="ppo.kl_controller.target_drop"):
+        FrontierKLController(target_drop=1.5)
+    assert FrontierKLController(0.5, kl_coef=2.5).value == 2.5
+
+
+def test_frontier_controller_needs_the_frontier_stage(tmp_path) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from detox_exp.errors import ConfigError
+    from detox_exp.pipeline import check_run_config
+    from tests.conftest import CONF_DIR
+
+    overrides = ["experiment=demo", "ppo/kl_controller=frontier"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        on = compose("config", overrides=overrides, return_hydra_config=True)
+        off = compose("config", overrides=[*overrides, "stages.frontier=false"])
+    HydraConfig.instance().set_config(on)
+    for cfg in (on, off):
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path)
+    check_run_config(on)
+    with pytest.raises(ConfigError, match="stages.frontier=true"):
+        check_run_config(off)
