@@ -79,6 +79,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`. CUDA states are restored for the devices this process
+    has: a checkpoint written on more GPUs than are visible now (or on a GPU machine, resumed
+    on CPU) restores the first ``min(saved, torch.cuda.device_count())``."""
     python = state["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
     n = state["numpy"]
@@ -87,7 +90,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved = list(state["cuda"])
+        for index, cuda_state in enumerate(saved[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -202,10 +207,18 @@ class CheckpointManager:
         os.replace(tmp, best)
 
 
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(trainable tensors, state, meta) of a checkpoint, loaded safely."""
-    tensors = load_file(str(path / "trainable.safetensors"))
-    state = torch.load(path / "state.pt", weights_only=True)
+def load(
+    path: Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(trainable tensors, state, meta) of a checkpoint, loaded safely.
+
+    Every tensor lands on ``map_location``, not on the device it was saved from: the main
+    process writes optimizer state from its own GPU (``cuda:0``), which a process on another
+    GPU, or on a machine with fewer GPUs, must not be handed. The default, the CPU, suits
+    every process: ``load_state_dict`` of the model, optimizer and grad scaler moves each
+    tensor to its parameter's device, and RNG and generator states must be CPU tensors."""
+    tensors = load_file(str(path / "trainable.safetensors"), device=str(map_location))
+    state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
     meta = json.loads((path / "meta.json").read_text())
     return tensors, state, meta
 

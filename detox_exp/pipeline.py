@@ -26,14 +26,20 @@ from detox_exp.evaluation.evaluator import EvalResult
 from detox_exp.fast import configure as configure_fast
 from detox_exp.fast.memory import keep_freed_memory
 from detox_exp.frontier.stage import configured_beta
-from detox_exp.models import check_lora
+from detox_exp.models import check_lora, check_policy_precision
 from detox_exp.perf import perf_summary
 from detox_exp.ppo.checks import PRECISIONS
 from detox_exp.ppo.rollout import make_sampling
 from detox_exp.ppo.settings import check_ppo_config
 from detox_exp.schema import check_node, check_value
 from detox_exp.tracking import Tracker
-from detox_exp.utils import resolve_device, seed_everything
+from detox_exp.utils import (
+    check_utf8,
+    is_local_path,
+    read_jsonl,
+    resolve_device,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,45 @@ def check_writable(run_dir: Path) -> None:
         ) from err
 
 
+def check_data_files(cfg: DictConfig) -> None:
+    """Every local data file the config names exists, is readable and is UTF-8, before the
+    first stage and before W&B starts (files the demo assets will build are skipped)."""
+    named: list[tuple[str, Any]] = [
+        ("dataset.path", cfg.dataset.get("path")),
+        *((f"dataset.data_files.{k}", v) for k, v in (cfg.dataset.get("data_files") or {}).items()),
+    ]
+    if cfg.stages.get("train_reward"):
+        data = cfg.reward.training.get("data") or {}
+        named += [("reward.training.data.path", data.get("path"))]
+        named += [
+            (f"reward.training.data.data_files.{k}", v)
+            for k, v in (data.get("data_files") or {}).items()
+        ]
+    built = Path(cfg.assets.cache_dir).resolve() if cfg.get("assets") is not None else None
+    for field, value in named:
+        if not value:
+            continue
+        path = Path(str(value)).expanduser()
+        if built is not None and path.resolve().is_relative_to(built):
+            continue  # written by the assets stage
+        if path.is_dir():
+            continue  # a local dataset folder: read by the datasets library
+        if not (is_local_path(str(value)) or path.suffix in (".jsonl", ".json", ".csv")):
+            continue  # a hub id
+        if not path.is_file():
+            raise DataError(field, f"file {value} not found", "check the path")
+        try:
+            if path.suffix == ".jsonl":  # not UTF-8, not JSON, not an object: names the line
+                for _ in read_jsonl(path):
+                    pass
+            else:
+                check_utf8(path, field)
+        except PermissionError as err:
+            raise DataError(
+                field, f"cannot read {value} ({err.strerror})", "fix its permissions"
+            ) from None
+
+
 def check_run_config(cfg: DictConfig) -> None:
     """Types and ranges of the whole config, before any stage runs: the top-level keys, every
     component node against its target's signature (:mod:`detox_exp.schema`), the PPO
@@ -108,6 +153,9 @@ def check_run_config(cfg: DictConfig) -> None:
     resolve_device(cfg.device)
     if cfg.precision not in PRECISIONS:
         raise ConfigError("precision", f"unknown {cfg.precision!r}", f"use one of {PRECISIONS}")
+    check_policy_precision(
+        cfg.model.name_or_path, cfg.precision, cfg.model.revision, cfg.model.trust_remote_code
+    )
     if cfg.precision == "fp16" and resolve_device(cfg.device).type != "cuda":
         raise ConfigError("precision", "fp16 needs CUDA", "use precision=bf16 or fp32 on CPU")
     if not isinstance(cfg.keep_freed_memory, bool):
@@ -183,6 +231,7 @@ def run(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the configured stages; returns (summary metrics, built objects)."""
     check_run_config(cfg)
+    check_data_files(cfg)
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
     configure_fast(**cfg.fast)

@@ -225,3 +225,24 @@ def test_hydra_job_error_line_is_held_until_released() -> None:
     assert stream.getvalue() == "progress\n"  # dropped if our one-line error follows
     held.release()  # a crash, or a sweeper that went on: Hydra's line is kept
     assert stream.getvalue().endswith("overrides: ['seed=1']\n")
+
+
+def test_unreadable_data_is_reported_before_any_work(tmp_path: Path) -> None:
+    """A non-UTF-8 dataset=jsonl file with the demo: one line before the demo assets are
+    built and before W&B starts."""
+    good = json.dumps({"id": "a", "dialogue": "x" * 300, "summary": "s", "topic": "t"})
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((good + "\n" + good.replace("x", "\u00e9", 1) + "\n").encode("latin-1"))
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    result = run_cli(
+        "experiment=demo",
+        "dataset=jsonl",
+        f"dataset.path={path}",
+        "logger.wandb.mode=offline",
+        f"hydra.run.dir={run_dir}",
+        cwd=ROOT,
+        env={"DETOX_EXP_CACHE": str(cache)},
+    )
+    check_one_line_error(result, "latin1.jsonl", "line 2", "not UTF-8")
+    assert not cache.exists() or not any(cache.rglob("*"))  # no demo asset was built
+    assert not (run_dir / "wandb").exists()  # no W&B run was created

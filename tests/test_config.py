@@ -50,7 +50,7 @@ def test_composes_and_instantiates(overrides: list[str], tmp_path: Path) -> None
         del plain["hydra"]
     OmegaConf.to_container(plain, resolve=True)  # every interpolation resolves
     lora = instantiate(cfg.model.lora, _convert_="all")
-    assert lora.r > 0 and set(lora.target_modules) == {"q", "v"}
+    assert lora.r > 0 and lora.target_modules == "auto"  # resolved by models.load_policy
     assert instantiate(cfg.logger, _convert_="all").run_dir == Path(cfg.paths.output_dir)
     data = instantiate(cfg.dataset, _convert_="all")
     assert "{dialogue}" in data.prompt_template
@@ -82,7 +82,7 @@ def test_real_experiment_uses_real_ids(tmp_path: Path) -> None:
     assert cfg.dataset.prompt_template.endswith("\n\nSummary: ")
     assert (cfg.dataset.min_chars, cfg.dataset.max_chars) == (200, 1000)
     lora = cfg.model.lora
-    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (32, 32, 0.05)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (32, 32, 0.0)
     assert cfg.model.generation.top_k == 0 and cfg.model.generation.top_p == 1.0
     assert cfg.stages.train_reward is False
 

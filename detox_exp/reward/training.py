@@ -1,4 +1,5 @@
-"""Stage ``train_reward``: fine-tune the toxicity classifier on labeled text (an accelerate loop).
+"""Stage ``train_reward``: fine-tune the toxicity classifier on labeled text (a plain torch loop
+on one process: in a multi-process run only the main process trains, while the others wait).
 
 Reports accuracy, F1 (toxic = positive) and AUROC on the held-out split, saves the model as
 safetensors in ``output_dir``, and the later stages score with it.
@@ -13,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from transformers import (
     AutoModelForSequenceClassification,
@@ -132,8 +132,11 @@ class RewardModelTrainer:
             trust_remote_code=self.trust_remote_code,
             use_safetensors=True,
         )
+        # One process, no DistributedDataParallel: under torchrun the other processes are
+        # waiting at the stage boundary, and DDP's constructor runs a collective they would
+        # never join. ``cuda`` (no index) is the current device, set per process by Dist.
         device = resolve_device(self.device)
-        accelerator = Accelerator(cpu=device.type == "cpu")
+        model.to(device)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=self.lr, weight_decay=self.weight_decay
         )
@@ -143,8 +146,7 @@ class RewardModelTrainer:
         scheduler = get_linear_schedule_with_warmup(
             optimizer, int(self.warmup_ratio * total), total
         )
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        before = self.evaluate(model, tokenizer, splits.eval_texts, eval_labels, accelerator.device)
+        before = self.evaluate(model, tokenizer, splits.eval_texts, eval_labels, device)
         generator = torch.Generator().manual_seed(self.seed)
         step = 0
         bar = progress(total=total, desc="reward model", unit="batch")
@@ -160,10 +162,10 @@ class RewardModelTrainer:
                     truncation=True,
                     max_length=self.max_length,
                     return_tensors="pt",
-                ).to(accelerator.device)
-                out = model(**enc, labels=train_labels[idx].to(accelerator.device))
-                accelerator.backward(out.loss)
-                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                ).to(device)
+                out = model(**enc, labels=train_labels[idx].to(device))
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -173,7 +175,7 @@ class RewardModelTrainer:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             log.info("reward model epoch %d: loss %.4f", epoch + 1, float(np.mean(losses)))
         bar.close()
-        after = self.evaluate(model, tokenizer, splits.eval_texts, eval_labels, accelerator.device)
+        after = self.evaluate(model, tokenizer, splits.eval_texts, eval_labels, device)
         metrics = {f"reward_model/eval_before/{k}": v for k, v in before.items()}
         metrics |= {f"reward_model/eval/{k}": v for k, v in after.items()}
         metrics |= {
@@ -182,7 +184,7 @@ class RewardModelTrainer:
             "reward_model/eval/samples": len(splits.eval_texts),
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        accelerator.unwrap_model(model).save_pretrained(self.output_dir, safe_serialization=True)
+        model.save_pretrained(self.output_dir, safe_serialization=True)
         tokenizer.save_pretrained(self.output_dir)
         write_json(self.output_dir / "metrics.json", metrics)
         if tracker is not None:
