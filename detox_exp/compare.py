@@ -1,14 +1,19 @@
 """``detox-exp-compare``: compare finished runs (run dirs, sweep dirs, W&B runs) side by side.
 
-Prints a markdown table (one row per run: the config keys that differ between the runs, then
-the key metrics) and writes pareto.png (toxicity vs ROUGE-L, Pareto front marked),
-pareto_distinct2.png (toxicity vs distinct-2) and curves.png (PPO reward and KL per step) to
---out; ``--max-kl 1`` keeps runs further than 1 nat from the reference off the fronts.
-Examples:
+Prints a markdown table, one row per run: the config keys whose values differ (what was
+varied), the key metrics (the reference's value before PPO, after, and the held-out optimum
+of the objective where the run has ``eval/optimum/*``), then the config that differs in shape
+(a group or subtree one run lacks, e.g. ``logger: wandb | none``). Where the runs' baselines
+differ (each seed evaluates, or trains, its own reference), the change relative to each run's
+own baseline (``eval/delta/<metric>_rel`` = after / before - 1) is shown, sorts the rows and
+is what the plots show. Writes pareto.png (toxicity vs ROUGE-L, Pareto front marked; each
+run's reference and optimum beside it), pareto_distinct2.png (toxicity vs distinct-2) and
+curves.png (PPO reward and KL per step) to --out; ``--max-kl 1`` keeps runs further than
+1 nat from the reference off the fronts. Examples:
 
   detox-exp-compare outputs/tune/a outputs/tune/b     # run dirs
   detox-exp-compare outputs/demo/multiruns/<time> --sort eval/after/rouge_l --desc
-  detox-exp-compare my-entity/detox/abc123 --no-plots # a W&B run (needs WANDB_API_KEY)
+  detox-exp-compare my-entity/detox/abc123 --no-plots # a W&B run (needs W&B credentials)
 """
 
 from __future__ import annotations
@@ -32,16 +37,30 @@ from detox_exp import metric_names as M
 PROG = "detox-exp-compare"
 TOXICITY, ROUGE = "eval/after/toxicity_mean", "eval/after/rouge_l"
 DISTINCT2, KL_AFTER = "eval/after/distinct_2", "eval/after/kl_to_reference"
+BEFORE, AFTER, OPTIMUM = "eval/before/", "eval/after/", f"eval/{M.OPTIMUM_PHASE}/"
+OPT = M.OPTIMUM_PHASE
+TOXICITY_REL = "eval/delta/toxicity_mean_rel"  # after / before - 1, each run's own baseline
+# the default columns; those no run has, and the relative changes (``_rel``) where every run
+# has the same baseline, are left out
 DEFAULT_METRICS = (
+    f"{BEFORE}toxicity_mean",
     TOXICITY,
+    f"{OPTIMUM}toxicity_mean",
     "eval/delta/toxicity_mean",
+    TOXICITY_REL,
+    f"{BEFORE}rouge_l",
     ROUGE,
+    f"{OPTIMUM}rouge_l",
+    "eval/delta/rouge_l_rel",
     DISTINCT2,
     "eval/delta/distinct_2",
+    "eval/delta/distinct_2_rel",
     "eval/after/unique_fraction",
     KL_AFTER,
+    f"{OPTIMUM}kl_to_reference",
     "eval/after/response_len_mean",
 )
+DELTA = re.compile(r"eval/delta/(?P<name>.+?)(?P<rel>_rel)?")
 CURVES = (M.REWARD_MEAN, M.KL)
 SKIP_PREFIXES = ("paths.", "hydra.", "_wandb")
 SKIP = frozenset({"logger.wandb.dir"})
@@ -62,6 +81,7 @@ class RunRecord:
     history: list[dict[str, Any]]
     source: str = ""
     run_dirs: tuple[str, ...] = field(default_factory=tuple)  # strings meaning "this run dir"
+    choices: dict[str, Any] = field(default_factory=dict)  # Hydra's group -> option, if known
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -80,6 +100,16 @@ def _read_config(path: Path) -> dict[str, Any]:
         return flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
     except Exception as err:  # a malformed or half-written file
         raise CompareError(f"{path}: cannot read ({_first_line(err)}); fix: check it") from None
+
+
+def _read_choices(path: Path) -> dict[str, Any]:
+    """Hydra's config group choices (``ppo`` -> ``rloo``) from ``.hydra/hydra.yaml``, or {}
+    (they only name a difference that the config shows anyway)."""
+    try:
+        hydra = OmegaConf.to_container(OmegaConf.load(path), resolve=False)["hydra"]
+        return dict(hydra["runtime"]["choices"])
+    except Exception:
+        return {}
 
 
 def _first_line(err: Exception) -> str:
@@ -105,7 +135,9 @@ def load_run(path: str | Path, name: str | None = None) -> RunRecord:
     dirs = tuple(sorted({str(run_dir.resolve()), os.path.abspath(run_dir)}))  # absolute only
     config_path, history = run_dir / ".hydra/config.yaml", _read_history(run_dir / "metrics.jsonl")
     config = _read_config(config_path) if config_path.is_file() else {}
-    return RunRecord(name or run_dir.resolve().name, summary, config, history, str(run_dir), dirs)
+    choices = _read_choices(run_dir / ".hydra/hydra.yaml")
+    name = name or run_dir.resolve().name
+    return RunRecord(name, summary, config, history, str(run_dir), dirs, choices)
 
 
 def load_wandb_run(run_path: str) -> RunRecord:
@@ -172,19 +204,61 @@ def _normalise(value: Any, run_dirs: Sequence[str]) -> str:
 
 
 def differing_keys(runs: Sequence[RunRecord | Mapping[str, Any]]) -> list[str]:
-    """Flat config keys whose values differ between runs (missing counts as a value).
+    """Config keys whose values differ between runs (missing counts as a value), one per
+    difference: the keys under a subtree that some run lacks (no keys under it, or a leaf
+    such as ``logger.wandb: null``) give that subtree's key once, and where the runs chose
+    different options of an enclosing Hydra config group, that group's (``logger``, whose
+    cell is the option: ``wandb`` | ``none``).
 
     Skips ``paths.*``, ``hydra.*``, ``logger.wandb.dir`` and values that differ only by the
     run's own dir. Accepts RunRecords or plain flat config dicts; keeps first-seen key order.
     """
-    configs = [r.config if isinstance(r, RunRecord) else dict(r) for r in runs]
-    dirs = [r.run_dirs if isinstance(r, RunRecord) else () for r in runs]
+    records = [r if isinstance(r, RunRecord) else RunRecord("", {}, dict(r), []) for r in runs]
+    configs = [r.config for r in records]
     keys = list(dict.fromkeys(k for config in configs for k in config))
 
     def differs(key: str) -> bool:
-        return len({(key in c, _normalise(c.get(key), d)) for c, d in zip(configs, dirs)}) > 1
+        values = {(key in r.config, _normalise(r.config.get(key), r.run_dirs)) for r in records}
+        return len(values) > 1
 
-    return [k for k in keys if not k.startswith(SKIP_PREFIXES) and k not in SKIP and differs(k)]
+    found = [k for k in keys if not k.startswith(SKIP_PREFIXES) and k not in SKIP and differs(k)]
+    subtrees = [
+        {k.rsplit(".", n)[0] for k in c for n in range(1, k.count(".") + 1)} for c in configs
+    ]
+    options = {g for r in records for g in r.choices}
+    groups = [
+        g.replace("/", ".") for g in options if len({str(r.choices.get(g)) for r in records}) > 1
+    ]
+    columns = []
+    for key in found:
+        if all(key in config for config in configs):  # a value that differs: its own column
+            columns.append(key)
+            continue
+        parts = key.split(".")
+        prefixes = (".".join(parts[:n]) for n in range(1, len(parts)))
+        column = next((p for p in prefixes if any(p not in s for s in subtrees)), key)
+        enclosing = [g for g in groups if column == g or column.startswith(f"{g}.")]
+        columns.append(max(enclosing, key=len, default=column))
+    return list(dict.fromkeys(columns))
+
+
+def split_keys(runs: Sequence[RunRecord], keys: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the keys every run has a value of: what was varied, shown before the metrics; the
+    rest: config that differs in shape, a group or subtree some run lacks, shown after)."""
+    varied = [k for k in keys if all(k in r.config for r in runs)]
+    return varied, [k for k in keys if k not in varied]
+
+
+def config_cell(run: RunRecord, key: str) -> str:
+    """The run's value of config ``key``: a value, a Hydra group's option, ``{n keys}`` for
+    a subtree, or ``-`` when the run lacks it."""
+    if key in run.config:
+        return _format_config(run.config[key])
+    group = key.replace(".", "/")
+    if group in run.choices:
+        return _format_config(run.choices[group])
+    size = sum(k.startswith(f"{key}.") for k in run.config)
+    return f"{{{size} keys}}" if size else "-"
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -208,18 +282,65 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+def metric_value(summary: Mapping[str, Any], metric: str) -> Any:
+    """``summary[metric]``; else, from the run's own before and after values,
+    ``eval/delta/<m>`` = after - before and ``eval/delta/<m>_rel`` = after / before - 1."""
+    if metric in summary:
+        return summary[metric]
+    match = DELTA.fullmatch(metric)
+    if match is None:
+        return None
+    before, after = (_number(summary.get(f"{p}{match['name']}")) for p in (BEFORE, AFTER))
+    if before is None or after is None or (match["rel"] and not before):
+        return None
+    return after / before - 1.0 if match["rel"] else after - before
+
+
+def relative_change(summary: Mapping[str, Any], phase: str, name: str) -> float | None:
+    """``eval/<phase>/<name>`` / ``eval/before/<name>`` - 1: the change from the run's own
+    baseline (None without both, or with a zero baseline)."""
+    value, before = (_number(summary.get(f"eval/{p}/{name}")) for p in (phase, "before"))
+    return value / before - 1.0 if value is not None and before else None
+
+
+def baselines_differ(runs: Sequence[RunRecord], name: str) -> bool:
+    """Whether the runs' ``eval/before/<name>`` (their reference's value) differ."""
+    values = {_number(r.summary.get(f"{BEFORE}{name}")) for r in runs} - {None}
+    return len({round(v, 9) for v in values}) > 1
+
+
+def table_metrics(runs: Sequence[RunRecord], metrics: Sequence[str]) -> list[str]:
+    """``metrics`` less those no run has and the relative changes (``eval/delta/<m>_rel``)
+    of metrics whose baseline is the same in every run."""
+
+    def shown(metric: str) -> bool:
+        match = DELTA.fullmatch(metric)
+        if match and match["rel"] and not baselines_differ(runs, match["name"]):
+            return False
+        return any(_number(metric_value(r.summary, metric)) is not None for r in runs)
+
+    return [m for m in metrics if shown(m)]
+
+
 def format_metric(summary: Mapping[str, Any], metric: str) -> str:
-    """Value with 3 decimals, plus the "[lo, hi]" CI when ``<metric>_ci_low/high`` exist."""
-    value = _number(summary.get(metric))
+    """Value with 3 decimals (a relative change ``_rel`` in percent), plus the "[lo, hi]" CI
+    when ``<metric>_ci_low/high`` exist."""
+    raw = metric_value(summary, metric)
+    value = _number(raw)
     if value is None:
         return "-"
-    text = _f3(value) if isinstance(summary.get(metric), float) else str(summary[metric])
+    fmt = _percent if metric.endswith("_rel") else _f3
+    text = fmt(value) if isinstance(raw, float) else str(raw)
     lo, hi = _number(summary.get(f"{metric}_ci_low")), _number(summary.get(f"{metric}_ci_high"))
-    return text + (f" [{_f3(lo)}, {_f3(hi)}]" if lo is not None and hi is not None else "")
+    return text + (f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else "")
 
 
 def _f3(value: float) -> str:
     return f"{round(value, 3) + 0.0:.3f}"  # + 0.0: no "-0.000"
+
+
+def _percent(value: float) -> str:
+    return f"{round(100 * value, 1) + 0.0:+.1f}%"
 
 
 def _format_config(value: Any) -> str:
@@ -236,14 +357,18 @@ def markdown_table(
     metrics: Sequence[str] = DEFAULT_METRICS,
     sort: str = TOXICITY,
     desc: bool = False,
+    trailing: Sequence[str] = (),
 ) -> str:
-    """One row per run: name, config ``keys``, ``metrics``; sorted by ``sort``.
+    """One row per run: name, config ``keys``, ``metrics``, config ``trailing``; sorted by
+    ``sort``.
 
-    ``sort`` is a summary metric (or else a config key); runs without it come last.
+    ``sort`` is a summary metric (see :func:`metric_value`; or else a config key); runs
+    without it come last.
     """
 
     def value(run: RunRecord) -> Any:
-        return run.summary.get(sort, run.config.get(sort))
+        found = metric_value(run.summary, sort)
+        return run.config.get(sort) if found is None else found
 
     def sort_key(run: RunRecord) -> tuple[bool, float, str]:  # numbers, then text
         number = _number(value(run))
@@ -255,10 +380,12 @@ def markdown_table(
     def row(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    lines = [row(["run", *keys, *metrics]), row(["---"] * (1 + len(keys) + len(metrics)))]
+    header = ["run", *keys, *metrics, *trailing]
+    lines = [row(header), row(["---"] * len(header))]
     for run in present + absent:
-        config = [_format_config(run.config[k]) if k in run.config else "-" for k in keys]
-        lines.append(row([run.name, *config, *(format_metric(run.summary, m) for m in metrics)]))
+        values = [format_metric(run.summary, m) for m in metrics]
+        config = [config_cell(run, k) for k in keys], [config_cell(run, k) for k in trailing]
+        lines.append(row([run.name, *config[0], *values, *config[1]]))
     return "\n".join(lines)
 
 
@@ -282,18 +409,34 @@ def plot_pareto(
     y_metric: str = ROUGE,
     max_kl: float | None = None,
 ) -> Path:
-    """Toxicity (x, lower is better) vs ``y_metric`` (higher is better); Pareto runs marked.
+    """Toxicity (x, lower is better) vs ``y_metric`` (higher is better) after PPO; Pareto
+    runs marked. Each run's reference (before PPO) and, with ``eval/optimum/*``, the
+    objective's optimum are small markers joined to its point. Where the runs' baselines
+    differ, both axes are the change from each run's own baseline (after / before - 1).
     With ``max_kl``, runs whose eval/after/kl_to_reference exceeds it are drawn as crosses and
     kept out of the front."""
     fig = _figure(figsize=(7, 5), layout="constrained")
     ax = fig.add_subplot()
-    keys = (TOXICITY, y_metric)
-    shown = [r for r in runs if None not in (_number(r.summary.get(k)) for k in keys)]
-    points = [(float(r.summary[TOXICITY]), float(r.summary[y_metric])) for r in shown]
+    names = (TOXICITY.split("/")[-1], y_metric.split("/")[-1])
+    relative = any(baselines_differ(runs, name) for name in names)
+
+    def point(run: RunRecord, phase: str) -> tuple[float, float] | None:
+        if relative:
+            xy = [relative_change(run.summary, phase, name) for name in names]
+            xy = [None if v is None else 100 * v for v in xy]
+        else:
+            xy = [_number(run.summary.get(f"eval/{phase}/{name}")) for name in names]
+        return None if None in xy else (xy[0], xy[1])
+
+    shown = [r for r in runs if point(r, "after") is not None]
+    points = [point(r, "after") for r in shown]
     kl = [_number(r.summary.get(KL_AFTER)) for r in shown]
     over = {i for i, v in enumerate(kl) if max_kl is not None and v is not None and v > max_kl}
     allowed = [i for i in range(len(points)) if i not in over]
     front = {allowed[j] for j in pareto_front([points[i] for i in allowed])}
+    _plot_reference_and_optimum(
+        ax, [(point(r, "before"), p, point(r, OPT)) for r, p in zip(shown, points)]
+    )
     for on, label, colour in ((True, "Pareto-optimal", "tab:red"), (False, "dominated", "gray")):
         xy = [p for i, p in enumerate(points) if (i in front) == on and i not in over]
         if xy:
@@ -305,14 +448,49 @@ def plot_pareto(
         ax.annotate(run.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if front:
         ax.step(*zip(*sorted(points[i] for i in front)), where="post", ls="--", c="tab:red", lw=1)
-        ax.legend(loc="best")
+    if points:
+        ax.legend(loc="best", fontsize=8)
         ax.margins(0.12)
-    if not points:
+    else:
         ax.text(0.5, 0.5, "no run has both metrics", ha="center", transform=ax.transAxes)
-    ax.set(xlabel=f"{TOXICITY} (lower is better)", ylabel=f"{y_metric} (higher is better)")
-    ax.set(title=f"toxicity vs {y_metric.split('/')[-1]} after PPO")
+    if relative:
+        ax.set(xlabel=f"{names[0]} change from the run's own baseline, % (lower is better)")
+        ax.set(ylabel=f"{names[1]} change from the run's own baseline, % (higher is better)")
+        ax.set(title=f"toxicity vs {names[1]} after PPO, relative to each run's baseline")
+    else:
+        ax.set(xlabel=f"{TOXICITY} (lower is better)", ylabel=f"{y_metric} (higher is better)")
+        ax.set(title=f"toxicity vs {names[1]} after PPO")
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def _plot_reference_and_optimum(ax: Any, triples: Sequence[tuple[Any, Any, Any]]) -> None:
+    """Per run (reference, after, optimum) points, each None if unknown: the reference and
+    the optimum as small markers, joined to the run's point by thin lines."""
+    for reference, after, optimum in triples:
+        for other, style in ((reference, "-"), (optimum, ":")):
+            if other is not None:
+                ax.plot(*zip(other, after), ls=style, c="gray", lw=0.8, alpha=0.6, zorder=1)
+    references = sorted({reference for reference, _, _ in triples} - {None})
+    optima = sorted({optimum for _, _, optimum in triples} - {None})
+    if references:
+        ax.scatter(
+            *zip(*references),
+            s=24,
+            facecolors="none",
+            edgecolors="black",
+            zorder=2,
+            label="reference (before PPO)",
+        )
+    if optima:
+        ax.scatter(
+            *zip(*optima),
+            s=60,
+            marker="*",
+            c="tab:green",
+            zorder=2,
+            label="optimum at the run's beta",
+        )
 
 
 def plot_curves(runs: Sequence[RunRecord], path: str | Path) -> Path:
@@ -342,9 +520,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run dir, sweep dir or W&B run")
-    parser.add_argument("--sort", default=TOXICITY, metavar="METRIC", help="sort rows by this")
+    parser.add_argument(
+        "--sort",
+        default=None,
+        metavar="METRIC",
+        help=f"sort rows by this (default: {TOXICITY}, or where the runs' baselines differ "
+        f"its change from each run's own baseline, {TOXICITY_REL})",
+    )
     parser.add_argument("--desc", action="store_true", help="sort descending")
-    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated")
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated summary keys (default: the key metrics before, after and at the "
+        "optimum, those no run has left out)",
+    )
     parser.add_argument("--out", default="compare", help="folder for the PNGs")
     parser.add_argument("--no-plots", action="store_true", help="only print the table")
     parser.add_argument(
@@ -364,10 +553,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompareError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    if not any(args.sort in r.summary or args.sort in r.config for r in runs):
-        print(f"{PROG}: warning: no run has {args.sort!r}; rows are unsorted", file=sys.stderr)
-    print(markdown_table(runs, differing_keys(runs), metrics, args.sort, args.desc))
+    if args.metrics is None:
+        metrics = table_metrics(runs, DEFAULT_METRICS)
+    else:
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    toxicity = TOXICITY.split("/")[-1]
+    sort = args.sort or (TOXICITY_REL if baselines_differ(runs, toxicity) else TOXICITY)
+    if sort == TOXICITY_REL and args.sort is None:
+        plots = "" if args.no_plots else ", and so do the plots"
+        print(
+            f"The runs' baselines ({BEFORE}{toxicity}) differ: rows are sorted by the change "
+            f"from each run's own baseline ({TOXICITY_REL}){plots}.\n"
+        )
+    if not any(metric_value(r.summary, sort) is not None or sort in r.config for r in runs):
+        print(f"{PROG}: warning: no run has {sort!r}; rows are unsorted", file=sys.stderr)
+    varied, shape = split_keys(runs, differing_keys(runs))
+    print(markdown_table(runs, varied, metrics, sort, args.desc, trailing=shape))
     if not args.no_plots:
         out = Path(args.out)
         written = [

@@ -397,7 +397,8 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
         )
         tracker.log_summary(report.against_optimum(tracker.summary))
     if stages.ppo and dist.is_main and objects["ppo"].save_dir is not None:
-        objects["ppo"].save(summary=dict(tracker.summary), config=cfg)
+        saved = objects["ppo"].save(summary=dict(tracker.summary), config=cfg)
+        tracker.log_model(saved / "merged")
     dist.wait()
     tracker.log_summary(timings)
     objects["model"] = model

@@ -7,20 +7,110 @@ Files in the run dir make a run readable without W&B:
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from detox_exp import metric_names as M
 from detox_exp.utils import write_json
 
 log = logging.getLogger(__name__)
 
 WANDB_MODES = ("online", "offline", "disabled")
+# WANDB_MODE spellings W&B also accepts, and the mode each means
+WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+# the per-step metric every metrics.jsonl line and W&B history row carries
+STEP_METRIC = "step"
+# namespaces of the metrics the PPO loop logs every step: plotted against STEP_METRIC
+PPO_NAMESPACES = tuple(
+    sorted(
+        {m.split("/")[0] for m in M.PPO_STEP_METRICS + M.CRITIC_STEP_METRICS + M.GROUP_STEP_METRICS}
+    )
+)
+# overrides left out of the run name: where things go and how, not what runs
+NAME_SKIPPED = ("hydra", "logger", "paths", "task_name", "resume", "torch_threads")
+NAME_MAX_CHARS = 128
+
+
+def wandb_logged_in() -> bool:
+    """Whether W&B has credentials, read as ``wandb.init`` reads them but without a prompt or
+    a server: WANDB_API_KEY / WANDB_IDENTITY_TOKEN_FILE, this process's ``wandb.login``, the
+    netrc entry ``wandb login`` writes for the W&B host (``NETRC`` or ``~/.netrc``), or an
+    ``api_key`` in the W&B settings."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:
+        import wandb
+
+        try:
+            from wandb.sdk.lib import wbauth  # wandb >= 0.24
+        except ImportError:  # wandb < 0.24: settings' api_key, then the netrc entry
+            from wandb.sdk.lib import apikey
+
+            return bool(apikey.api_key(wandb.setup().settings))
+        from wandb.sdk import wandb_setup
+
+        settings = wandb_setup.singleton().settings
+        host = settings.base_url
+        return bool(
+            wbauth.session_credentials(host=host)
+            or wbauth.read_netrc_auth(host=host)
+            or settings.api_key
+        )
+    except Exception as err:  # an unreadable netrc, a malformed key...: as if logged out
+        log.warning("could not read W&B credentials (%s); W&B runs offline", err)
+        return False
+
+
+def choose_wandb_mode(
+    configured: str | None,
+    environ: Mapping[str, str],
+    logged_in: Callable[[], bool] = wandb_logged_in,
+) -> str:
+    """The W&B mode: ``configured`` (logger.wandb.mode) when set, else WANDB_MODE (or
+    ``disabled`` for WANDB_DISABLED=true), else online when ``logged_in()`` (W&B has
+    credentials), else offline."""
+    if configured:
+        return configured
+    env_mode = environ.get("WANDB_MODE", "").strip().lower()
+    env_mode = WANDB_MODE_ALIASES.get(env_mode, env_mode)
+    if env_mode in WANDB_MODES:
+        return env_mode
+    if env_mode:
+        log.warning("WANDB_MODE=%s is not one of %s; ignored", env_mode, WANDB_MODES)
+    if environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes"):
+        return "disabled"
+    return "online" if logged_in() else "offline"
+
+
+def run_name(task_name: str, overrides: Sequence[str], groups: Collection[str] = ()) -> str:
+    """A readable W&B run name: the task, then the job's command-line overrides, a config
+    group's by its option alone: ``demo rloo seed=1`` for ``experiment=demo ppo=rloo seed=1``
+    (``groups``: Hydra's config groups, e.g. ``ppo``). Leaves out the experiment when it is
+    the task, and overrides of hydra, logger, paths, task_name, resume and torch_threads."""
+    words = [task_name]
+    for override in overrides:
+        key, sep, value = override.lstrip("+").partition("=")
+        root = re.split(r"[./]", key.lstrip("~"), maxsplit=1)[0]
+        if root in NAME_SKIPPED or (key == "experiment" and value == task_name):
+            continue
+        words.append(value if sep and key in groups else override.lstrip("+"))
+    return " ".join(w for w in words if w)[:NAME_MAX_CHARS]
+
+
+def hydra_run_name(task_name: str) -> str | None:
+    """:func:`run_name` of the running Hydra job, or None outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return run_name(task_name, list(hydra_cfg.overrides.task), set(hydra_cfg.runtime.choices))
 
 
 def _to_float(value: Any) -> Any:
@@ -37,13 +127,17 @@ class Tracker:
     Args:
         run_dir: the run dir (Hydra's output dir).
         wandb: ``wandb.init`` settings (project, entity, group, job_type, tags, name, notes,
-            mode, dir) or None for no W&B. ``mode`` null means online when WANDB_API_KEY is
-            set, else offline.
+            mode, dir) or None for no W&B. ``mode`` null: see :func:`choose_wandb_mode`
+            (online when logged in to W&B). ``name`` null: see :func:`run_name`.
+        log_model: log the merged policy as a W&B ``model`` artifact (:meth:`log_model`).
     """
 
-    def __init__(self, run_dir: str | Path, wandb: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, run_dir: str | Path, wandb: Mapping[str, Any] | None = None, log_model: bool = True
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.wandb_settings = dict(wandb) if wandb is not None else None
+        self.log_model_enabled = bool(log_model)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.summary_path = self.run_dir / "summary.json"
         self.summary: dict[str, Any] = {}
@@ -53,6 +147,10 @@ class Tracker:
         self.enabled = True
         self.resume_id: str | None = None
         self.resume_step: int | None = None
+        # the last step logged: W&B rows without a step of their own (tables, plots) go there,
+        # so that W&B's row counter stays the PPO step (a row W&B numbered itself would push
+        # its counter past the next PPO step, and W&B drops a step below its counter)
+        self.last_step = 0
         if self.wandb_settings is not None:
             mode = self.wandb_settings.get("mode")
             if mode is not None and mode not in WANDB_MODES:
@@ -81,12 +179,14 @@ class Tracker:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.metrics_path)
         self.resume_id, self.resume_step = wandb_id, step
+        self.last_step = int(step)
 
     def start(self, config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> None:
         """Create the run dir and start the W&B run with the full resolved config.
 
-        ``defaults`` fill W&B settings that are null / empty in the config (group, job_type,
-        tags, name: set per sweep job by :mod:`detox_exp.sweeps`).
+        A null name becomes :func:`run_name` of the Hydra job (task and overrides);
+        ``defaults`` fill the W&B settings still null / empty (group, job_type, tags, name:
+        set per sweep job by :mod:`detox_exp.sweeps`).
         """
         if not self.enabled:
             return
@@ -96,12 +196,12 @@ class Tracker:
         import wandb
 
         settings = dict(self.wandb_settings)
+        if not settings.get("name"):  # before the defaults: readable, not <sweep>-<job num>
+            settings["name"] = hydra_run_name(str(config.get("task_name") or ""))
         for key, value in (defaults or {}).items():
             if not settings.get(key):
                 settings[key] = value
-        mode = settings.pop("mode", None) or (
-            "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        )
+        mode = choose_wandb_mode(settings.pop("mode", None), os.environ)
         wandb_dir = Path(settings.pop("dir", None) or self.run_dir)
         wandb_dir.mkdir(parents=True, exist_ok=True)
         tags = [str(t) for t in settings.pop("tags", None) or []]
@@ -119,13 +219,11 @@ class Tracker:
         if self.resume_id:
             # W&B ignores a step it has already seen, so the steps recomputed after the
             # checkpoint would keep their old values: rewind the run to the checkpoint's step
-            # (wandb >= 0.17.1; the server must allow rewinding). Else continue the run as
-            # is, and the recomputed steps are only right in metrics.jsonl.
+            # (the server must allow rewinding). Else continue the run as is, and the
+            # recomputed steps are only right in metrics.jsonl.
             plain = kwargs | {"id": self.resume_id, "resume": "allow"}
-            attempts = [plain]
-            if "resume_from" in inspect.signature(wandb.init).parameters:
-                rewind = kwargs | {"resume_from": f"{self.resume_id}?_step={self.resume_step}"}
-                attempts = [rewind, plain]
+            rewind = kwargs | {"resume_from": f"{self.resume_id}?_step={self.resume_step}"}
+            attempts = [rewind, plain]
         self.run = None
         for attempt in attempts:
             try:
@@ -144,6 +242,15 @@ class Tracker:
                         err,
                         self.resume_step,
                     )
+        self._wandb_call(self._define_metrics)
+
+    @staticmethod
+    def _define_metrics(run: Any) -> None:
+        """PPO metrics plot against the PPO step (not W&B's own row counter) and their
+        summary is the last value logged."""
+        run.define_metric(STEP_METRIC, hidden=True, summary="last")
+        for namespace in PPO_NAMESPACES:
+            run.define_metric(f"{namespace}/*", step_metric=STEP_METRIC, summary="last")
 
     def finish(self, exit_code: int = 0) -> None:
         """Write summary.json and close the W&B run (always called, also on failure)."""
@@ -162,6 +269,7 @@ class Tracker:
         """Log one step's scalar metrics."""
         if not self.enabled:
             return
+        self.last_step = int(step)
         record = {"step": int(step)} | {k: _to_float(v) for k, v in metrics.items()}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
@@ -180,22 +288,61 @@ class Tracker:
     def log_table(
         self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int | None
     ) -> None:
-        """Log a W&B table (no-op without W&B; the same data is in the run dir's files)."""
+        """Log a W&B table at ``step`` (None: the last step logged; no-op without W&B, the
+        same data is in the run dir's files)."""
 
         def _log(run: Any) -> None:
             import wandb
 
-            run.log(
-                {key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step
-            )
+            table = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+            run.log({key: table}, step=self.last_step if step is None else step)
 
         self._wandb_call(_log)
 
     def log_histograms(self, values: Mapping[str, Sequence[float]], step: int | None) -> None:
+        """Log W&B histograms at ``step`` (None: the last step logged)."""
+
         def _log(run: Any) -> None:
             import wandb
 
-            run.log({k: wandb.Histogram(list(v)) for k, v in values.items()}, step=step)
+            histograms = {k: wandb.Histogram(list(v)) for k, v in values.items()}
+            run.log(histograms, step=self.last_step if step is None else step)
+
+        self._wandb_call(_log)
+
+    def log_image(self, key: str, path: str | Path) -> None:
+        """Log an image file (a plot also written to the run dir) to W&B, at the last step
+        logged."""
+
+        def _log(run: Any) -> None:
+            import wandb
+
+            run.log({key: wandb.Image(str(path))}, step=self.last_step)
+
+        self._wandb_call(_log)
+
+    def log_model(self, path: str | Path) -> None:
+        """Log the folder ``path`` (the merged policy: weights, tokenizer, model card
+        README.md) as the W&B artifact ``policy-<run id>`` of type ``model``, its card as the
+        description and the run's scalar summary as metadata. The files are referenced in
+        place (not copied to W&B's staging area); no-op without W&B or with log_model false."""
+        path = Path(path)
+        if not self.log_model_enabled or not self.enabled:
+            return
+
+        def _log(run: Any) -> None:
+            import wandb
+
+            card = path / "README.md"
+            metadata = {k: v for k, v in self.summary.items() if isinstance(v, (int, float))}
+            artifact = wandb.Artifact(
+                f"policy-{run.id}",
+                type="model",
+                description=card.read_text(encoding="utf-8") if card.is_file() else None,
+                metadata=metadata,
+            )
+            artifact.add_dir(str(path), skip_cache=True, policy="immutable")
+            run.log_artifact(artifact)
 
         self._wandb_call(_log)
 

@@ -12,7 +12,9 @@ import pytest
 
 from detox_exp.compare import (
     RunRecord,
+    config_cell,
     differing_keys,
+    flatten,
     format_metric,
     load_runs,
     main,
@@ -256,3 +258,165 @@ def test_compare_two_real_runs(tmp_path: Path, standins) -> None:
         path = tmp_path / "tmp" / "plots" / name
         assert str(Path("tmp/plots") / name) in result.stdout
         check_png(path)
+
+
+# ------------------------------------------- shape differences, baselines, the optimum
+WANDB_LOGGER = {
+    "_target_": "detox_exp.tracking.Tracker",
+    "run_dir": "${paths.output_dir}",
+    "log_model": True,
+    "wandb": {"project": "detox-exp", "entity": None, "group": None, "tags": [], "mode": None},
+}
+NONE_LOGGER = {
+    "_target_": "detox_exp.tracking.Tracker",
+    "run_dir": "${paths.output_dir}",
+    "wandb": None,
+}
+
+
+def write_run(run_dir: Path, config: dict, summary: dict, choices: dict | None = None) -> None:
+    """A run dir with .hydra/config.yaml, summary.json and, given choices, .hydra/hydra.yaml."""
+    from omegaconf import OmegaConf
+
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(config), run_dir / ".hydra" / "config.yaml")
+    if choices is not None:
+        hydra = {"hydra": {"run": {"dir": "${now:%H}"}, "runtime": {"choices": choices}}}
+        OmegaConf.save(OmegaConf.create(hydra), run_dir / ".hydra" / "hydra.yaml")
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def evaluation(before: float, after: float, rouge: tuple[float, float], **extra: float) -> dict:
+    return {
+        "eval/before/toxicity_mean": before,
+        "eval/after/toxicity_mean": after,
+        "eval/before/rouge_l": rouge[0],
+        "eval/after/rouge_l": rouge[1],
+        "eval/after/kl_to_reference": 0.5,
+        **extra,
+    }
+
+
+def test_missing_subtree_is_one_column_after_the_metrics(tmp_path: Path, capsys) -> None:
+    """Three seeds with W&B and one run with logger=none: one `logger` column, after the
+    metrics; the seed (a value every run has) before them."""
+    sweep = tmp_path / "sweep"
+    for job, (seed, logger) in enumerate([(1, "wandb"), (2, "wandb"), (3, "wandb"), (1, "none")]):
+        config = {"seed": seed, "logger": WANDB_LOGGER if logger == "wandb" else NONE_LOGGER}
+        summary = evaluation(0.2, 0.1, (0.3, 0.3))
+        write_run(sweep / str(job), config, summary, {"logger": logger, "ppo": "rloo"})
+    runs = load_runs([str(sweep)])
+    assert differing_keys(runs) == ["seed", "logger"]
+    assert main([str(sweep), "--no-plots"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    header = rows[0]
+    assert header[:3] == ["run", "seed", "eval/before/toxicity_mean"]
+    assert header[-1] == "logger" and not any(h.startswith("logger.") for h in header)
+    assert {r[0]: r[-1] for r in rows[2:]} == {
+        "0": "wandb",
+        "1": "wandb",
+        "2": "wandb",
+        "3": "none",
+    }
+    # without Hydra's choices (no hydra.yaml): the subtree's key, once
+    a, b = (
+        RunRecord(n, {}, flatten({"logger": c}), [])
+        for n, c in (("a", WANDB_LOGGER), ("b", NONE_LOGGER))
+    )
+    assert differing_keys([a, b]) == ["logger.log_model", "logger.wandb"]
+    assert [config_cell(r, "logger.wandb") for r in (a, b)] == ["{5 keys}", "null"]
+    # a group only newer runs have: one column
+    new = flatten({"seed": 1, "frontier": {"beta": 1, "grid": [0.1, 1]}})
+    assert differing_keys([new, {"seed": 2}]) == ["seed", "frontier"]
+
+
+def test_different_baselines_compare_relative_changes(tmp_path: Path, capsys) -> None:
+    """Each run's change from its own baseline sorts the rows: 'a' lowered toxicity by 50%
+    from 0.4, 'b' by 20% from 0.1 (lower after-value, smaller improvement)."""
+    write_run(tmp_path / "a", {"seed": 1}, evaluation(0.4, 0.2, (0.30, 0.33)))
+    write_run(tmp_path / "b", {"seed": 2}, evaluation(0.1, 0.08, (0.25, 0.25)))
+    out = tmp_path / "plots"
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "baselines (eval/before/toxicity_mean) differ" in stdout
+    rows = table_rows(stdout)
+    header = rows[0]
+    assert [r[0] for r in rows[2:]] == ["a", "b"]  # by the relative change, not 0.08 < 0.2
+    cells = {r[0]: dict(zip(header, r)) for r in rows[2:]}
+    assert cells["a"]["eval/delta/toxicity_mean_rel"] == "-50.0%"
+    assert cells["b"]["eval/delta/toxicity_mean_rel"] == "-20.0%"
+    assert cells["a"]["eval/delta/rouge_l_rel"] == "+10.0%"
+    assert cells["a"]["eval/delta/toxicity_mean"] == "-0.200"
+    check_png(out / "pareto.png")
+    # the same baseline: absolute values, no relative column, sorted by the after-value
+    write_run(tmp_path / "c", {"seed": 3}, evaluation(0.4, 0.3, (0.30, 0.31)))
+    assert main([str(tmp_path / "a"), str(tmp_path / "c"), "--no-plots"]) == 0
+    stdout = capsys.readouterr().out
+    assert "baselines" not in stdout
+    rows = table_rows(stdout)
+    assert not any(h.endswith("_rel") for h in rows[0])
+    assert [r[0] for r in rows[2:]] == ["a", "c"]
+
+
+def test_format_metric_relative_changes() -> None:
+    assert (
+        format_metric({"eval/before/x": 0.4, "eval/after/x": 0.3}, "eval/delta/x_rel") == "-25.0%"
+    )
+    assert format_metric({"eval/before/x": 0.4, "eval/after/x": 0.3}, "eval/delta/x") == "-0.100"
+    assert format_metric({"eval/before/x": 0.0, "eval/after/x": 0.3}, "eval/delta/x_rel") == "-"
+    summary = {"d_rel": -0.5, "d_rel_ci_low": -0.612, "d_rel_ci_high": 0.0}
+    assert format_metric(summary, "d_rel") == "-50.0% [-61.2%, +0.0%]"
+
+
+def capture_pareto(monkeypatch: pytest.MonkeyPatch, runs: list[RunRecord], tmp_path: Path):
+    """The axes plot_pareto draws: {legend label: the points of that scatter}, and the axes."""
+    import detox_exp.compare as compare
+
+    figures = []
+    monkeypatch.setattr(compare, "_save", lambda fig, path: figures.append(fig) or Path(path))
+    compare.plot_pareto(runs, tmp_path / "p.png")
+    (ax,) = figures[0].axes
+    return {c.get_label(): [tuple(p) for p in c.get_offsets()] for c in ax.collections}, ax
+
+
+def test_table_and_plots_show_the_optimum(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    optimum = {
+        "eval/optimum/toxicity_mean": 0.05,
+        "eval/optimum/rouge_l": 0.29,
+        "eval/optimum/kl_to_reference": 0.3,
+    }
+    write_run(tmp_path / "a", {"seed": 1}, evaluation(0.2, 0.1, (0.3, 0.31), **optimum))
+    write_run(tmp_path / "b", {"seed": 2}, evaluation(0.2, 0.15, (0.3, 0.32)))  # no optimum
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--no-plots"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    header = rows[0]
+    at = header.index("eval/after/toxicity_mean")
+    assert header[at - 1 : at + 2] == [
+        "eval/before/toxicity_mean",
+        "eval/after/toxicity_mean",
+        "eval/optimum/toxicity_mean",
+    ]
+    assert "eval/optimum/rouge_l" in header and "eval/optimum/kl_to_reference" in header
+    cells = {r[0]: dict(zip(header, r)) for r in rows[2:]}
+    assert cells["a"]["eval/optimum/toxicity_mean"] == "0.050"
+    assert cells["b"]["eval/optimum/toxicity_mean"] == "-"
+    # the same baseline: absolute axes; a's reference and optimum beside its point
+    runs = load_runs([str(tmp_path / "a"), str(tmp_path / "b")])
+    points, ax = capture_pareto(monkeypatch, runs, tmp_path)
+    assert points["reference (before PPO)"] == [(0.2, 0.3)]  # both runs' reference
+    assert points["optimum at the run's beta"] == [(0.05, 0.29)]
+    lines = [list(zip(*line.get_data())) for line in ax.lines]
+    assert [(0.2, 0.3), (0.1, 0.31)] in lines and [(0.05, 0.29), (0.1, 0.31)] in lines
+    # different baselines: every point as the change from its run's own baseline, in %
+    runs[1].summary["eval/before/toxicity_mean"] = 0.3
+    points, ax = capture_pareto(monkeypatch, runs, tmp_path)
+    assert points["reference (before PPO)"] == [(0.0, 0.0)]
+    ((x, y),) = points["optimum at the run's beta"]
+    assert x == pytest.approx(-75.0) and y == pytest.approx(100 * (0.29 / 0.3 - 1))
+    assert "change from the run's own baseline" in ax.get_xlabel()
+    # no run has before or optimum values: the plot as before
+    bare = [RunRecord("x", {"eval/after/toxicity_mean": 0.1, "eval/after/rouge_l": 0.3}, {}, [])]
+    points, _ = capture_pareto(monkeypatch, bare, tmp_path)
+    assert set(points) == {"Pareto-optimal"}

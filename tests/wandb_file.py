@@ -117,3 +117,49 @@ def replay_history(paths: list[Path]) -> tuple[dict[int, dict[str, Any]], list[i
             else:
                 history[step] = row
     return history, repeated
+
+
+def read_metric_definitions(path: Path) -> dict[str, dict[str, Any]]:
+    """``run.define_metric`` definitions in an offline run file: {name or glob: {step_metric,
+    hidden, summary: [the summary aggregations set]}}."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    definitions = {}
+    for payload in iter_payloads(path):
+        record = pb.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") != "metric":
+            continue
+        metric = record.metric
+        summary = [f.name for f, value in metric.summary.ListFields() if value]
+        definitions[metric.name or metric.glob_name] = {
+            "step_metric": metric.step_metric,
+            "hidden": metric.options.hidden,
+            "summary": summary,
+        }
+    return definitions
+
+
+def read_artifacts(path: Path) -> list[dict[str, Any]]:
+    """Artifacts logged in an offline run file: name, type, description, metadata, aliases
+    and the paths in their manifest."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    artifacts = []
+    for payload in iter_payloads(path):
+        record = pb.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") != "artifact":
+            continue
+        artifact = record.artifact
+        artifacts.append(
+            {
+                "name": artifact.name,
+                "type": artifact.type,
+                "description": artifact.description,
+                "metadata": json.loads(artifact.metadata or "{}"),
+                "aliases": list(artifact.aliases),
+                "paths": sorted(entry.path for entry in artifact.manifest.contents),
+            }
+        )
+    return artifacts
