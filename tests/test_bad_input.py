@@ -183,7 +183,7 @@ def test_types_and_ranges_of_every_group(tmp_path: Path, override: str, field: s
     bad value is a ConfigError naming its key (the CLI prints it as one line, exit 2)."""
     from detox_exp.errors import ConfigError
     from detox_exp.pipeline import check_run_config
-    from tests.test_config import compose_cfg
+    from tests.helpers.config import compose_cfg
 
     cfg = compose_cfg(["experiment=demo", *override.split()], tmp_path)
     with pytest.raises(ConfigError) as err:

@@ -16,12 +16,12 @@ import torch
 from detox_exp import metric_names as M
 from detox_exp.models import load_policy
 from tests.conftest import ROOT, run_cli, trained_lora
-from tests.test_sampling import assert_greedy_with_adapter_equals_generate
-from tests.test_t5_decoding import (
-    _batch,
-    _step_logits,
-    _tokens,
+from tests.helpers.decoding import (
     assert_bf16_error_within_bf16_rounding,
+    assert_greedy_with_adapter_equals_generate,
+    decoding_batch,
+    step_logits,
+    teacher_tokens,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -30,11 +30,11 @@ CUDA = torch.device("cuda")
 
 
 def test_step_decoder_matches_the_model_on_cuda(tiny_t5: Path) -> None:
-    _, ids, mask = _batch(tiny_t5, "cuda")
+    _, ids, mask = decoding_batch(tiny_t5, "cuda")
     model = trained_lora(load_policy(str(tiny_t5), full_finetune=True)).to(CUDA)
-    tokens = _tokens(ids).to(CUDA)
-    want = _step_logits(model, ids, mask, tokens, fast=False)
-    got = _step_logits(model, ids, mask, tokens, fast=True)
+    tokens = teacher_tokens(ids).to(CUDA)
+    want = step_logits(model, ids, mask, tokens, fast=False)
+    got = step_logits(model, ids, mask, tokens, fast=True)
     assert got.device.type == "cuda"
     assert want.abs().max() > 1.0  # non-trivial logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)

@@ -194,9 +194,9 @@ def test_minibatches_hold_whole_groups(tiny_t5: Path, tmp_path: Path) -> None:
 
 
 def test_experience_rows_of_groups() -> None:
-    from tests.test_experience import _experience
+    from tests.helpers.experience import experience_of
 
-    exp = _experience(query_lengths=[40, 10, 1, 1], response_lengths=[30, 3, 17, 1])
+    exp = experience_of(query_lengths=[40, 10, 1, 1], response_lengths=[30, 3, 17, 1])
     exp.samples_per_prompt = 2  # two prompts, two samples each
     exp.query, exp.query_mask = exp.query[:2], exp.query_mask[:2]
     assert exp.rows(torch.tensor([1, 0])).tolist() == [2, 3, 0, 1]

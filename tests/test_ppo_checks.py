@@ -12,7 +12,7 @@ from detox_exp.errors import ConfigError
 from detox_exp.pipeline import check_run_config
 from detox_exp.ppo.checks import local_sizes
 from detox_exp.ppo.settings import PPOSettings, check_ppo_config
-from tests.test_config import compose_cfg
+from tests.helpers.config import compose_cfg
 
 
 def check_hyperparameters(values: dict) -> PPOSettings:

@@ -126,7 +126,7 @@ def test_fp16_t5_demo_is_one_line_on_cuda(demo_cache: Path, tmp_path: Path) -> N
 
 
 def test_the_policy_node_passes_the_run_precision(tmp_path: Path) -> None:
-    from tests.test_config import compose_cfg
+    from tests.helpers.config import compose_cfg
 
     for overrides in ([], ["experiment=demo"], ["model=flan_t5_large", "precision=bf16"]):
         cfg = compose_cfg(overrides, tmp_path)
@@ -289,7 +289,7 @@ def test_nonzero_lora_dropout_is_refused() -> None:
 
 
 def test_model_configs_have_no_lora_dropout(tmp_path: Path) -> None:
-    from tests.test_config import compose_cfg
+    from tests.helpers.config import compose_cfg
 
     for name in sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")):
         cfg = compose_cfg([f"model={name}"], tmp_path)

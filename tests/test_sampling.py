@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
     LogitsProcessorList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -17,8 +15,13 @@ from transformers import (
 )
 
 from detox_exp.errors import ConfigError
-from detox_exp.ppo.rollout import make_sampling, pad_queries, sample_from_logits, sample_responses
-from tests.conftest import trained_lora
+from detox_exp.ppo.rollout import make_sampling, sample_from_logits, sample_responses
+from tests.helpers.decoding import (
+    assert_greedy_with_adapter_equals_generate,
+    assert_same_tokens,
+    lora_model,
+    prompt_batch,
+)
 
 
 @pytest.mark.parametrize(
@@ -79,24 +82,8 @@ def test_impossible_settings_name_the_field(gen: dict, field: str) -> None:
         make_sampling(gen, "eval.generation")
 
 
-def _prompts(tiny_t5: Path, device: str = "cpu"):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
-    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5).eval().to(device)
-    texts = ["a short one", "a much longer prompt about a meeting " * 5, "medium prompt here"]
-    ids, mask = pad_queries(tokenizer(texts)["input_ids"], tokenizer.pad_token_id, device)
-    return model, tokenizer, ids, mask
-
-
-def assert_same_tokens(ours: torch.Tensor, theirs: torch.Tensor, pad: int) -> None:
-    """Equal token ids once both are right-padded to the same width."""
-    width = max(ours.shape[1], theirs.shape[1])
-    ours = torch.nn.functional.pad(ours, (0, width - ours.shape[1]), value=pad)
-    theirs = torch.nn.functional.pad(theirs, (0, width - theirs.shape[1]), value=pad)
-    assert torch.equal(ours, theirs)
-
-
 def test_greedy_decoding_equals_generate(tiny_t5: Path) -> None:
-    model, tokenizer, ids, mask = _prompts(tiny_t5)
+    model, tokenizer, ids, mask = prompt_batch(tiny_t5)
     ours, ours_mask = sample_responses(
         model, tokenizer, ids, mask, {"do_sample": False, "max_new_tokens": 12}
     )
@@ -108,7 +95,7 @@ def test_greedy_decoding_equals_generate(tiny_t5: Path) -> None:
 
 
 def test_sampled_responses_respect_lengths_and_eos(tiny_t5: Path) -> None:
-    model, tokenizer, ids, mask = _prompts(tiny_t5)
+    model, tokenizer, ids, mask = prompt_batch(tiny_t5)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     torch.manual_seed(0)
     gen = {"max_new_tokens": 10, "min_new_tokens": 4, "top_k": 0, "top_p": 1.0}
@@ -123,13 +110,6 @@ def test_sampled_responses_respect_lengths_and_eos(tiny_t5: Path) -> None:
             assert n == len(row) or row[n - 1] == eos
 
 
-def _lora_model(tiny_t5: Path, dtype: torch.dtype | None = None, device: str = "cpu"):
-    model, tokenizer, ids, mask = _prompts(tiny_t5, device)
-    if dtype is not None:
-        model = model.to(dtype)
-    return trained_lora(model).to(device), tokenizer, ids, mask
-
-
 def _q_weight(model) -> torch.Tensor:
     return model.get_base_model().decoder.block[0].layer[0].SelfAttention.q.base_layer.weight
 
@@ -137,7 +117,7 @@ def _q_weight(model) -> torch.Tensor:
 def test_folded_adapter_gives_the_same_logits_and_restores_weights(tiny_t5: Path) -> None:
     from detox_exp.fast.lora_fold import folded_adapter
 
-    model, _, ids, mask = _lora_model(tiny_t5)
+    model, _, ids, mask = lora_model(tiny_t5)
     before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
     dec = torch.randint(2, 300, (ids.shape[0], 6))
     with torch.no_grad():
@@ -165,7 +145,7 @@ def test_folding_is_skipped_where_it_would_be_wrong(tiny_t5: Path, case: str) ->
     disable_adapter() folding would switch the adapter back on."""
     from detox_exp.fast.lora_fold import folded_adapter
 
-    model, _, _, _ = _lora_model(tiny_t5, torch.bfloat16 if case == "bf16_weights" else None)
+    model, _, _, _ = lora_model(tiny_t5, torch.bfloat16 if case == "bf16_weights" else None)
     original = _q_weight(model)
     outer = {
         "autocast": torch.autocast("cpu", dtype=torch.bfloat16),
@@ -174,18 +154,6 @@ def test_folding_is_skipped_where_it_would_be_wrong(tiny_t5: Path, case: str) ->
     }[case]
     with outer, folded_adapter(model):
         assert _q_weight(model) is original
-
-
-def assert_greedy_with_adapter_equals_generate(tiny_t5: Path, device: str) -> None:
-    """Greedy decoding through the KV cache with the LoRA update folded in picks the same
-    tokens as transformers' generate() with the adapter applied the usual way."""
-    model, tokenizer, ids, mask = _lora_model(tiny_t5, device=device)
-    ours, _ = sample_responses(
-        model, tokenizer, ids, mask, {"do_sample": False, "max_new_tokens": 10}, check_every=1
-    )
-    theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
-    assert ours.device.type == torch.device(device).type
-    assert_same_tokens(ours, theirs[:, 1:], tokenizer.pad_token_id)
 
 
 def test_sampling_loop_with_a_trained_adapter_equals_generate(tiny_t5: Path) -> None:

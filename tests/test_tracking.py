@@ -90,7 +90,7 @@ def test_wandb_api_key_means_online(wandb_home: Path, monkeypatch: pytest.Monkey
 
 
 # ------------------------------------------------------------------ run name
-def test_run_name_from_task_and_overrides() -> None:
+def test_run_name_from_task_and_overrides(monkeypatch) -> None:
     groups = {"experiment", "ppo", "ppo/kl_controller", "logger", "hydra/launcher"}
     overrides = [
         "experiment=demo",
@@ -111,7 +111,11 @@ def test_run_name_from_task_and_overrides() -> None:
     )
     assert run_name("bench", ["experiment=demo"], groups) == "bench demo"
     assert len(run_name("t", [f"k{i}=v" for i in range(100)], groups)) == NAME_MAX_CHARS
-    assert hydra_run_name("demo") is None  # outside Hydra: W&B's own name
+    from hydra.core.hydra_config import HydraConfig
+
+    # outside Hydra (another test in this process may have set a config): W&B's own name
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
+    assert hydra_run_name("demo") is None
 
 
 # ------------------------------------------------------- an offline run, read back

@@ -57,10 +57,22 @@ def folded_adapter(model: nn.Module) -> Iterator[None]:
                     continue
                 delta = sum(layer.get_delta_weight(a) for a in adapters)
                 originals.append((base, base.weight))
-                folded = base.weight + delta.to(base.weight.dtype)
-                base.weight = nn.Parameter(folded, requires_grad=False)
+                folded = nn.Parameter(base.weight + delta.to(base.weight.dtype), False)
+                folded.fold_source = (base.weight, getattr(layer, "fan_in_fan_out", False))
+                for a in adapters:
+                    lora = (layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a])
+                    folded.fold_source += lora
+                base.weight = folded
         with model.disable_adapter():
             yield
     finally:
         for base, weight in originals:
             base.weight = weight
+
+
+def fold_source(weight: torch.Tensor) -> tuple | None:
+    """What a weight folded by :func:`folded_adapter` was computed from, ``(W,
+    fan_in_fan_out, A_1, B_1, s_1, A_2, ...)`` (the original weight, then each folded
+    adapter's matrices and scaling), so a cache can key the fold by its sources (the folded
+    tensor itself is new on every entry); None for any other tensor."""
+    return getattr(weight, "fold_source", None)
