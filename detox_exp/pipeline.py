@@ -344,7 +344,9 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
     beta = configured_beta(controller)  # None: taken from the frontier
     if stages.get("frontier"):
         start = time.perf_counter()
-        beta = _frontier_stage(cfg, tracker, run_dir, dist, model, tokenizer, scorer, splits)
+        beta = _frontier_stage(
+            cfg, controller, tracker, run_dir, dist, model, tokenizer, scorer, splits
+        )
         timed("frontier", start)
     if stages.ppo:
         start = time.perf_counter()
@@ -407,6 +409,7 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
 
 def _frontier_stage(
     cfg: DictConfig,
+    controller: dict[str, Any],
     tracker: Tracker,
     run_dir: Path,
     dist: Dist,
@@ -425,7 +428,6 @@ def _frontier_stage(
         generation = OmegaConf.to_container(cfg.model.generation, resolve=True)
         draws = runner.sample(model, tokenizer, scorer, splits.train, generation)
         result = runner.read(draws)
-        controller = OmegaConf.to_container(cfg.ppo.kl_controller, resolve=True)
         beta = None
         try:
             beta = frontier.choose_beta(result, controller, runner.min_drop)
@@ -433,8 +435,7 @@ def _frontier_stage(
         except ConfigError as err:
             decision = {"error": [err.field, err.problem, err.fix]}
         out = run_dir / "frontier"
-        frontier.write_frontier(result, out, beta)
-        print(f"\n{frontier.frontier_markdown(result, beta)}", flush=True)
+        print(f"\n{frontier.write_frontier(result, out, beta)}", flush=True)
         tracker.log_table(
             M.FRONTIER_TABLE,
             frontier.ROW_KEYS,

@@ -85,16 +85,16 @@ def test_corpus_metrics_are_scaled_onto_the_reference() -> None:
     texts = [[f"prompt {p} answer {i} words" for i in range(4)] for p in range(6)]
     rewards = np.zeros((6, 4))
     tox = np.full((6, 4), 0.1)
-    ref = core.reference_corpus_metrics(texts)
     u = np.random.default_rng(3).random((4, 6, 4))
+    ref = core.ReferenceCorpus.of(texts, u)
     flat = core.optimum_metrics(1.0, rewards, tox, texts, {}, ref, 0.5, u)
     for name in core.CORPUS_METRICS:
-        assert flat[name] == pytest.approx(ref[name])
+        assert flat[name] == pytest.approx(ref.full[name])
     assert flat["kl_to_reference"] == pytest.approx(0.0, abs=1e-12)
     peaked = rewards.copy()
     peaked[:, 0] = 50.0
     sharp = core.optimum_metrics(1.0, peaked, tox, texts, {}, ref, 0.5, u)
-    assert sharp["unique_fraction"] < 0.5 * ref["unique_fraction"]
+    assert sharp["unique_fraction"] < 0.5 * ref.full["unique_fraction"]
     assert sharp["kl_to_reference"] == pytest.approx(np.log(4), rel=1e-6)
 
 

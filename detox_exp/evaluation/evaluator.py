@@ -62,6 +62,10 @@ class EvalResult:
         """Each prompt's k responses, in prompt order."""
         return [[r["response"] for r in group] for group in self.groups()]
 
+    def rewards(self) -> np.ndarray:
+        """Each prompt's k rewards ``[n_prompts, k]`` (the classifier's, before KL)."""
+        return np.array([[r["reward"] for r in group] for group in self.groups()])
+
     @classmethod
     def load(cls, run_dir: str | Path, phase: str) -> EvalResult:
         """Read back an evaluation written by :meth:`Evaluator.evaluate` (used on resume)."""

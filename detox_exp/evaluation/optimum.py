@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     groups = result.groups()
-    rewards = np.array([[r["reward"] for r in g] for g in groups])
+    rewards = result.rewards()
     picked, kl, fallbacks = rejection_optimum(rewards, beta, np.random.default_rng(args.seed))
     threshold = float(cfg.eval.get("toxic_threshold", 0.5))
     rows = {

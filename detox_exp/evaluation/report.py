@@ -137,21 +137,19 @@ def optimum_metrics(
     """``eval/optimum/*``: the optimum ``pi* ~ ref * exp(r / beta)`` on the held-out prompts,
     read from the before-evaluation's K >= 2 samples per prompt by self-normalised weights
     (:func:`detox_exp.frontier.core.optimum_metrics`); {} with one sample per prompt."""
-    groups = before.groups()
     p, k = before.toxicity.shape
     if k < 2:
         return {}
-    rewards = np.array([[r["reward"] for r in g] for g in groups])
-    texts = [[r["response"] for r in g] for g in groups]
+    texts = before.responses()
     per_sample = {
         "rouge_l": before.rouge_l,
         "response_len_mean": before.lengths,
-        "empty_fraction": np.array([[float(not r["response"]) for r in g] for g in groups]),
+        "empty_fraction": np.array([[float(not t) for t in group] for group in texts]),
     }
-    corpus = frontier.reference_corpus_metrics(texts)
     uniforms = np.random.default_rng(seed).random((repeats, p, k))
+    corpus = frontier.ReferenceCorpus.of(texts, uniforms)
     values = frontier.optimum_metrics(
-        beta, rewards, before.toxicity, texts, per_sample, corpus, threshold, uniforms
+        beta, before.rewards(), before.toxicity, texts, per_sample, corpus, threshold, uniforms
     )
     values |= {"beta": float(beta), "num_prompts": p, "samples_per_prompt": k}
     return {f"eval/{M.OPTIMUM_PHASE}/{name}": v for name, v in values.items()}

@@ -21,6 +21,7 @@ the sampling and the files.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -121,13 +122,45 @@ def resample(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     return np.stack([np.searchsorted(c, u, side="right") for c, u in zip(cdf, uniforms)])
 
 
+def resampled_corpus_metrics(
+    weights: np.ndarray, texts: Sequence[Sequence[str]], uniforms: np.ndarray
+) -> dict[str, float]:
+    """:data:`CORPUS_METRICS` averaged over R resamplings of K draws per prompt by
+    ``weights`` ``[P, K]`` (``uniforms`` ``[R, P, K]``)."""
+    sums = dict.fromkeys(CORPUS_METRICS, 0.0)
+    for u in uniforms:
+        picked = resample(weights, u)
+        corpus = [texts[p][i] for p in range(len(texts)) for i in picked[p]]
+        for name, metric in CORPUS_METRICS.items():
+            sums[name] += metric(corpus)
+    return {name: total / len(uniforms) for name, total in sums.items()}
+
+
+@dataclass
+class ReferenceCorpus:
+    """The reference's corpus metrics over all P * K draws (``full``) and over the R
+    resamplings by uniform weights (``resampled``): the scale and the baseline that the
+    optimum's resampled corpus metrics are read against (:func:`optimum_metrics`)."""
+
+    full: dict[str, float]
+    resampled: dict[str, float]
+
+    @classmethod
+    def of(cls, texts: Sequence[Sequence[str]], uniforms: np.ndarray) -> ReferenceCorpus:
+        corpus = [t for group in texts for t in group]
+        full = {name: metric(corpus) for name, metric in CORPUS_METRICS.items()}
+        k = uniforms.shape[-1]
+        flat = np.full((len(texts), k), 1.0 / k)
+        return cls(full, resampled_corpus_metrics(flat, texts, uniforms))
+
+
 def optimum_metrics(
     beta: float,
     rewards: np.ndarray,
     toxicity: np.ndarray,
     texts: Sequence[Sequence[str]],
     per_sample: dict[str, np.ndarray],
-    reference_corpus: dict[str, float],
+    reference: ReferenceCorpus,
     threshold: float,
     uniforms: np.ndarray,
 ) -> dict[str, float]:
@@ -138,7 +171,8 @@ def optimum_metrics(
         texts: ``[P][K]`` the draws' responses.
         per_sample: other ``[P, K]`` per-response metrics (e.g. ``rouge_l``), whose optimum
             value is their tilted mean.
-        reference_corpus: the corpus metrics (:data:`CORPUS_METRICS`) of all P * K draws.
+        reference: the reference's corpus metrics (:meth:`ReferenceCorpus.of`, computed
+            once with the same ``uniforms`` for every beta).
         threshold: toxicity above which a response counts as toxic.
         uniforms: ``[R, P, K]`` uniforms for R resamplings of K draws per prompt.
 
@@ -159,20 +193,8 @@ def optimum_metrics(
         "kl_to_reference": float(optimum_kl(w).mean()),
     }
     out |= {name: tilted_mean(values, w) for name, values in per_sample.items()}
-    uniform = np.full_like(w, 1.0 / w.shape[1])
-    sums = {name: [0.0, 0.0] for name in CORPUS_METRICS}
-    for u in uniforms:
-        for slot, weights in enumerate((w, uniform)):
-            picked = resample(weights, u)
-            corpus = [texts[p][i] for p in range(len(texts)) for i in picked[p]]
-            for name, metric in CORPUS_METRICS.items():
-                sums[name][slot] += metric(corpus)
-    for name, (weighted, flat) in sums.items():
-        out[name] = reference_corpus[name] * (weighted / flat if flat > 0 else 1.0)
+    weighted = resampled_corpus_metrics(w, texts, uniforms)
+    for name, value in weighted.items():
+        flat = reference.resampled[name]
+        out[name] = reference.full[name] * (value / flat if flat > 0 else 1.0)
     return out
-
-
-def reference_corpus_metrics(texts: Sequence[Sequence[str]]) -> dict[str, float]:
-    """:data:`CORPUS_METRICS` of all draws ``texts`` ``[P][K]``."""
-    corpus = [t for group in texts for t in group]
-    return {name: metric(corpus) for name, metric in CORPUS_METRICS.items()}

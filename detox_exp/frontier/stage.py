@@ -18,7 +18,8 @@ import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,25 +81,58 @@ class ReferenceDraws:
 @dataclass
 class FrontierResult:
     """The frontier of one run: the reference's metrics, one row per beta (:data:`ROW_KEYS`
-    and more) and the draws it was read from."""
+    and more), the draws it was read from and the resampling uniforms ``[R, P, K]`` that
+    every beta's corpus metrics share."""
 
     reference: dict[str, float]
     rows: list[dict[str, float]]
     draws: ReferenceDraws
     threshold: float
-    seed: int
-    repeats: int
+    uniforms: np.ndarray
+    corpus: core.ReferenceCorpus
+    _off_grid: dict[float, dict[str, float]] = field(default_factory=dict, repr=False)
 
     def drop(self, beta: float) -> float:
         return core.toxicity_drop(self.draws.rewards, self.draws.toxicity, beta)
 
     def at(self, beta: float) -> dict[str, float]:
-        """The row of any beta (not only the grid's)."""
-        return frontier_row(self.draws, beta, self.reference, self.threshold, self.uniforms())
+        """The row of any beta (the grid's, or computed once for another)."""
+        for row in self.rows:
+            if row["beta"] == beta:
+                return row
+        if beta not in self._off_grid:
+            self._off_grid[beta] = self.row(beta)
+        return self._off_grid[beta]
 
-    def uniforms(self) -> np.ndarray:
-        p, k = self.draws.rewards.shape
-        return np.random.default_rng(self.seed).random((self.repeats, p, k))
+    def row(self, beta: float) -> dict[str, float]:
+        """One beta's row: :data:`ROW_KEYS` plus the ratios to the reference."""
+        draws, reference = self.draws, self.reference
+        m = core.optimum_metrics(
+            beta,
+            draws.rewards,
+            draws.toxicity,
+            draws.texts,
+            {"rouge_l": draws.rouge_l},
+            self.corpus,
+            self.threshold,
+            self.uniforms,
+        )
+        ref_tox = reference["toxicity_mean"]
+        return {
+            "beta": float(beta),
+            "toxicity_mean": m["toxicity_mean"],
+            "toxic_fraction": m["toxic_fraction"],
+            "toxicity_change": m["toxicity_mean"] / ref_tox - 1 if ref_tox > 0 else 0.0,
+            "kl": m["kl_to_reference"],
+            "distinct_2": m["distinct_2"],
+            "unique_fraction": m["unique_fraction"],
+            "rouge_l": m["rouge_l"],
+            "reward_mean": m["reward_mean"],
+            "distinct_2_ratio": m["distinct_2"] / reference["distinct_2"]
+            if reference["distinct_2"]
+            else 1.0,
+            "rouge_l_ratio": m["rouge_l"] / reference["rouge_l"] if reference["rouge_l"] else 1.0,
+        }
 
     def beta_for_drop(self, target: float) -> float | None:
         betas = [row["beta"] for row in self.rows]
@@ -107,60 +141,22 @@ class FrontierResult:
         )
 
 
-def frontier_row(
-    draws: ReferenceDraws,
-    beta: float,
-    reference: Mapping[str, float],
-    threshold: float,
-    uniforms: np.ndarray,
-) -> dict[str, float]:
-    """One beta's row: :data:`ROW_KEYS` plus the ratios to the reference."""
-    corpus = {name: reference[name] for name in core.CORPUS_METRICS}
-    m = core.optimum_metrics(
-        beta,
-        draws.rewards,
-        draws.toxicity,
-        draws.texts,
-        {"rouge_l": draws.rouge_l},
-        corpus,
-        threshold,
-        uniforms,
-    )
-    ref_tox = reference["toxicity_mean"]
-    return {
-        "beta": float(beta),
-        "toxicity_mean": m["toxicity_mean"],
-        "toxic_fraction": m["toxic_fraction"],
-        "toxicity_change": m["toxicity_mean"] / ref_tox - 1 if ref_tox > 0 else 0.0,
-        "kl": m["kl_to_reference"],
-        "distinct_2": m["distinct_2"],
-        "unique_fraction": m["unique_fraction"],
-        "rouge_l": m["rouge_l"],
-        "reward_mean": m["reward_mean"],
-        "distinct_2_ratio": m["distinct_2"] / reference["distinct_2"]
-        if reference["distinct_2"]
-        else 1.0,
-        "rouge_l_ratio": m["rouge_l"] / reference["rouge_l"] if reference["rouge_l"] else 1.0,
-    }
-
-
 def read_frontier(
     draws: ReferenceDraws, betas: Sequence[float], threshold: float, seed: int, repeats: int
 ) -> FrontierResult:
     """The frontier over ``betas`` from scored reference draws (pure: no model)."""
-    corpus = core.reference_corpus_metrics(draws.texts)
+    p, k = draws.rewards.shape
+    uniforms = np.random.default_rng(seed).random((repeats, p, k))
+    corpus = core.ReferenceCorpus.of(draws.texts, uniforms)
     reference = {
         "toxicity_mean": float(draws.toxicity.mean()),
         "toxic_fraction": float((draws.toxicity > threshold).mean()),
         "rouge_l": float(draws.rouge_l.mean()),
         "reward_mean": float(draws.rewards.mean()),
-        **corpus,
+        **corpus.full,
     }
-    result = FrontierResult(reference, [], draws, threshold, seed, repeats)
-    uniforms = result.uniforms()
-    result.rows = [
-        frontier_row(draws, b, reference, threshold, uniforms) for b in sorted(set(betas))
-    ]
+    result = FrontierResult(reference, [], draws, threshold, uniforms, corpus)
+    result.rows = [result.row(b) for b in sorted(set(betas))]
     return result
 
 
@@ -197,9 +193,9 @@ class Frontier:
             (batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}", "raise it"),
             (repeats >= 1, "repeats", f"must be >= 1, got {repeats}", "use e.g. 4"),
         ]
-        for ok, field, problem, fix in checks:
+        for ok, key, problem, fix in checks:
             if not ok:
-                raise ConfigError(f"frontier.{field}", problem, fix)
+                raise ConfigError(f"frontier.{key}", problem, fix)
         self.num_prompts, self.k = num_prompts, samples_per_prompt
         self.betas = [float(b) for b in betas]
         self.min_drop, self.batch_size, self.repeats = min_drop, batch_size, repeats
@@ -223,22 +219,26 @@ class Frontier:
         texts: list[str] = []
         was_training = model.training
         model.eval()
-        reference = model.disable_adapter() if hasattr(model, "disable_adapter") else None
+        # the reference: the same network with its adapter disabled
+        reference = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
         bar = progress(total=len(rows) * self.k, desc="frontier", unit="sample")
         try:
-            if reference is not None:
-                reference.__enter__()
-            for start in range(0, len(rows), per_batch):
-                chunk = rows.select(range(start, min(start + per_batch, len(rows))))
-                ids, mask = pad_queries(chunk["input_ids"], tokenizer.pad_token_id, device)
-                response, _ = sample_responses(
-                    model, tokenizer, ids, mask, gen, samples_per_prompt=self.k, generator=stream
-                )
-                texts += decode(tokenizer, response)
-                bar.update(len(chunk) * self.k)
+            with reference:
+                for start in range(0, len(rows), per_batch):
+                    chunk = rows.select(range(start, min(start + per_batch, len(rows))))
+                    ids, mask = pad_queries(chunk["input_ids"], tokenizer.pad_token_id, device)
+                    response, _ = sample_responses(
+                        model,
+                        tokenizer,
+                        ids,
+                        mask,
+                        gen,
+                        samples_per_prompt=self.k,
+                        generator=stream,
+                    )
+                    texts += decode(tokenizer, response)
+                    bar.update(len(chunk) * self.k)
         finally:
-            if reference is not None:
-                reference.__exit__(None, None, None)
             bar.close()
             model.train(was_training)
         scores = scorer.score(texts)
@@ -306,14 +306,17 @@ def choose_beta(result: FrontierResult, controller: Mapping[str, Any], min_drop:
     return beta
 
 
-def write_frontier(result: FrontierResult, out: Path, beta: float | None = None) -> None:
-    """``frontier.jsonl``, ``frontier.md``, ``frontier.png`` and ``draws.jsonl`` in ``out``."""
+def write_frontier(result: FrontierResult, out: Path, beta: float | None = None) -> str:
+    """``frontier.jsonl``, ``frontier.md``, ``frontier.png`` and ``draws.jsonl`` in ``out``;
+    returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "frontier.jsonl", result.rows)
     write_json(out / "reference.json", result.reference)
     result.draws.save(out / "draws.jsonl")
-    (out / "frontier.md").write_text(frontier_markdown(result, beta))
+    table = frontier_markdown(result, beta)
+    (out / "frontier.md").write_text(table)
     plot_frontier(result, out / "frontier.png", beta)
+    return table
 
 
 def frontier_markdown(result: FrontierResult, beta: float | None = None) -> str:
@@ -398,12 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if before.toxicity.shape[1] < 2:
             print("run_dir: eval/before has 1 sample per prompt; need K >= 2", file=sys.stderr)
             return 2
-        groups = before.groups()
         draws = ReferenceDraws(
-            rewards=np.array([[r["reward"] for r in g] for g in groups]),
+            rewards=before.rewards(),
             toxicity=before.toxicity,
             rouge_l=before.rouge_l,
-            texts=[[r["response"] for r in g] for g in groups],
+            texts=before.responses(),
         )
     else:
         print(f"run_dir: no {saved} and no eval/before in {args.run_dir}", file=sys.stderr)
@@ -412,8 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         draws, betas, threshold, int(node.get("seed", 0)), int(node.get("repeats", 4))
     )
     out = args.out or args.run_dir / "frontier"
-    write_frontier(result, out)
-    print(frontier_markdown(result), end="")
+    print(write_frontier(result, out), end="")
     print(f"written: {out}")
     return 0
 
