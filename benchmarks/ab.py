@@ -28,9 +28,9 @@ from functools import partial
 
 import torch
 
-from detox_exp import cli
-from detox_exp.ppo import rollout, trainer
-from detox_exp.ppo.policy import base_model
+from detox_exp import cli, generation
+from detox_exp.ppo import trainer
+from detox_exp.seq2seq import base_model
 
 
 def set_attention(ppo: trainer.PPOTrainer, impl: str) -> None:
@@ -41,7 +41,7 @@ def set_attention(ppo: trainer.PPOTrainer, impl: str) -> None:
 def set_decoder(ppo: trainer.PPOTrainer, which: str) -> None:
     if which not in ("step", "hf"):
         raise SystemExit(f"--knob decoder takes step or hf, got {which!r}")
-    sample = partial(rollout.sample_responses, step_decoder=which == "step")
+    sample = partial(generation.sample_responses, step_decoder=which == "step")
     trainer.sample_responses = sample  # the name the trainer calls
 
 

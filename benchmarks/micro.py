@@ -103,8 +103,8 @@ def _policy(bench_dir: Path, bf16: bool):
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
+    from detox_exp.generation import pad_queries
     from detox_exp.models import load_policy
-    from detox_exp.ppo.rollout import pad_queries
 
     tokenizer = AutoTokenizer.from_pretrained(bench_dir / "policy")
     rows = [json.loads(line) for line in (bench_dir / "prompts.jsonl").open()][:16]
@@ -122,8 +122,8 @@ def _policy(bench_dir: Path, bf16: bool):
 
 
 def sampling(bench_dir: Path, bf16: bool) -> dict[str, float]:
-    from detox_exp.ppo.policy import encode
-    from detox_exp.ppo.rollout import sample_responses
+    from detox_exp.generation import sample_responses
+    from detox_exp.seq2seq import encode
 
     model, tokenizer, ids, mask, precision = _policy(bench_dir, bf16)
     gen = {"max_new_tokens": 32, "min_new_tokens": 32, "top_k": 0, "top_p": 1.0}
@@ -169,24 +169,25 @@ def lora_cast(bench_dir: Path) -> dict[str, float]:
 
 def cross_attention_sharing(bench_dir: Path) -> dict[str, float]:
     """fp32 teacher-forced passes of 4 prompts x 4 samples with the cross-attention keys /
-    values projected once per prompt (``policy.shared_cross_attention``) or per sample."""
-    from detox_exp.ppo import policy as policy_module
+    values projected once per prompt (``seq2seq.shared_cross_attention``) or per sample."""
+    from detox_exp import seq2seq
+    from detox_exp.ppo.policy import ActorCritic
 
     model, tokenizer, ids, mask, _ = _policy(bench_dir, bf16=False)
-    actor = policy_module.ActorCritic(model, value_head=False).eval()
+    actor = ActorCritic(model, value_head=False).eval()
     dec = torch.randint(2, len(tokenizer), (16, 32))
-    found = policy_module.cross_attention_projections
+    found = seq2seq.cross_attention_projections
 
     def run(shared: bool, grad: bool) -> Callable[[], object]:
         def call() -> None:
-            policy_module.cross_attention_projections = found if shared else lambda m: []
+            seq2seq.cross_attention_projections = found if shared else lambda m: []
             try:
                 with nullcontext() if grad else torch.no_grad():
                     out = actor(ids[:4], mask[:4], dec, samples_per_prompt=4)
                     if grad:
                         out.logits.logsumexp(-1).sum().backward()
             finally:
-                policy_module.cross_attention_projections = found
+                seq2seq.cross_attention_projections = found
 
         return call
 

@@ -219,51 +219,9 @@ def load(
     tensor to its parameter's device, and RNG and generator states must be CPU tensors."""
     tensors = load_file(str(path / "trainable.safetensors"), device=str(map_location))
     state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
-    meta = json.loads((path / "meta.json").read_text())
-    return tensors, state, meta
+    return tensors, state, read_meta(path)
 
 
-def trainer_state(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """What a PPO trainer needs to continue exactly where it is."""
-    tensors = {n: p for n, p in trainer.policy.named_parameters() if p.requires_grad}
-    state = {
-        "step": trainer.step,
-        "order": torch.tensor(trainer._order, dtype=torch.long),
-        "position": trainer._position,
-        "generator": trainer.generator.get_state(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "scaler": trainer.scaler.state_dict(),
-        "kl_controller": trainer.kl_ctl.state_dict(),
-        "running": trainer.running.state_dict() if trainer.running is not None else None,
-        "skipped": trainer.skipped,
-        "consecutive_skips": trainer.consecutive_skips,
-        "rng": rng_state(),
-    }
-    return tensors, state
-
-
-def restore_trainer(trainer: Any, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-    """Inverse of :func:`trainer_state` (the trainer is freshly built from the same config)."""
-    params = dict(trainer.policy.named_parameters())
-    missing = set(tensors) ^ {n for n, p in params.items() if p.requires_grad}
-    if missing:
-        raise DataError(
-            "resume",
-            f"checkpoint does not match the model ({sorted(missing)[:3]} ...)",
-            "resume with the config the checkpoint was written with",
-        )
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
-    trainer.step = int(state["step"])
-    trainer._order = state["order"].tolist()
-    trainer._position = int(state["position"])
-    trainer.generator.set_state(state["generator"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scaler.load_state_dict(state["scaler"])
-    trainer.kl_ctl.load_state_dict(state["kl_controller"])
-    if trainer.running is not None and state["running"] is not None:
-        trainer.running.load_state_dict(state["running"])
-    trainer.skipped = int(state.get("skipped", 0))
-    trainer.consecutive_skips = int(state.get("consecutive_skips", 0))
-    set_rng_state(state["rng"])
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``meta.json``: its ``step``, the W&B run id and the step's metrics."""
+    return json.loads((path / "meta.json").read_text())

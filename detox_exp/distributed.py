@@ -126,7 +126,7 @@ def write_param_digest(
     samples_per_prompt: int = 1,
     **extra: Any,
 ) -> None:
-    """Debug (ppo.debug_param_digest): a hash of this process's trainable weights after
+    """Debug (ppo.debug.param_digest): a hash of this process's trainable weights after
     ``step``, so a test can check that every process holds the same weights, and this
     process's scores by group (rows p * k ... p * k + k - 1 are prompt p's samples), plus
     ``extra`` JSON-able values."""

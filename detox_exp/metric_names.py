@@ -75,3 +75,58 @@ OPTIMUM_PHASE = "optimum"  # eval/optimum/<metric>
 # drop the run achieved; and the run's KL to the reference as a multiple of the optimum's
 OPTIMUM_DROP_ACHIEVED = "eval/vs_optimum/toxicity_drop_achieved"
 OPTIMUM_KL_RATIO = "eval/vs_optimum/kl_ratio"
+
+# the evaluations: eval/<phase>/<metric> for the phases before, after and optimum, and
+# eval/delta/<metric>[_rel|_ci_low|_ci_high] for the change before -> after
+EVAL_PHASES = ("before", "after")
+DELTA_PHASE = "delta"
+
+
+def eval_key(phase: str, metric: str) -> str:
+    """``eval/<phase>/<metric>``, e.g. ``eval/after/toxicity_mean``."""
+    return f"eval/{phase}/{metric}"
+
+
+# rows of the printed before / after / optimum table
+REPORT_METRICS = (
+    "toxicity_mean",
+    "toxic_fraction",
+    "rouge_l",
+    "distinct_2",
+    "unique_fraction",
+    "top_response_fraction",
+    "response_len_mean",
+    "kl_to_reference",
+)
+# rows of the model card's table
+CARD_METRICS = (
+    "toxicity_mean",
+    "toxic_fraction",
+    "rouge_l",
+    "distinct_2",
+    "unique_fraction",
+    "response_len_mean",
+    "kl_to_reference",
+)
+# metrics whose change gets a paired bootstrap CI (prompts resampled, the same before / after)
+PAIRED_METRICS = (
+    "toxicity_mean",
+    "toxic_fraction",
+    "rouge_l",
+    "response_len_mean",
+    "distinct_1",
+    "distinct_2",
+    "unique_fraction",
+)
+SIDE_BY_SIDE_TABLE = "eval/side_by_side"
+TOXICITY_HIST = "toxicity_hist"  # eval/<phase>/toxicity_hist
+# the columns of a sweep's sweep_summary.md / jsonl
+SWEEP_SUMMARY_METRICS = (
+    "eval/before/toxicity_mean",
+    "eval/after/toxicity_mean",
+    "eval/delta/toxicity_mean_rel",
+    "eval/before/rouge_l",
+    "eval/after/rouge_l",
+    "eval/after/distinct_1",
+    "objective",
+)

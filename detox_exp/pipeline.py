@@ -6,9 +6,7 @@ module only orders the stages and hands results from one to the next.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -22,15 +20,16 @@ from detox_exp import metric_names as M
 from detox_exp.data.dialogues import PromptSplits
 from detox_exp.distributed import Dist
 from detox_exp.errors import ConfigError, DataError, bad_input_message
+from detox_exp.evaluation import report
 from detox_exp.evaluation.evaluator import EvalResult
 from detox_exp.fast import configure as configure_fast
 from detox_exp.fast.memory import keep_freed_memory
+from detox_exp.frontier import heldout
 from detox_exp.frontier.stage import configured_beta
+from detox_exp.generation import make_sampling
 from detox_exp.models import check_lora, check_policy_precision
 from detox_exp.perf import perf_summary
-from detox_exp.ppo.checks import PRECISIONS
-from detox_exp.ppo.rollout import make_sampling
-from detox_exp.ppo.settings import check_ppo_config
+from detox_exp.ppo.checks import PRECISIONS, check_ppo_config
 from detox_exp.schema import check_node, check_value
 from detox_exp.tracking import Tracker
 from detox_exp.utils import (
@@ -42,17 +41,6 @@ from detox_exp.utils import (
 )
 
 log = logging.getLogger(__name__)
-
-REPORT_KEYS = (
-    "toxicity_mean",
-    "toxic_fraction",
-    "rouge_l",
-    "distinct_2",
-    "unique_fraction",
-    "top_response_fraction",
-    "response_len_mean",
-    "kl_to_reference",
-)
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -252,7 +240,7 @@ def run(
     tracker: Tracker = build(cfg.logger)
     tracker.enabled = dist.is_main
     if resume is not None:
-        meta = json.loads((resume / "meta.json").read_text())
+        meta = checkpoint.read_meta(resume)
         tracker.resume_from(int(meta["step"]), meta.get("wandb_id"))
     elif cfg.get("resume") == "auto":
         log.info("resume=auto: no checkpoint in %s, starting from scratch", run_dir)
@@ -361,10 +349,10 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
             prompts=splits.train,
             tracker=tracker,
             generation=generation,
+            checkpoints=build(cfg.checkpoint),
+            wandb_id=tracker.run.id if tracker.run is not None else None,
             **overrides,
         )
-        ppo.checkpoints = build(cfg.checkpoint)
-        ppo.wandb_id = tracker.run.id if tracker.run is not None else None
         if resume is not None:
             ppo.resume(resume)
         history = ppo.train()
@@ -373,33 +361,18 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
         objects["ppo"] = ppo
     if stages.evaluate_after:
         evaluate("after", model)
-    from detox_exp.evaluation import report
-
     if "before" in results and beta is not None:  # the held-out optimum at the run's beta
         tracker.log_summary(
-            report.optimum_metrics(results["before"], beta, evaluator.threshold, cfg.seed)
+            heldout.optimum_metrics(results["before"], beta, evaluator.threshold, cfg.seed)
         )
     if "before" in results and "after" in results:
-        before, after = results["before"], results["after"]
-        tracker.log_summary(
-            report.paired_deltas(before, after, evaluator.bootstrap, evaluator.threshold)
+        report.log_comparison(
+            tracker, results["before"], results["after"], evaluator.bootstrap, evaluator.threshold
         )
-        tracker.log_table(
-            "eval/side_by_side",
-            report.SIDE_BY_SIDE_COLUMNS,
-            report.side_by_side_rows(before, after),
-            step=None,
-        )
-        tracker.log_histograms(
-            {
-                "eval/before/toxicity_hist": before.toxicity.ravel(),
-                "eval/after/toxicity_hist": after.toxicity.ravel(),
-            },
-            step=None,
-        )
-        tracker.log_summary(report.against_optimum(tracker.summary))
+        tracker.log_summary(heldout.against_optimum(tracker.summary))
     if stages.ppo and dist.is_main and objects["ppo"].save_dir is not None:
-        saved = objects["ppo"].save(summary=dict(tracker.summary), config=cfg)
+        summary = dict(tracker.summary)
+        saved = objects["ppo"].save(summary, cfg, report.card_table(summary))
         tracker.log_model(saved / "merged")
     dist.wait()
     tracker.log_summary(timings)
@@ -459,45 +432,11 @@ def _frontier_stage(
     return float(decision["beta"])
 
 
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.3f}"
-
-
 def print_report(summary: dict[str, Any], run_dir: Path, wandb_location: str) -> None:
-    """The before / after table, with the paired bootstrap CI of each change, and the
-    optimum of the objective at the run's beta (held-out, from the before samples)."""
-    optimum = any(key.startswith(f"eval/{M.OPTIMUM_PHASE}/") for key in summary)
-    head = "| metric | before | after | " + ("optimum | " if optimum else "")
-    lines = ["", head + "change (95% CI) |", "|---" * (5 if optimum else 4) + "|"]
-    shown = False
-    for key in REPORT_KEYS:
-        before, after = summary.get(f"eval/before/{key}"), summary.get(f"eval/after/{key}")
-        if before is None and after is None:
-            continue
-        shown = True
-        delta = summary.get(f"eval/delta/{key}")
-        change = "-"
-        if delta is not None:
-            lo, hi = (
-                summary.get(f"eval/delta/{key}_ci_low"),
-                summary.get(f"eval/delta/{key}_ci_high"),
-            )
-            rel = summary.get(f"eval/delta/{key}_rel")
-            change = f"{delta:+.3f} [{_fmt(lo)}, {_fmt(hi)}]"
-            if rel is not None and not math.isnan(rel):
-                change += f" ({rel:+.0%})"
-        best = f"{_fmt(summary.get(f'eval/{M.OPTIMUM_PHASE}/{key}'))} | " if optimum else ""
-        lines.append(f"| {key} | {_fmt(before)} | {_fmt(after)} | {best}{change} |")
-    if shown:
-        print("\n".join(lines))
-    achieved, kl_ratio = summary.get(M.OPTIMUM_DROP_ACHIEVED), summary.get(M.OPTIMUM_KL_RATIO)
-    if achieved is not None:
-        beta = summary.get(f"eval/{M.OPTIMUM_PHASE}/beta")
-        line = f"against the optimum at beta {beta:.3g}: {achieved:.0%} of its toxicity drop"
-        if kl_ratio is not None:
-            line += f", at {kl_ratio:.1f}x its KL"
-        print(line)
+    """The evaluation's before / after / optimum table (evaluation.report), then where the
+    run's files and its W&B run are."""
+    table = report.report_table(summary)
+    if table:
+        print(table)
     print(f"run dir: {run_dir}")
     print(f"W&B run: {wandb_location}")

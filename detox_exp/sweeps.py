@@ -15,17 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from detox_exp import metric_names as M
 from detox_exp.utils import write_json
-
-SUMMARY_METRICS = (
-    "eval/before/toxicity_mean",
-    "eval/after/toxicity_mean",
-    "eval/delta/toxicity_mean_rel",
-    "eval/before/rouge_l",
-    "eval/after/rouge_l",
-    "eval/after/distinct_1",
-    "objective",
-)
 
 
 @dataclass
@@ -94,7 +85,7 @@ def record_job(
         "status": status,
         "run_dir": str(run_dir),
         "error": error,
-    } | {k: summary.get(k) for k in SUMMARY_METRICS}
+    } | {k: summary.get(k) for k in M.SWEEP_SUMMARY_METRICS}
     info.sweep_dir.mkdir(parents=True, exist_ok=True)
     with open(info.sweep_dir / "sweep_summary.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps(row) + "\n")
@@ -103,11 +94,11 @@ def record_job(
     ]
     rows.sort(key=lambda r: r["job"])
     lines = [
-        "| job | overrides | status | " + " | ".join(SUMMARY_METRICS) + " |",
-        "|---" * (3 + len(SUMMARY_METRICS)) + "|",
+        "| job | overrides | status | " + " | ".join(M.SWEEP_SUMMARY_METRICS) + " |",
+        "|---" * (3 + len(M.SWEEP_SUMMARY_METRICS)) + "|",
     ]
     for r in rows:
-        cells = [_fmt(r.get(k)) for k in SUMMARY_METRICS]
+        cells = [_fmt(r.get(k)) for k in M.SWEEP_SUMMARY_METRICS]
         status = r["status"] + (f": {' '.join(r['error'].split())}" if r.get("error") else "")
         lines.append(
             f"| {r['job']} | {' '.join(r['overrides'])} | {status.replace('|', '/')} | "

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from detox_exp.fast.attention import ATTENTION
+from detox_exp.generation import pad_queries, sample_responses
 from detox_exp.models import load_policy
-from detox_exp.ppo.rollout import pad_queries, sample_responses
 from tests.conftest import trained_lora
 
 
@@ -233,7 +233,7 @@ def test_lora_input_cast_is_kept_where_it_is_not_a_round_trip(
 ) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from detox_exp.ppo.policy import lossless_cast
+    from detox_exp.seq2seq import lossless_cast
 
     model = load_policy(str(tiny_t5), full_finetune=True)
     if case != "no_lora":

@@ -32,7 +32,7 @@ def run_two_processes(
     the pre-imported test parent (``"fork"``: the same ranks without 2 x 10-15 s of imports;
     torchrun off Linux)."""
     overrides = [o for o in local_overrides(standins, run_dir) if not o.startswith("hydra.run")]
-    overrides += [f"hydra.run.dir={run_dir}", "ppo.steps=2", "ppo.debug_param_digest=true"]
+    overrides += [f"hydra.run.dir={run_dir}", "ppo.steps=2", "ppo.debug.param_digest=true"]
     overrides += ["torch_threads=1", *extra]
     env = {"CI": "true", "OMP_NUM_THREADS": "1"}
     if launcher == "fork" and sys.platform == "linux":

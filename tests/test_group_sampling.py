@@ -11,11 +11,12 @@ import torch
 
 from detox_exp import metric_names as M
 from detox_exp.fast import SWITCHES
+from detox_exp.generation import decoder_inputs, pad_queries, sample_responses
 from detox_exp.models import load_tokenizer
 from detox_exp.ppo import core
-from detox_exp.ppo.policy import ActorCritic, base_model, cross_attention_projections
-from detox_exp.ppo.rollout import decoder_inputs, pad_queries, sample_responses
+from detox_exp.ppo.policy import ActorCritic
 from detox_exp.reward.scorer import Scores
+from detox_exp.seq2seq import base_model, cross_attention_projections
 from tests.conftest import trained_lora
 from tests.helpers.trainers import (
     CharSumReward,

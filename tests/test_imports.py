@@ -1,6 +1,5 @@
-"""The package's imports run with the data flow: no module imports one that imports it back,
-directly or through others (imports inside functions count; ``if TYPE_CHECKING:`` blocks,
-which never run, do not)."""
+"""The package's imports run one way, down the layers of docs/design.md ("Layers"), with no
+cycles. Every import counts: inside functions and under ``if TYPE_CHECKING:`` too."""
 
 from __future__ import annotations
 
@@ -15,25 +14,13 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _skip_type_checking(tree: ast.AST) -> list[ast.AST]:
-    nodes, stack = [], [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            stack.extend(node.orelse)
-            continue
-        nodes.append(node)
-        stack.extend(ast.iter_child_nodes(node))
-    return nodes
-
-
 def imports_of(path: Path, modules: set[str]) -> set[str]:
     """The package modules that ``path`` imports (``from a import b``: a.b if it is a module,
     else a)."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in _skip_type_checking(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name in modules}
         elif isinstance(node, ast.ImportFrom):
@@ -51,6 +38,61 @@ def import_graph() -> dict[str, set[str]]:
     paths = sorted(PACKAGE.rglob("*.py"))
     modules = {module_name(p) for p in paths}
     return {module_name(p): imports_of(p, modules) for p in paths}
+
+
+# top to bottom; a module may import its own layer or a lower one. A name ending in "." is a
+# package (it and all its modules).
+LAYERS = (
+    ("cli", "__main__"),
+    ("pipeline", "compare"),
+    ("frontier.",),
+    ("ppo.", "evaluation."),
+    ("generation",),
+    ("fast.", "reward.", "data.", "demo.", "models", "seq2seq", "kl"),
+    (
+        "tracking",
+        "checkpoint",
+        "distributed",
+        "schema",
+        "errors",
+        "metric_names",
+        "utils",
+        "registry",
+        "sweeps",
+        "perf",
+    ),
+)
+# packages of one layer that must not import each other (either way)
+APART = (("ppo.", "evaluation."),)
+
+
+def layer_of(module: str) -> int | None:
+    name = module.removeprefix("detox_exp.")
+    for index, names in enumerate(LAYERS):
+        if any(name == n.rstrip(".") or (n.endswith(".") and name.startswith(n)) for n in names):
+            return index
+    return None
+
+
+def in_package(module: str, package: str) -> bool:
+    name = module.removeprefix("detox_exp.")
+    return name.startswith(package) or name == package.rstrip(".")
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that runs up a layer, or between packages kept apart."""
+    bad = []
+    for module, imported in graph.items():
+        for other in imported:
+            if layer_of(other) < layer_of(module):
+                bad.append(f"{module} -> {other} (up a layer)")
+            for a, b in APART:
+                if {in_package(module, a), in_package(other, b)} == {True} or {
+                    in_package(module, b),
+                    in_package(other, a),
+                } == {True}:
+                    bad.append(f"{module} -> {other} ({a} and {b} are kept apart)")
+    return sorted(bad)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -85,3 +127,26 @@ def test_no_import_cycles() -> None:
     graph = import_graph()
     assert "detox_exp.errors" in graph["detox_exp.pipeline"]  # the walker sees imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_every_module_has_a_layer() -> None:
+    graph = import_graph()
+    unplaced = [m for m in graph if m != "detox_exp" and layer_of(m) is None]
+    assert not unplaced, f"add these to LAYERS: {unplaced}"
+
+
+def test_imports_run_down_the_layers() -> None:
+    graph = import_graph()
+    graph.pop("detox_exp")  # the package registers the ppo schema with Hydra (ppo.settings)
+    assert "detox_exp.seq2seq" in graph["detox_exp.fast.t5_decoding"]  # the walker sees them
+    assert layering_violations(graph) == []
+
+
+def test_the_layer_check_fails_on_an_import_into_ppo() -> None:
+    """From evaluation/ or fast/ into ppo/, including one under TYPE_CHECKING."""
+    assert layering_violations({"detox_exp.evaluation.x": {"detox_exp.ppo.core"}})
+    assert layering_violations({"detox_exp.fast.x": {"detox_exp.ppo.policy"}})
+    tree = "if TYPE_CHECKING:\n    from detox_exp.ppo.settings import PPOSettings\n"
+    found = {n.module for n in ast.walk(ast.parse(tree)) if isinstance(n, ast.ImportFrom)}
+    assert found == {"detox_exp.ppo.settings"}
+    assert not layering_violations({"detox_exp.ppo.trainer": {"detox_exp.generation"}})

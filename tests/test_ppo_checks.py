@@ -10,13 +10,13 @@ import pytest
 
 from detox_exp.errors import ConfigError
 from detox_exp.pipeline import check_run_config
-from detox_exp.ppo.checks import local_sizes
-from detox_exp.ppo.settings import PPOSettings, check_ppo_config
+from detox_exp.ppo.checks import check_ppo_config, local_sizes, settings_from
+from detox_exp.ppo.settings import PPOSettings
 from tests.helpers.config import compose_cfg
 
 
 def check_hyperparameters(values: dict) -> PPOSettings:
-    return PPOSettings.from_mapping(values)
+    return settings_from(values)
 
 
 DEFAULTS: dict = {}

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from detox_exp import metric_names as M
+from detox_exp.generation import decoder_inputs, pad_queries
 from detox_exp.models import load_policy, load_tokenizer
-from detox_exp.ppo.rollout import decoder_inputs, pad_queries
 from detox_exp.reward.scorer import Scores
 from tests.helpers.trainers import ContainsReward, make_trainer
 
@@ -94,7 +94,7 @@ def test_the_scorer_receives_the_responses_only(tiny_t5: Path, tmp_path: Path) -
     """In PPO and in evaluation the reward model gets the decoded sampled tokens, without
     the prompt."""
     from detox_exp.evaluation.evaluator import Evaluator
-    from detox_exp.ppo.rollout import decode
+    from detox_exp.generation import decode
 
     scorer = RecordingScorer(ContainsReward("the"))
     trainer = make_trainer(tiny_t5, tmp_path, scorer)

@@ -46,7 +46,7 @@ def ppo_overrides(standins, run_dir: Path) -> list[str]:
 def test_exact_resume_after_sigkill(standins, tmp_path: Path) -> None:
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     assert run_cli(*ppo_overrides(standins, full), cwd=ROOT).returncode == 0
-    killed = run_cli(*ppo_overrides(standins, crashed), "ppo.debug_kill_after_step=3", cwd=ROOT)
+    killed = run_cli(*ppo_overrides(standins, crashed), "ppo.debug.kill_after_step=3", cwd=ROOT)
     assert killed.returncode == -signal.SIGKILL
     assert sorted(steps(crashed)) == [1, 2, 3]
     checkpoints = sorted(p.name for p in (crashed / "checkpoints").iterdir())
@@ -79,7 +79,7 @@ def test_wandb_history_after_resume_holds_each_step_once(standins, tmp_path: Pat
     recomputed. The W&B run is rewound to step 2, so that (replaying the offline run files as
     a sync would) each step appears once, with the values in metrics.jsonl."""
     overrides = ppo_overrides(standins, tmp_path) + ["checkpoint.every=2"]
-    stopped = run_cli(*overrides, "ppo.debug_nan_at_step=4", cwd=ROOT)
+    stopped = run_cli(*overrides, "ppo.debug.nan_at_step=4", cwd=ROOT)
     assert stopped.returncode == 3, stopped.stderr[-2000:]
     assert sorted(steps(tmp_path)) == [1, 2, 3]
     resumed = run_cli(*overrides, "resume=auto", cwd=ROOT)
@@ -119,7 +119,7 @@ def test_damaged_newest_checkpoint(standins, tmp_path: Path) -> None:
 
 
 def test_nan_stops_with_clear_error_after_keeping_a_checkpoint(standins, tmp_path: Path) -> None:
-    result = run_cli(*ppo_overrides(standins, tmp_path), "ppo.debug_nan_at_step=3", cwd=ROOT)
+    result = run_cli(*ppo_overrides(standins, tmp_path), "ppo.debug.nan_at_step=3", cwd=ROOT)
     assert result.returncode == 3
     line = [x for x in result.stderr.splitlines() if x.startswith("detox-exp: error:")]
     assert len(line) == 1 and "Traceback" not in result.stderr
@@ -131,7 +131,7 @@ def test_nan_stops_with_clear_error_after_keeping_a_checkpoint(standins, tmp_pat
 def test_nan_batch_skipped_when_configured(standins, tmp_path: Path) -> None:
     result = run_cli(
         *ppo_overrides(standins, tmp_path),
-        "ppo.debug_nan_at_step=2",
+        "ppo.debug.nan_at_step=2",
         "ppo.on_nonfinite=skip",
         cwd=ROOT,
     )

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from detox_exp.errors import ConfigError
-from detox_exp.ppo.rollout import make_sampling, sample_from_logits, sample_responses
+from detox_exp.generation import make_sampling, sample_from_logits, sample_responses
 from tests.helpers.decoding import (
     assert_greedy_with_adapter_equals_generate,
     assert_same_tokens,

@@ -24,9 +24,9 @@ from transformers import (
 
 from detox_exp.fast import SWITCHES, t5_decoding
 from detox_exp.fast.lora_fold import folded_adapter
+from detox_exp.generation import sample_responses
 from detox_exp.models import load_policy
-from detox_exp.ppo.policy import encode
-from detox_exp.ppo.rollout import sample_responses
+from detox_exp.seq2seq import encode
 from tests.conftest import trained_lora
 from tests.helpers.decoding import (
     STEPS,

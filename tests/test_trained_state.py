@@ -14,9 +14,9 @@ from transformers import AutoModelForSeq2SeqLM
 
 from detox_exp import metric_names as M
 from detox_exp.errors import TrainingError
+from detox_exp.generation import pad_queries, sample_responses
 from detox_exp.models import load_policy
 from detox_exp.ppo.policy import ActorCritic
-from detox_exp.ppo.rollout import pad_queries, sample_responses
 from detox_exp.ppo.saving import merged_model
 from detox_exp.reward.scorer import Scores
 from tests.helpers.trainers import (
@@ -105,7 +105,7 @@ def test_nan_gradient_mid_batch_is_undone_with_skip(tiny_t5: Path, tmp_path: Pat
         tmp_path,
         ContainsReward("the"),
         on_nonfinite="skip",
-        debug_nan_grad_at_step=2,
+        debug={"nan_grad_at_step": 2},
         steps=3,
     )
     trainer.train_step()
@@ -119,7 +119,7 @@ def test_nan_gradient_mid_batch_is_undone_with_skip(tiny_t5: Path, tmp_path: Pat
 
 
 def test_nan_gradient_stops_the_run_with_error(tiny_t5: Path, tmp_path: Path) -> None:
-    trainer = make_trainer(tiny_t5, tmp_path, ContainsReward("the"), debug_nan_grad_at_step=1)
+    trainer = make_trainer(tiny_t5, tmp_path, ContainsReward("the"), debug={"nan_grad_at_step": 1})
     before = _step_state(trainer)
     with pytest.raises(TrainingError, match="gradients contain NaN or inf"):
         trainer.train_step()
@@ -140,7 +140,7 @@ def test_consecutive_skips_stop_the_run(tiny_t5: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(TrainingError, match="2 batches in a row"):
         trainer.train()
-    assert trainer.step == 1 and trainer.skipped == 2
+    assert trainer.step == 1 and trainer.guard.skipped == 2
 
 
 @pytest.mark.parametrize("estimator", ["gae", "rloo"])

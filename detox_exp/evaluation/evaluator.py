@@ -29,16 +29,16 @@ from detox_exp.evaluation.metrics import (
     toxicity_probability,
     toxicity_stats,
 )
-from detox_exp.ppo.core import kl_penalty
-from detox_exp.ppo.policy import base_config
-from detox_exp.ppo.rollout import (
+from detox_exp.generation import (
     decode,
     decoder_inputs,
     generation_kwargs,
     pad_queries,
     sample_responses,
 )
+from detox_exp.kl import kl_penalty
 from detox_exp.reward.scorer import ToxicityScorer
+from detox_exp.seq2seq import base_config
 from detox_exp.utils import progress, read_jsonl, resolve_device, write_json, write_jsonl
 
 log = logging.getLogger(__name__)

@@ -1,12 +1,12 @@
-"""Before -> after changes with paired bootstrap confidence intervals, and the held-out
-optimum of the objective at the run's beta beside them."""
+"""The evaluation's report: before -> after changes with paired bootstrap confidence
+intervals, the side-by-side table, the printed before / after / optimum table and the model
+card's table, every metric named in :mod:`detox_exp.metric_names`."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
-
-import numpy as np
 
 from detox_exp import metric_names as M
 from detox_exp.evaluation.evaluator import EvalResult
@@ -17,18 +17,7 @@ from detox_exp.evaluation.metrics import (
     paired_bootstrap_corpus,
     response_collapse,
 )
-from detox_exp.frontier import core as frontier
-
-# metrics whose change gets a paired bootstrap CI (prompts resampled, the same before / after)
-PAIRED = (
-    "toxicity_mean",
-    "toxic_fraction",
-    "rouge_l",
-    "response_len_mean",
-    "distinct_1",
-    "distinct_2",
-    "unique_fraction",
-)
+from detox_exp.tracking import Tracker
 
 
 def paired_deltas(
@@ -39,10 +28,10 @@ def paired_deltas(
 ) -> dict[str, float]:
     """``eval/delta/<metric>`` (+ ``_ci_low``, ``_ci_high``, ``_rel``, ``_p_value``).
 
-    The ``PAIRED`` metrics get a paired bootstrap CI: means of per-prompt values (toxicity,
-    toxic fraction, ROUGE-L, length; the mean over a prompt's k samples) resample those
-    values; corpus-level metrics (distinct-n, unique fraction) are recomputed on every
-    resample of the prompts. Other metrics get a plain after - before difference.
+    The ``metric_names.PAIRED_METRICS`` get a paired bootstrap CI: means of per-prompt
+    values (toxicity, toxic fraction, ROUGE-L, length; the mean over a prompt's k samples)
+    resample those values; corpus-level metrics (distinct-n, unique fraction) are recomputed on
+    every resample of the prompts. Other metrics get a plain after - before difference.
     """
     out: dict[str, float] = {}
     per_prompt = {
@@ -75,7 +64,7 @@ def paired_deltas(
             **corpus,
         )
     for name, ci in cis.items():
-        key = f"eval/delta/{name}"
+        key = M.eval_key(M.DELTA_PHASE, name)
         out |= {
             key: ci["delta"],
             f"{key}_ci_low": ci["ci_low"],
@@ -87,12 +76,12 @@ def paired_deltas(
         }
     for key, value in before.metrics.items():
         name = key.split("/")[-1]
-        other = after.metrics.get(f"eval/{after.phase}/{name}")
+        other = after.metrics.get(M.eval_key(after.phase, name))
         if name in cis or other is None or not isinstance(value, (int, float)):
             continue
-        out[f"eval/delta/{name}"] = float(other) - float(value)
+        out[M.eval_key(M.DELTA_PHASE, name)] = float(other) - float(value)
         if value:
-            out[f"eval/delta/{name}_rel"] = float(other) / float(value) - 1.0
+            out[M.eval_key(M.DELTA_PHASE, f"{name}_rel")] = float(other) / float(value) - 1.0
     return out
 
 
@@ -131,46 +120,79 @@ def side_by_side_rows(before: EvalResult, after: EvalResult, limit: int = 100) -
     return rows
 
 
-def optimum_metrics(
-    before: EvalResult, beta: float, threshold: float, seed: int = 0, repeats: int = 4
-) -> dict[str, float]:
-    """``eval/optimum/*``: the optimum ``pi* ~ ref * exp(r / beta)`` on the held-out prompts,
-    read from the before-evaluation's K >= 2 samples per prompt by self-normalised weights
-    (:func:`detox_exp.frontier.core.optimum_metrics`); {} with one sample per prompt."""
-    p, k = before.toxicity.shape
-    if k < 2:
-        return {}
-    texts = before.responses()
-    per_sample = {
-        "rouge_l": before.rouge_l,
-        "response_len_mean": before.lengths,
-        "empty_fraction": np.array([[float(not t) for t in group] for group in texts]),
-    }
-    uniforms = np.random.default_rng(seed).random((repeats, p, k))
-    corpus = frontier.ReferenceCorpus.of(texts, uniforms)
-    values = frontier.optimum_metrics(
-        beta, before.rewards(), before.toxicity, texts, per_sample, corpus, threshold, uniforms
+def log_comparison(
+    tracker: Tracker,
+    before: EvalResult,
+    after: EvalResult,
+    bootstrap: Mapping[str, Any],
+    toxic_threshold: float,
+) -> None:
+    """The before -> after report to the run's summary and W&B: the paired deltas, the
+    side-by-side table and both toxicity histograms."""
+    tracker.log_summary(paired_deltas(before, after, bootstrap, toxic_threshold))
+    tracker.log_table(
+        M.SIDE_BY_SIDE_TABLE, SIDE_BY_SIDE_COLUMNS, side_by_side_rows(before, after), step=None
     )
-    values |= {"beta": float(beta), "num_prompts": p, "samples_per_prompt": k}
-    return {f"eval/{M.OPTIMUM_PHASE}/{name}": v for name, v in values.items()}
+    tracker.log_histograms(
+        {M.eval_key(r.phase, M.TOXICITY_HIST): r.toxicity.ravel() for r in (before, after)},
+        step=None,
+    )
 
 
-def against_optimum(summary: Mapping[str, Any]) -> dict[str, float]:
-    """The share of the optimum's toxicity drop the run achieved, and its KL as a multiple
-    of the optimum's (where before, after and optimum are all in ``summary``)."""
-    key = "eval/{}/{}".format
-    before, after, best = (
-        summary.get(key(phase, "toxicity_mean")) for phase in ("before", "after", "optimum")
-    )
-    if before is None or after is None or best is None:
-        return {}
-    out = {}
-    if before - best > 0:
-        out[M.OPTIMUM_DROP_ACHIEVED] = (before - after) / (before - best)
-    kl_after, kl_best = (
-        summary.get(key("after", "kl_to_reference")),
-        summary.get(key("optimum", "kl_to_reference")),
-    )
-    if kl_after is not None and kl_best:
-        out[M.OPTIMUM_KL_RATIO] = kl_after / kl_best
-    return out
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}"
+
+
+def report_table(summary: Mapping[str, Any]) -> str:
+    """The printed before / after table (``metric_names.REPORT_METRICS``), with the paired
+    bootstrap CI of each change and, where the summary has it, the optimum of the objective
+    at the run's beta, followed by how much of the optimum's drop the run achieved; "" when
+    there is nothing to show."""
+    optimum = any(key.startswith(f"eval/{M.OPTIMUM_PHASE}/") for key in summary)
+    head = "| metric | before | after | " + ("optimum | " if optimum else "")
+    lines = ["", head + "change (95% CI) |", "|---" * (5 if optimum else 4) + "|"]
+    shown = False
+    for key in M.REPORT_METRICS:
+        before, after = (summary.get(M.eval_key(phase, key)) for phase in M.EVAL_PHASES)
+        if before is None and after is None:
+            continue
+        shown = True
+        delta = M.eval_key(M.DELTA_PHASE, key)
+        change = "-"
+        if summary.get(delta) is not None:
+            lo, hi = summary.get(f"{delta}_ci_low"), summary.get(f"{delta}_ci_high")
+            rel = summary.get(f"{delta}_rel")
+            change = f"{summary[delta]:+.3f} [{_fmt(lo)}, {_fmt(hi)}]"
+            if rel is not None and not math.isnan(rel):
+                change += f" ({rel:+.0%})"
+        best = f"{_fmt(summary.get(M.eval_key(M.OPTIMUM_PHASE, key)))} | " if optimum else ""
+        lines.append(f"| {key} | {_fmt(before)} | {_fmt(after)} | {best}{change} |")
+    lines = lines if shown else []
+    achieved, kl_ratio = summary.get(M.OPTIMUM_DROP_ACHIEVED), summary.get(M.OPTIMUM_KL_RATIO)
+    if achieved is not None:
+        beta = summary.get(M.eval_key(M.OPTIMUM_PHASE, "beta"))
+        line = f"against the optimum at beta {beta:.3g}: {achieved:.0%} of its toxicity drop"
+        if kl_ratio is not None:
+            line += f", at {kl_ratio:.1f}x its KL"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def card_table(summary: Mapping[str, Any]) -> list[str]:
+    """The model card's held-out evaluation table (``metric_names.CARD_METRICS``, before /
+    after / optimum), as markdown lines."""
+    lines = ["| metric | before | after | optimum |", "|---|---|---|---|"]
+    for key in M.CARD_METRICS:
+        values = [summary.get(M.eval_key(p, key)) for p in (*M.EVAL_PHASES, M.OPTIMUM_PHASE)]
+        cells = ("-" if v is None else f"{v:.4f}" for v in values)
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    beta = summary.get(M.eval_key(M.OPTIMUM_PHASE, "beta"))
+    if beta is not None:
+        lines += [
+            "",
+            f"optimum: the objective's optimum ref * exp(r / beta) at beta {beta:.4g}, read "
+            "from the before samples.",
+        ]
+    return lines

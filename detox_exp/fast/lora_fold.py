@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from detox_exp.fast import SWITCHES
-from detox_exp.ppo.policy import plain_lora
+from detox_exp.seq2seq import plain_lora
 
 
 @contextmanager

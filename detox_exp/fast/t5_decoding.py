@@ -53,7 +53,7 @@ from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from detox_exp.fast.lora_fold import fold_source
-from detox_exp.ppo.policy import base_model, plain_lora
+from detox_exp.seq2seq import base_model, plain_lora
 
 T5_CLASSES = ("T5ForConditionalGeneration", "MT5ForConditionalGeneration")
 

@@ -1,27 +1,65 @@
 """Checks of the PPO settings (``ppo.*``, :class:`~detox_exp.ppo.settings.PPOSettings`):
 each failure is a one-line error that names the field and the fix. The pipeline runs them on
-the config before any stage (:func:`~detox_exp.ppo.settings.check_ppo_config`), so a typo
-does not cost a reward training and a baseline evaluation first; building the settings runs
-them again. Duck-typed on the settings, so that this module does not import them back."""
+the config before any stage (:func:`check_ppo_config`), so a typo does not cost a reward
+training and a baseline evaluation first; the trainer builds its settings through them
+(:func:`settings_from`). The names of estimators and modes come from their registries."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any
 
 from detox_exp.errors import ConfigError
-from detox_exp.ppo.core import KL_ESTIMATORS, KL_LOG_ESTIMATORS, KL_LOSS_ESTIMATORS
+from detox_exp.kl import KL_ESTIMATORS
+from detox_exp.ppo.core import ADVANTAGE_ESTIMATORS, LOSS_AGG_MODES
+from detox_exp.ppo.settings import NESTED, PPOSettings
+from detox_exp.schema import check_fields, check_value
 
-if TYPE_CHECKING:
-    from detox_exp.ppo.settings import PPOSettings
-
-ADVANTAGE_ESTIMATORS = ("gae", "rloo", "grpo", "dr_grpo")
-LOSS_AGG_MODES = (
-    "token-mean",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-)
 PRECISIONS = ("fp32", "bf16", "fp16")
+# the settings whose values are registered names: (registry, the properties a name needs)
+REGISTERED = {
+    "advantage_estimator": (ADVANTAGE_ESTIMATORS, {}),
+    "loss_agg_mode": (LOSS_AGG_MODES, {}),
+    "kl_estimator": (KL_ESTIMATORS, {"reward": True}),
+    "kl_log_estimator": (KL_ESTIMATORS, {"log": True}),
+    "kl_loss_estimator": (KL_ESTIMATORS, {"loss": True}),
+}
+
+
+def registered_names(setting: str) -> tuple[str, ...]:
+    """The values ``ppo.<setting>`` accepts, from its registry."""
+    registry, needs = REGISTERED[setting]
+    return registry.names(**needs)
+
+
+def sweep_choice(field: str) -> str:
+    """A Hydra sweep's ``choice(...)`` over every registered value of ``ppo.<setting>``
+    (``${registry_choice:ppo.advantage_estimator}`` in conf/hparams_search)."""
+    setting = field.removeprefix("ppo.")
+    if setting not in REGISTERED:
+        raise ConfigError(field, "has no registry", f"use one of {sorted(REGISTERED)}")
+    return f"choice({', '.join(registered_names(setting))})"
+
+
+BUILT = ("_target_", "_partial_", "optimizer", "kl_controller")  # built by instantiate
+
+
+def settings_from(values: Mapping[str, Any]) -> PPOSettings:
+    """Checked settings from ``ppo.*`` keyword arguments (the schema's defaults fill in what
+    they leave out): an unknown key, a wrong type or an impossible value is a one-line
+    ConfigError naming ``ppo.<key>``."""
+    fix = "see detox_exp/ppo/settings.py (`detox-exp --cfg job` lists every key)"
+    flat = {k: v for k, v in values.items() if k not in NESTED}
+    check_fields(PPOSettings, flat, "ppo", "unknown PPO setting", fix)
+    nested = {}
+    for name, schema in NESTED.items():
+        node = values.get(name) or {}
+        check_value(node, Mapping, f"ppo.{name}")
+        check_fields(schema, node, f"ppo.{name}", f"unknown ppo.{name} setting", fix)
+        nested[name] = schema(**node)
+    settings = PPOSettings(**{**values, **nested})
+    check_settings(settings)
+    return settings
 
 
 def check(condition: bool, field: str, problem: str, fix: str) -> None:
@@ -71,7 +109,7 @@ def check_settings(s: PPOSettings) -> None:
         f"a micro-batch of {s.mini_batch_size // accum} samples would split a group of {k}",
         f"make ppo.mini_batch_size / ppo.gradient_accumulation_steps a multiple of {k}",
     )
-    check_choice(s, "advantage_estimator", ADVANTAGE_ESTIMATORS)
+    check_choice(s, "advantage_estimator", registered_names("advantage_estimator"))
     check(
         s.uses_critic or k >= 2,
         "samples_per_prompt",
@@ -84,7 +122,7 @@ def check_settings(s: PPOSettings) -> None:
         f"{s.advantage_estimator} has no value model",
         "set it to false, or use ppo.advantage_estimator=gae",
     )
-    check_choice(s, "loss_agg_mode", LOSS_AGG_MODES)
+    check_choice(s, "loss_agg_mode", registered_names("loss_agg_mode"))
     for name, example in (("gamma", "1.0"), ("lam", "0.95")):
         value = getattr(s, name)
         check(0 <= value <= 1, name, f"must be in [0, 1], got {value}", f"use e.g. {example}")
@@ -92,9 +130,8 @@ def check_settings(s: PPOSettings) -> None:
         value = getattr(s, name)
         check(value > 0, name, f"must be > 0, got {value}", "use e.g. 0.2")
     check(s.group_eps > 0, "group_eps", f"must be > 0, got {s.group_eps}", "use e.g. 1e-6")
-    check_choice(s, "kl_estimator", KL_ESTIMATORS)
-    check_choice(s, "kl_log_estimator", KL_LOG_ESTIMATORS)
-    check_choice(s, "kl_loss_estimator", KL_LOSS_ESTIMATORS)
+    for name in ("kl_estimator", "kl_log_estimator", "kl_loss_estimator"):
+        check_choice(s, name, registered_names(name))
     check(
         s.kl_loss_coef >= 0,
         "kl_loss_coef",
@@ -108,13 +145,7 @@ def check_settings(s: PPOSettings) -> None:
         f"must be > 0, got {norm}",
         "set it > 0, or null to turn it off",
     )
-    check(
-        set(s.score) <= {"scale", "normalize", "clip"},
-        "score",
-        f"unknown keys {s.score}",
-        "use scale, normalize, clip",
-    )
-    clip = s.score.get("clip")
+    clip = s.score.clip
     check(
         clip is None or clip > 0,
         "score.clip",
@@ -169,7 +200,15 @@ def local_sizes(s: PPOSettings, world_size: int) -> tuple[int, int]:
 
 def check_lr(lr: float) -> None:
     """``ppo.optimizer.lr`` must be a positive number."""
-    from detox_exp.schema import check_value
-
     check_value(lr, float, "ppo.optimizer.lr")
     check(lr > 0, "optimizer.lr", f"must be > 0, got {lr}", "use e.g. 1.41e-5")
+
+
+def check_ppo_config(ppo: Mapping[str, Any]) -> PPOSettings:
+    """Check a ``ppo`` config node (plain containers) against the schema, including
+    ``ppo.optimizer.lr``; returns the settings."""
+    settings = settings_from({k: ppo[k] for k in ppo if k not in BUILT})
+    lr = (ppo.get("optimizer") or {}).get("lr")
+    if lr is not None:
+        check_lr(lr)
+    return settings

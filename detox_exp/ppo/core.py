@@ -18,16 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# Per-token KL(pi || ref) estimators. Which one goes where is a question of its GRADIENT, not
-# of its value (see kl_penalty and docs/kl.md):
-KL_ESTIMATORS = ("k1", "k2", "k3", "full")  # as a detached reward: ppo.kl_estimator
-KL_LOG_ESTIMATORS = ("k3", "full")  # logged and read by the controller: never negative
-KL_LOSS_ESTIMATORS = ("k2", "k3", "full")  # as a loss term, gradient flowing: kl_loss
+from detox_exp.kl import float_dtype, kl_penalty
+from detox_exp.registry import Registry
 
-
-def _float_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least float32, so log-softmax of bf16/fp16 logits stays accurate."""
-    return torch.promote_types(dtype, torch.float32)
+ADVANTAGE_ESTIMATORS = Registry("ppo.advantage_estimator")
+LOSS_AGG_MODES = Registry("ppo.loss_agg_mode")
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -82,7 +77,7 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
 
     Computed in at least float32. ``labels`` must be valid token ids (no -100).
     """
-    logp = torch.log_softmax(logits.to(_float_dtype(logits.dtype)), dim=-1)
+    logp = torch.log_softmax(logits.to(float_dtype(logits.dtype)), dim=-1)
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
@@ -99,52 +94,6 @@ def in_row_chunks(fn: Callable[..., Tensor], *tensors: Tensor, rows: int = 2) ->
         for start in range(0, tensors[0].shape[0], rows)
     ]
     return torch.cat(chunks)
-
-
-def kl_penalty(
-    logprobs: Tensor,
-    ref_logprobs: Tensor,
-    estimator: str,
-    logits: Tensor | None = None,
-    ref_logits: Tensor | None = None,
-) -> Tensor:
-    """Per-token estimate of KL(pi || ref) -> ``[B, T]``.
-
-    ``logprobs``, ``ref_logprobs``: ``[B, T]`` log p(x_t), log q(x_t) of the tokens x_t that were
-    SAMPLED from the policy p; q is the reference model. With ``r = q(x) / p(x)`` and x ~ p
-    (http://joschu.net/blog/kl-approx.html):
-
-    - ``k1 = -log r = log p - log q``: unbiased, high variance, can be negative per token.
-    - ``k2 = 0.5 * (log r)^2``: biased, low variance, non-negative.
-    - ``k3 = (r - 1) - log r``: unbiased, low variance, non-negative (log x <= x - 1).
-    - ``full``: exact ``sum_v p_v (log p_v - log q_v)`` from ``logits``, ``ref_logits``
-      ``[B, T, V]``; non-negative (clamped at 0 against rounding).
-
-    As a DETACHED per-token reward ``-beta * k`` (REINFORCE / PPO), the expected gradient of
-    the penalty is ``E_p[k grad log p]``: for k1 that is exactly ``grad KL(p || q)``; for k3 it
-    is ``grad KL(p || q) - grad KL(q || p)``, which nearly cancels near the reference (and can
-    point away from it); k2's, ``E_p[0.5 log^2(p/q) grad log p]``, is second order in
-    ``log(p/q)`` and vanishes near the reference like k3's; ``full`` carries no gradient for the
-    sampled token itself. Only k1
-    regularises as its name says; the others are for logging (``KL_LOG_ESTIMATORS``).
-    """
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"ppo.kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
-    if estimator == "full":
-        if logits is None or ref_logits is None:
-            raise ValueError("ppo.kl_estimator='full' needs logits and ref_logits [B, T, V]")
-        dtype = _float_dtype(logits.dtype)
-        logp = torch.log_softmax(logits.to(dtype), dim=-1)
-        logq = torch.log_softmax(ref_logits.to(dtype), dim=-1)
-        return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
-
-    log_ratio = logprobs - ref_logprobs  # log p(x) - log q(x) = -log r
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio**2
-    # k3: (r - 1) - log r with log r = -log_ratio; expm1 keeps it accurate for r near 1
-    return (torch.expm1(-log_ratio) + log_ratio).clamp_min(0.0)
 
 
 def last_token_index(mask: Tensor) -> Tensor:
@@ -189,48 +138,6 @@ def compute_rewards(
     return rewards, kl
 
 
-def kl_loss(
-    logprobs: Tensor,
-    ref_logprobs: Tensor,
-    estimator: str = "k3",
-    logits: Tensor | None = None,
-    ref_logits: Tensor | None = None,
-) -> Tensor:
-    """Per-token KL loss term WITH its gradient flowing (GRPO's ``beta * KL`` in the loss) ->
-    ``[B, T]``; callers take a masked mean and add ``ppo.kl_loss_coef`` times it.
-
-    ``logprobs`` (current policy, with grad) and ``ref_logprobs`` ``[B, T]`` of tokens sampled
-    from the policy p (on-policy; with several PPO epochs from the rollout's policy). The
-    expected gradient, x ~ p, each token's own term (the future tokens' dependence is not
-    differentiated, as in GRPO):
-
-    - ``k3 = q/p - 1 - log(q/p)``: ``E_p[(1 - q/p) grad log p] = grad KL(q || p)``, the
-      reverse ("mass-covering") direction: it pulls p toward covering q's support.
-    - ``k2 = 0.5 (log p - log q)^2``: ``E_p[(log p - log q) grad log p] = grad KL(p || q)``,
-      the same divergence as the reward's k1.
-    - ``full``: the exact per-position ``KL(p(.|prefix) || q(.|prefix))`` over the vocabulary
-      from ``logits`` (with grad) and ``ref_logits`` ``[B, T, V]``: its gradient is exactly
-      that of each visited position's next-token KL, with no sampling noise over the token;
-      like k2 and k3 it leaves out how a token changes which later prefixes are visited.
-
-    k1 in the loss has expected gradient ``E_p[grad log p] = 0`` (noise only) and is refused.
-    """
-    if estimator not in KL_LOSS_ESTIMATORS:
-        raise ValueError(
-            f"ppo.kl_loss_estimator must be one of {KL_LOSS_ESTIMATORS}, got {estimator!r}"
-        )
-    if estimator == "full":
-        if logits is None or ref_logits is None:
-            raise ValueError("ppo.kl_loss_estimator='full' needs logits and ref_logits [B, T, V]")
-        logp = torch.log_softmax(logits.to(_float_dtype(logits.dtype)), dim=-1)
-        logq = torch.log_softmax(ref_logits.to(logp.dtype), dim=-1)
-        return (logp.exp() * (logp - logq)).sum(-1)
-    log_ratio = logprobs - ref_logprobs
-    if estimator == "k2":
-        return 0.5 * log_ratio**2
-    return torch.expm1(-log_ratio) + log_ratio
-
-
 def compute_gae(
     rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
 ) -> tuple[Tensor, Tensor]:
@@ -261,32 +168,73 @@ def compute_gae(
     return advantages, returns
 
 
-def group_advantages(scores: Tensor, estimator: str, eps: float = 1e-6) -> Tensor:
+def per_group(baseline: Callable[[Tensor, float], Tensor]) -> Callable[..., tuple[Tensor, Tensor]]:
+    """A critic-free estimator from its group rule ``baseline(scores [P, k], eps) -> [P, k]``:
+    each sample's sequence reward (its score plus its summed per-token KL penalty) goes
+    through the rule with its group's k - 1 others, and every token of the sample gets the
+    sample's advantage; the return is the sequence reward. A group whose k rewards are all
+    equal carries no signal and gets exactly 0. The rule stays reachable as ``.group``."""
+
+    def estimator(
+        rewards: Tensor, mask: Tensor, values: Tensor | None, *, k: int, eps: float, **_: Any
+    ) -> tuple[Tensor, Tensor]:
+        sequence_reward = rewards.sum(1)
+        per_sample = group_advantages(sequence_reward.view(-1, k), baseline, eps)
+        return per_sample.reshape(-1, 1) * mask, sequence_reward[:, None] * mask
+
+    estimator.group = baseline
+    estimator.__doc__ = baseline.__doc__
+    return estimator
+
+
+def group_advantages(
+    scores: Tensor, estimator: str | Callable[[Tensor, float], Tensor], eps: float = 1e-6
+) -> Tensor:
     """Critic-free advantages from ``scores`` ``[P, k]`` (k samples of each of P prompts) ->
-    ``[P, k]``, one per sample (every token of the sample gets it).
-
-    - ``rloo``: ``s_i - mean_{j != i} s_j``, the leave-one-out baseline (Kool et al. 2019,
-      Ahmadian et al. 2024 "Back to Basics"): unbiased, the baseline is independent of x_i.
-    - ``grpo``: ``(s_i - mean) / (std + eps)`` with the unbiased std over the group
-      (Shao et al. 2024, DeepSeekMath).
-    - ``dr_grpo``: ``s_i - mean`` (Liu et al. 2025, "Understanding R1-Zero-Like Training").
-
-    A group whose k scores are all equal carries no signal and gets exactly 0.
-    """
+    ``[P, k]`` by a registered group estimator's rule (or the rule itself); a group whose k
+    scores are all equal gets exactly 0."""
     if scores.dim() != 2 or scores.shape[1] < 2:
         raise ValueError(f"group_advantages: scores must be [P, k >= 2], got {tuple(scores.shape)}")
-    k = scores.shape[1]
-    mean = scores.mean(dim=1, keepdim=True)
-    if estimator == "rloo":
-        advantages = (scores - mean) * (k / (k - 1))  # = s_i - (sum - s_i) / (k - 1)
-    elif estimator == "grpo":
-        advantages = (scores - mean) / (scores.std(dim=1, keepdim=True) + eps)
-    elif estimator == "dr_grpo":
-        advantages = scores - mean
-    else:
-        raise ValueError(f"unknown group advantage estimator {estimator!r}")
+    if isinstance(estimator, str):
+        entry = ADVANTAGE_ESTIMATORS[estimator]
+        if entry.needs_critic:
+            raise ValueError(f"{estimator!r} is not a group advantage estimator")
+        estimator = entry.fn.group
+    advantages = estimator(scores, eps)
     flat = (scores == scores[:, :1]).all(dim=1, keepdim=True)
     return torch.where(flat, torch.zeros((), dtype=advantages.dtype), advantages)
+
+
+@ADVANTAGE_ESTIMATORS.register("gae", needs_critic=True)
+def gae(
+    rewards: Tensor, mask: Tensor, values: Tensor, *, gamma: float, lam: float, **_: Any
+) -> tuple[Tensor, Tensor]:
+    """GAE(gamma, lambda) from the value head's per-token values (Schulman et al. 2016)."""
+    return compute_gae(rewards, values, mask, gamma, lam)
+
+
+@ADVANTAGE_ESTIMATORS.register("rloo", needs_critic=False)
+@per_group
+def rloo(scores: Tensor, eps: float) -> Tensor:
+    """``s_i - mean_{j != i} s_j``, the leave-one-out baseline (Kool et al. 2019, Ahmadian et
+    al. 2024): unbiased, the baseline is independent of the sample."""
+    k = scores.shape[1]
+    return (scores - scores.mean(dim=1, keepdim=True)) * (k / (k - 1))
+
+
+@ADVANTAGE_ESTIMATORS.register("grpo", needs_critic=False)
+@per_group
+def grpo(scores: Tensor, eps: float) -> Tensor:
+    """``(s_i - mean) / (std + eps)``, the unbiased std over the group (Shao et al. 2024)."""
+    mean = scores.mean(dim=1, keepdim=True)
+    return (scores - mean) / (scores.std(dim=1, keepdim=True) + eps)
+
+
+@ADVANTAGE_ESTIMATORS.register("dr_grpo", needs_critic=False)
+@per_group
+def dr_grpo(scores: Tensor, eps: float) -> Tensor:
+    """``s_i - mean``, GRPO without the std (Liu et al. 2025, Dr. GRPO)."""
+    return scores - scores.mean(dim=1, keepdim=True)
 
 
 def aggregate_loss(
@@ -297,30 +245,54 @@ def aggregate_loss(
     num_tokens: float | None = None,
     horizon: int | None = None,
 ) -> Tensor:
-    """Token losses ``[B, T]`` -> a scalar, with verl's ``loss_agg_mode`` names.
-
-    - ``token-mean``: ``sum(loss) / num_tokens`` (every token weighs the same; DAPO).
-    - ``seq-mean-token-mean``: mean over sequences of each one's token mean (GRPO).
-    - ``seq-mean-token-sum``: mean over sequences of each one's token sum.
-    - ``seq-mean-token-sum-norm``: ``sum(loss) / (num_seqs * horizon)``, a constant divisor
-      (Dr. GRPO; ``horizon`` = the generation's ``max_new_tokens``).
+    """Token losses ``[B, T]`` -> a scalar by the registered ``loss_agg_mode`` (verl's names).
 
     ``num_seqs`` / ``num_tokens`` are the sizes of the WHOLE minibatch this part belongs to
     (over micro-batches and processes; default: this part's own), so that the parts' losses
     add up to the loss of the whole: a sum divided by the global count, not a mean of means.
+    ``horizon``: the generation's ``max_new_tokens`` (default: the width T).
     """
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"ppo.loss_agg_mode: unknown {mode!r}")
     keep = mask.bool()
     loss_mat = torch.where(keep, loss_mat, torch.zeros((), dtype=loss_mat.dtype))
-    num_seqs = loss_mat.shape[0] if num_seqs is None else num_seqs
-    if mode == "token-mean":
-        return loss_mat.sum() / (keep.sum() if num_tokens is None else num_tokens)
-    if mode == "seq-mean-token-mean":
-        return (loss_mat.sum(1) / keep.sum(1).clamp_min(1)).sum() / num_seqs
-    if mode == "seq-mean-token-sum":
-        return loss_mat.sum() / num_seqs
-    if mode == "seq-mean-token-sum-norm":
-        return loss_mat.sum() / (num_seqs * (horizon or loss_mat.shape[1]))
-    raise ValueError(f"ppo.loss_agg_mode: unknown {mode!r}")
+    return LOSS_AGG_MODES[mode].fn(
+        loss_mat,
+        keep,
+        loss_mat.shape[0] if num_seqs is None else num_seqs,
+        keep.sum() if num_tokens is None else num_tokens,
+        horizon or loss_mat.shape[1],
+    )
+
+
+@LOSS_AGG_MODES.register("token-mean")
+def token_mean(loss: Tensor, keep: Tensor, num_seqs: float, num_tokens: float, horizon: int):
+    """``sum(loss) / num_tokens``: every token weighs the same (DAPO)."""
+    return loss.sum() / num_tokens
+
+
+@LOSS_AGG_MODES.register("seq-mean-token-mean")
+def seq_mean_token_mean(
+    loss: Tensor, keep: Tensor, num_seqs: float, num_tokens: float, horizon: int
+):
+    """The mean over sequences of each one's token mean (GRPO)."""
+    return (loss.sum(1) / keep.sum(1).clamp_min(1)).sum() / num_seqs
+
+
+@LOSS_AGG_MODES.register("seq-mean-token-sum")
+def seq_mean_token_sum(
+    loss: Tensor, keep: Tensor, num_seqs: float, num_tokens: float, horizon: int
+):
+    """The mean over sequences of each one's token sum."""
+    return loss.sum() / num_seqs
+
+
+@LOSS_AGG_MODES.register("seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(
+    loss: Tensor, keep: Tensor, num_seqs: float, num_tokens: float, horizon: int
+):
+    """``sum(loss) / (num_seqs * horizon)``, a constant divisor (Dr. GRPO)."""
+    return loss.sum() / (num_seqs * horizon)
 
 
 def policy_loss(
@@ -386,7 +358,7 @@ def value_loss(
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of softmax(logits) ``[B, T, V]`` -> ``[B, T]``: ``logsumexp(z) - sum p * z``."""
-    logits = logits.to(_float_dtype(logits.dtype))
+    logits = logits.to(float_dtype(logits.dtype))
     pd = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (pd * logits).sum(-1)
 

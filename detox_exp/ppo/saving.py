@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +16,10 @@ from transformers import AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedToken
 from detox_exp import metric_names as M
 from detox_exp.ppo.policy import ActorCritic
 
-CARD_METRICS = (
-    "toxicity_mean",
-    "toxic_fraction",
-    "rouge_l",
-    "distinct_2",
-    "unique_fraction",
-    "response_len_mean",
-    "kl_to_reference",
-)
 
-
-def _card_value(value: Any) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def model_card(summary: Mapping[str, Any], config: Any) -> str:
+def model_card(summary: Mapping[str, Any], config: Any, eval_table: Sequence[str]) -> str:
+    """The merged model's README: what was trained, how, and ``eval_table`` (the
+    evaluation's markdown lines, ``evaluation.report.card_table``)."""
     cfg = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
     ppo = cfg["ppo"]
     controller = ppo.get("kl_controller") or {}
@@ -65,18 +53,8 @@ def model_card(summary: Mapping[str, Any], config: Any) -> str:
         "",
         "## Held-out evaluation (toxicity of the response only)",
         "",
-        "| metric | before | after | optimum |",
-        "|---|---|---|---|",
     ]
-    for key in CARD_METRICS:
-        values = [summary.get(f"eval/{phase}/{key}") for phase in ("before", "after", "optimum")]
-        lines.append(f"| {key} | " + " | ".join(_card_value(v) for v in values) + " |")
-    if summary.get(f"eval/{M.OPTIMUM_PHASE}/beta") is not None:
-        lines += [
-            "",
-            f"optimum: the objective's optimum ref * exp(r / beta) at beta "
-            f"{summary[f'eval/{M.OPTIMUM_PHASE}/beta']:.4g}, read from the before samples.",
-        ]
+    lines += eval_table
     lines += ["", "## Config", "", "```json", json.dumps(cfg, indent=2, default=str), "```", ""]
     return "\n".join(lines)
 
@@ -122,6 +100,7 @@ def save_policy(
     save_dir: str | Path,
     summary: Mapping[str, Any],
     config: Any,
+    eval_table: Sequence[str] = (),
 ) -> Path:
     """Write ``adapter/`` (LoRA or full weights), ``value_head.safetensors`` (gae only) and
     ``merged/`` (see :func:`merged_model`)."""
@@ -136,7 +115,7 @@ def save_policy(
     merged = merged_model(policy, (cfg or {}).get("model"))
     merged.save_pretrained(save_dir / "merged", safe_serialization=True)
     tokenizer.save_pretrained(save_dir / "merged")
-    card = model_card(summary, config)
+    card = model_card(summary, config, eval_table)
     (save_dir / "merged" / "README.md").write_text(card)
     (save_dir / "README.md").write_text(card)
     return save_dir

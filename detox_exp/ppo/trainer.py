@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,24 +25,26 @@ from transformers import PreTrainedTokenizerBase
 
 from detox_exp import checkpoint
 from detox_exp import metric_names as M
-from detox_exp.checkpoint import CheckpointManager, restore_trainer, trainer_state
+from detox_exp.checkpoint import CheckpointManager, rng_state, set_rng_state
 from detox_exp.distributed import Dist, masked_whiten_global, write_param_digest
-from detox_exp.errors import TrainingError
+from detox_exp.errors import DataError
 from detox_exp.fast import SWITCHES
 from detox_exp.fast.widths import round_up
-from detox_exp.ppo import core
-from detox_exp.ppo.checks import check_lr, local_sizes
-from detox_exp.ppo.experience import Experience
-from detox_exp.ppo.policy import ActorCritic, ForwardOutput, mixed_precision
-from detox_exp.ppo.rollout import (
+from detox_exp.generation import (
     decode,
     decoder_inputs,
     make_sampling,
     pad_queries,
     sample_responses,
 )
-from detox_exp.ppo.settings import PPOSettings
+from detox_exp.kl import kl_loss, kl_penalty
+from detox_exp.ppo import core
+from detox_exp.ppo.checks import check_lr, local_sizes, settings_from
+from detox_exp.ppo.experience import Experience
+from detox_exp.ppo.guard import NonFiniteGuard
+from detox_exp.ppo.policy import ActorCritic, ForwardOutput
 from detox_exp.reward.scorer import ToxicityScorer
+from detox_exp.seq2seq import mixed_precision
 from detox_exp.tracking import Tracker
 from detox_exp.utils import progress, resolve_device
 
@@ -56,10 +58,6 @@ def sampling_stream(seed: int, rank: int, step: int, device: torch.device) -> to
 
     mixed = np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]
     return torch.Generator(device=device).manual_seed(int(mixed))
-
-
-class _SkipBatch(Exception):
-    """Raised inside a step to drop the batch (ppo.on_nonfinite=skip)."""
 
 
 class PPOTrainer:
@@ -80,19 +78,19 @@ class PPOTrainer:
         generation: Mapping[str, Any],
         optimizer: Callable[..., torch.optim.Optimizer],
         kl_controller: core.AdaptiveKLController | core.FixedKLController,
+        checkpoints: CheckpointManager | None = None,
+        wandb_id: str | None = None,
         **settings: Any,
     ) -> None:
-        s = self.settings = PPOSettings.from_mapping(settings)  # checked, before anything
+        s = self.settings = settings_from(settings)  # checked, before anything
         self.dist = Dist(resolve_device(s.device))
         self.device = self.dist.device
         self.local_batch, self.local_mini = local_sizes(s, self.dist.world_size)
         self.k = s.samples_per_prompt
         self.forward_batch = s.forward_batch_size or self.local_batch
-        self.skipped = 0  # batches skipped for NaN / inf (on_nonfinite=skip)
-        self.consecutive_skips = 0
-        self.checkpoints: CheckpointManager | None = None
-        self.last_checkpoint: Path | None = None
-        self.wandb_id: str | None = None
+        self.guard = NonFiniteGuard(s.on_nonfinite, s.max_consecutive_skips, self.dist)
+        self.checkpoints = checkpoints  # None: no checkpoints
+        self.wandb_id = wandb_id  # the W&B run a checkpoint resumes
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[s.precision]
         self.tokenizer, self.scorer, self.prompts, self.tracker = (
             tokenizer,
@@ -104,7 +102,7 @@ class PPOTrainer:
         self.horizon = make_sampling(self.generation).max_new_tokens  # Dr. GRPO's divisor
         self.steps, self.batch_size = s.steps, s.batch_size
         self.kl_ctl = kl_controller
-        self.running = core.RunningMoments() if s.score.get("normalize") else None
+        self.running = core.RunningMoments() if s.score.normalize else None
         self.save_dir = Path(s.save_dir) if s.save_dir else None
 
         self.policy = ActorCritic(model, s.separate_value_model, value_head=s.uses_critic)
@@ -276,9 +274,9 @@ class PPOTrainer:
         t3 = self._clock()
         timings = {M.TIME_GENERATE: t1 - t0, M.TIME_SCORE: t2 - t1, M.TIME_FORWARD: t3 - t2}
         raw_scores = scores.reward.to(self.device).clone()  # a normal tensor, not inference
-        if s.debug_nan_at_step == self.step + 1:  # fault injection for tests
+        if s.debug.nan_at_step == self.step + 1:  # fault injection for tests
             raw_scores[0] = float("nan")
-        self._check_finite("scores", raw_scores)
+        self.guard.check("scores", raw_scores, self.step + 1)
         rewards, kl_reward, kl, advantages, returns = self._advantages(raw_scores, batch, mask)
         return Experience(
             indices=indices,
@@ -316,8 +314,8 @@ class PPOTrainer:
         n = len(raw_scores)
         processed = core.process_scores(
             self.dist.gather(raw_scores),
-            scale=float(s.score.get("scale", 1.0)),
-            clip=s.score.get("clip"),
+            scale=float(s.score.scale),
+            clip=s.score.clip,
             normalize=self.running is not None,
             running=self.running,
         )[self.dist.rank * n : (self.dist.rank + 1) * n]
@@ -333,26 +331,25 @@ class PPOTrainer:
         )
         kl = kl_reward
         if s.kl_log_estimator != s.kl_estimator:
-            kl = core.kl_penalty(
-                batch["logprobs"], batch["ref_logprobs"], s.kl_log_estimator, **logits
-            )
+            kl = kl_penalty(batch["logprobs"], batch["ref_logprobs"], s.kl_log_estimator, **logits)
             kl = torch.where(mask.bool(), kl, 0.0)
-        if s.uses_critic:
-            advantages, returns = core.compute_gae(rewards, batch["values"], mask, s.gamma, s.lam)
-        else:
-            sequence_reward = rewards.sum(1)  # the score plus the summed KL penalty
-            group = sequence_reward.view(-1, self.k)
-            per_sample = core.group_advantages(group, s.advantage_estimator, s.group_eps)
-            advantages = per_sample.reshape(-1, 1) * mask
-            returns = sequence_reward[:, None] * mask
+        advantages, returns = core.ADVANTAGE_ESTIMATORS[s.advantage_estimator].fn(
+            rewards,
+            mask,
+            batch.get("values"),
+            k=self.k,
+            gamma=s.gamma,
+            lam=s.lam,
+            eps=s.group_eps,
+        )
         if s.whiten_advantages:
             if self.dist.enabled:  # statistics over every process's tokens
                 whitened = masked_whiten_global(advantages, mask, self.dist)
             else:
                 whitened = core.masked_whiten(advantages, mask)
             advantages = torch.where(mask.bool(), whitened, 0.0)
-        self._check_finite("rewards", rewards)
-        self._check_finite("advantages", advantages)
+        self.guard.check("rewards", rewards, self.step + 1)
+        self.guard.check("advantages", advantages, self.step + 1)
         return rewards, kl_reward, kl, advantages, returns
 
     def optimize(self, roll: Experience) -> dict[str, float]:
@@ -390,7 +387,7 @@ class PPOTrainer:
                     sync = contextlib.nullcontext() if last else self._no_sync()
                     with sync:
                         loss, mstats = self._loss(roll, mb[mc_start : mc_start + micro_groups], agg)
-                        self._check_finite("loss", loss)
+                        self.guard.check("loss", loss, self.step + 1)
                         self.scaler.scale(loss * world).backward()
                     for key, value in mstats.items():
                         stats[key].append(value)
@@ -400,7 +397,7 @@ class PPOTrainer:
                 norm = self._grad_norm()
                 stats[M.GRAD_NORM].append(norm.item())
                 if not self.scaler.is_enabled():  # fp16: the scaler skips inf steps itself
-                    self._check_finite("gradients", norm)
+                    self.guard.check("gradients", norm, self.step + 1)
                 self.scaler.step(self.optimizer)
                 n_updates += 1
                 self.scaler.update()
@@ -462,7 +459,7 @@ class PPOTrainer:
         if s.ent_coef:
             loss = loss - s.ent_coef * agg(core.entropy_from_logits(logits), mb.mask)
         if s.kl_loss_coef:
-            kl_tokens = core.kl_loss(
+            kl_tokens = kl_loss(
                 logprobs, mb.ref_logprobs, s.kl_loss_estimator, logits, mb.ref_logits
             )
             kl_term = agg(kl_tokens, mb.mask)
@@ -483,10 +480,10 @@ class PPOTrainer:
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
     def _inject_nan_gradient(self, n_updates: int) -> None:
-        """Fault injection (``debug_nan_grad_at_step``): a NaN in one gradient before the
+        """Fault injection (``ppo.debug.nan_grad_at_step``): a NaN in one gradient before the
         second optimizer step of the batch (the first if the batch has one)."""
         s = self.settings
-        if s.debug_nan_grad_at_step != self.step + 1:
+        if s.debug.nan_grad_at_step != self.step + 1:
             return
         n_minibatches = self.local_batch // self.local_mini
         if n_updates == min(1, n_minibatches * s.ppo_epochs - 1):
@@ -504,6 +501,7 @@ class PPOTrainer:
         }
 
     def _restore(self, snapshot: Mapping[str, Any]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for param, saved in zip(self.policy.trainable_parameters(), snapshot["params"]):
                 param.copy_(saved)
@@ -511,72 +509,51 @@ class PPOTrainer:
         self.scaler.load_state_dict(snapshot["scaler"])
         self.running = snapshot["running"]
 
-    def _last_good(self) -> str:
-        return str(self.last_checkpoint or "none (set checkpoint.every)")
-
-    def _check_finite(self, quantity: str, values: torch.Tensor) -> None:
-        """NaN / inf guard: stop with a clear error, or skip the batch (ppo.on_nonfinite)."""
-        bad = self.dist.sum(torch.tensor(float(not torch.isfinite(values).all()))).item() > 0
-        if not bad:
-            return
-        if self.settings.on_nonfinite == "skip":
-            raise _SkipBatch(quantity)
-        raise TrainingError(
-            f"ppo step {self.step + 1}",
-            f"{quantity} contain NaN or inf; last good checkpoint: {self._last_good()}",
-            "lower ppo.optimizer.lr, check the reward model, or set ppo.on_nonfinite=skip",
-        )
-
     def train_step(self) -> dict[str, float]:
-        """One PPO step; returns (and logs) its metrics."""
+        """One PPO step: rollout, optimisation, metrics, logging; returns its metrics."""
         start = self._clock()
-        s = self.settings
-        snapshot = self._snapshot() if s.on_nonfinite == "skip" else None
-        try:
+        with self.guard.batch(self.step + 1, self._snapshot, self._restore) as outcome:
             roll = self.rollout(self.next_batch())
             t_opt = self._clock()
             opt_stats = self.optimize(roll)
-        except _SkipBatch as skip:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._restore(snapshot)  # undo the minibatch updates already applied
-            self.skipped += 1
-            self.consecutive_skips += 1
-            if self.consecutive_skips >= s.max_consecutive_skips:
-                raise TrainingError(
-                    f"ppo step {self.step + 1}",
-                    f"{skip} contain NaN or inf in {self.consecutive_skips} batches in a row "
-                    f"(ppo.max_consecutive_skips); last good checkpoint: {self._last_good()}",
-                    "lower ppo.optimizer.lr or check the reward model",
-                ) from None
-            self.step += 1
-            log.warning("ppo step %d: %s not finite, batch skipped", self.step, skip)
-            metrics = {M.SKIPPED_BATCHES: self.skipped, M.STEP_TIME: self._clock() - start}
+        self.step += 1
+        if outcome.skipped:
+            metrics = {M.SKIPPED_BATCHES: self.guard.skipped, M.STEP_TIME: self._clock() - start}
             self.tracker.log(metrics, step=self.step)
             return metrics
-        self.consecutive_skips = 0
         t_end = self._clock()
+        timings = {M.TIME_OPTIMIZE: t_end - t_opt, M.STEP_TIME: t_end - start}
+        metrics = self._step_metrics(roll, opt_stats | timings)
+        if self.settings.debug.param_digest:
+            self._write_param_digest(roll)
+        self.kl_ctl.update(metrics[M.KL], self.batch_size)  # Ziegler: n_steps = batch size
+        self.tracker.log(metrics, step=self.step)
+        every = self.settings.sample_table_every
+        if every and self.step % every == 0:
+            self._log_samples(roll)
+        return metrics
+
+    def _step_metrics(self, roll: Experience, local: dict[str, float]) -> dict[str, float]:
+        """The step's metrics: exact global statistics from gathered per-sample values, and
+        the means over processes of the rest (``local``: optimisation stats and timings)."""
         mask = roll.mask
-        # exact global statistics from gathered per-sample values; means of the rest
         kl_per_sample = self.dist.gather(roll.kl.sum(1))
         kl_reward = self.dist.gather(roll.kl_reward.sum(1))
         scores = self.dist.gather(roll.scores)
         toxicity = self.dist.gather(roll.toxicity.to(self.device))
         lengths = self.dist.gather(mask.sum(1).float())
-        mean_kl = kl_per_sample.mean().item()
         local = {
             M.ENTROPY: core.masked_mean(roll.entropy, mask).item(),
             M.RETURNS_MEAN: core.masked_mean(roll.returns, mask).item(),
-            M.TIME_OPTIMIZE: t_end - t_opt,
-            M.STEP_TIME: t_end - start,
             **roll.timings,
-            **opt_stats,
+            **local,
         }
         if roll.values is not None:
             local[M.VAR_EXPLAINED] = core.explained_variance(roll.values, roll.returns, mask).item()
             local[M.VALUE_MEAN] = core.masked_mean(roll.values, mask).item()
         local = self.dist.mean_dict(local, sorted(local))
         metrics = {
-            M.KL: mean_kl,
+            M.KL: kl_per_sample.mean().item(),
             M.KL_REWARD: kl_reward.mean().item(),
             M.KL_COEF: self.kl_ctl.value,
             M.REWARD_MEAN: scores.mean().item(),
@@ -584,61 +561,108 @@ class PPOTrainer:
             M.TOXICITY_MEAN: toxicity.mean().item(),
             M.RESPONSE_LEN_MEAN: lengths.mean().item(),
             M.SAMPLES_PER_S: self.batch_size / local[M.STEP_TIME],
-            M.SKIPPED_BATCHES: self.skipped,
+            M.SKIPPED_BATCHES: self.guard.skipped,
             **local,
         }
         if self.k > 1:  # gathered groups are whole: rows p * k ... p * k + k - 1
             groups = scores.view(-1, self.k)
             metrics[M.GROUP_ZERO_STD] = (groups == groups[:, :1]).all(1).float().mean().item()
             metrics[M.GROUP_REWARD_STD] = groups.std(1).mean().item()
-        if self.settings.debug_param_digest:
-            write_param_digest(
-                self.policy,
-                self.tracker.run_dir,
-                self.dist.rank,
-                self.step + 1,
-                roll.scores,
-                self.k,
-                stream_probe=torch.rand(2, generator=self.sampling_stream()).tolist(),
-            )
-        self.kl_ctl.update(mean_kl, self.batch_size)  # Ziegler et al.: n_steps = batch size
-        self.step += 1
-        self.tracker.log(metrics, step=self.step)
-        every = self.settings.sample_table_every
-        if every and self.step % every == 0:
-            rows = [
-                [
-                    self.step,
-                    self.prompts[roll.indices[j // self.k]]["prompt"][-300:],
-                    roll.texts[j],
-                    float(roll.scores[j]),
-                    float(roll.toxicity[j]),
-                ]
-                for j in range(min(self.settings.num_table_samples, len(roll.texts)))
-            ]
-            self.tracker.log_table(
-                M.SAMPLES_TABLE,
-                ["step", "prompt", "response", "reward", "toxicity"],
-                rows,
-                step=self.step,
-            )
         return metrics
+
+    def _write_param_digest(self, roll: Experience) -> None:
+        """``ppo.debug.param_digest``: a hash of this process's weights after the step."""
+        write_param_digest(
+            self.policy,
+            self.tracker.run_dir,
+            self.dist.rank,
+            self.step,
+            roll.scores,
+            self.k,
+            stream_probe=torch.rand(
+                2,
+                generator=sampling_stream(
+                    self.settings.seed, self.dist.rank, self.step, self.device
+                ),
+            ).tolist(),
+        )
+
+    def _log_samples(self, roll: Experience) -> None:
+        """A W&B table of the step's first ``num_table_samples`` responses."""
+        rows = [
+            [
+                self.step,
+                self.prompts[roll.indices[j // self.k]]["prompt"][-300:],
+                roll.texts[j],
+                float(roll.scores[j]),
+                float(roll.toxicity[j]),
+            ]
+            for j in range(min(self.settings.num_table_samples, len(roll.texts)))
+        ]
+        columns = ["step", "prompt", "response", "reward", "toxicity"]
+        self.tracker.log_table(M.SAMPLES_TABLE, columns, rows, step=self.step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the trainer needs to continue exactly where it is: ``trainable`` (the
+        trainable weights by name), the step, the data order and position, the generators,
+        the optimizer, scaler, KL controller, score statistics, the guard's counts and the
+        global RNG states."""
+        return {
+            "trainable": {n: p for n, p in self.policy.named_parameters() if p.requires_grad},
+            "step": self.step,
+            "order": torch.tensor(self._order, dtype=torch.long),
+            "position": self._position,
+            "generator": self.generator.get_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "kl_controller": self.kl_ctl.state_dict(),
+            "running": self.running.state_dict() if self.running is not None else None,
+            **self.guard.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state_dict` (on a trainer built from the same config)."""
+        params = dict(self.policy.named_parameters())
+        tensors = state["trainable"]
+        missing = set(tensors) ^ {n for n, p in params.items() if p.requires_grad}
+        if missing:
+            raise DataError(
+                "resume",
+                f"checkpoint does not match the model ({sorted(missing)[:3]} ...)",
+                "resume with the config the checkpoint was written with",
+            )
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor)
+        self.step = int(state["step"])
+        self._order = state["order"].tolist()
+        self._position = int(state["position"])
+        self.generator.set_state(state["generator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        if self.running is not None and state["running"] is not None:
+            self.running.load_state_dict(state["running"])
+        self.guard.load_state_dict(state)
+        set_rng_state(state["rng"])
 
     def _maybe_checkpoint(self, metrics: dict[str, float]) -> None:
         if self.checkpoints is not None and self.checkpoints.due(self.step):
             if self.dist.is_main:
-                tensors, state = trainer_state(self)
+                state = self.state_dict()
+                tensors = state.pop("trainable")
                 meta = {"wandb_id": self.wandb_id, "metrics": metrics}
-                self.last_checkpoint = self.checkpoints.save(self.step, tensors, state, meta)
+                self.guard.last_checkpoint = self.checkpoints.save(self.step, tensors, state, meta)
             self.dist.wait()
-        if self.settings.debug_kill_after_step == self.step:  # fault injection: a hard crash
+        if self.settings.debug.kill_after_step == self.step:  # fault injection: a hard crash
             os.kill(os.getpid(), signal.SIGKILL)
 
     def resume(self, path: Path) -> None:
         """Continue from checkpoint ``path`` (weights, optimizer, RNG, data position...)."""
-        tensors, state, meta = checkpoint.load(path)
-        restore_trainer(self, tensors, state)
-        self.last_checkpoint = path
+        tensors, state, _ = checkpoint.load(path)
+        self.load_state_dict({"trainable": tensors, **state})
+        self.guard.last_checkpoint = path
         log.info("resumed from %s at step %d", path, self.step)
 
     def train(self) -> list[dict[str, float]]:
@@ -670,10 +694,13 @@ class PPOTrainer:
         bar.close()
         return history
 
-    def save(self, summary: Mapping[str, Any], config: Any) -> Path | None:
-        """Adapter + value head + merged model (with a model card) under ``save_dir``."""
+    def save(
+        self, summary: Mapping[str, Any], config: Any, eval_table: Sequence[str] = ()
+    ) -> Path | None:
+        """Adapter + value head + merged model (with a model card holding ``eval_table``)
+        under ``save_dir``."""
         if self.save_dir is None:
             return None
         from detox_exp.ppo.saving import save_policy
 
-        return save_policy(self.policy, self.tokenizer, self.save_dir, summary, config)
+        return save_policy(self.policy, self.tokenizer, self.save_dir, summary, config, eval_table)

@@ -15,9 +15,9 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from detox_exp.fast import t5_decoding
 from detox_exp.fast.lora_fold import folded_adapter
+from detox_exp.generation import pad_queries, sample_responses
 from detox_exp.models import load_policy
-from detox_exp.ppo.policy import encode, expand_groups
-from detox_exp.ppo.rollout import pad_queries, sample_responses
+from detox_exp.seq2seq import encode, expand_groups
 from tests.conftest import trained_lora
 
 STEPS = 9

@@ -23,7 +23,7 @@ from detox_exp.errors import ConfigError
 from detox_exp.fast import SWITCHES, t5_decoding
 from detox_exp.fast.lora_fold import folded_adapter
 from detox_exp.fast.widths import round_up
-from detox_exp.ppo.policy import base_config, base_model, encode, expand_groups
+from detox_exp.seq2seq import base_config, base_model, encode, expand_groups
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:

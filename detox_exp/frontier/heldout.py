@@ -1,0 +1,59 @@
+"""The objective's optimum on the HELD-OUT prompts at the run's beta (``eval/optimum/*``),
+read from the before-evaluation's K >= 2 samples per prompt by self-normalised weights
+(:mod:`detox_exp.frontier.core`), and how far the run got toward it (``eval/vs_optimum/*``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from detox_exp import metric_names as M
+from detox_exp.evaluation.evaluator import EvalResult
+from detox_exp.frontier import core
+
+
+def optimum_metrics(
+    before: EvalResult, beta: float, threshold: float, seed: int = 0, repeats: int = 4
+) -> dict[str, float]:
+    """``eval/optimum/*``: the optimum ``pi* ~ ref * exp(r / beta)`` on the held-out prompts,
+    read from the before-evaluation's K >= 2 samples per prompt by self-normalised weights
+    (:func:`detox_exp.frontier.core.optimum_metrics`); {} with one sample per prompt."""
+    p, k = before.toxicity.shape
+    if k < 2:
+        return {}
+    texts = before.responses()
+    per_sample = {
+        "rouge_l": before.rouge_l,
+        "response_len_mean": before.lengths,
+        "empty_fraction": np.array([[float(not t) for t in group] for group in texts]),
+    }
+    uniforms = np.random.default_rng(seed).random((repeats, p, k))
+    corpus = core.ReferenceCorpus.of(texts, uniforms)
+    values = core.optimum_metrics(
+        beta, before.rewards(), before.toxicity, texts, per_sample, corpus, threshold, uniforms
+    )
+    values |= {"beta": float(beta), "num_prompts": p, "samples_per_prompt": k}
+    return {f"eval/{M.OPTIMUM_PHASE}/{name}": v for name, v in values.items()}
+
+
+def against_optimum(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The share of the optimum's toxicity drop the run achieved, and its KL as a multiple
+    of the optimum's (where before, after and optimum are all in ``summary``)."""
+    key = "eval/{}/{}".format
+    before, after, best = (
+        summary.get(key(phase, "toxicity_mean")) for phase in ("before", "after", "optimum")
+    )
+    if before is None or after is None or best is None:
+        return {}
+    out = {}
+    if before - best > 0:
+        out[M.OPTIMUM_DROP_ACHIEVED] = (before - after) / (before - best)
+    kl_after, kl_best = (
+        summary.get(key("after", "kl_to_reference")),
+        summary.get(key("optimum", "kl_to_reference")),
+    )
+    if kl_after is not None and kl_best:
+        out[M.OPTIMUM_KL_RATIO] = kl_after / kl_best
+    return out
