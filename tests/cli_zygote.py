@@ -18,10 +18,13 @@ the first non-zero code (0 if none).
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import signal
 import sys
+import threading
 import traceback
 
 
@@ -36,7 +39,9 @@ def preload() -> None:
     import detox_exp.cli  # noqa: F401
     import detox_exp.demo.assets  # noqa: F401
     import detox_exp.evaluation.report  # noqa: F401
+    import detox_exp.frontier.stage  # noqa: F401
     import detox_exp.pipeline  # noqa: F401
+    import detox_exp.ppo.saving  # noqa: F401
     import detox_exp.ppo.trainer  # noqa: F401
     import detox_exp.reward.training  # noqa: F401
     import detox_exp.sweeps  # noqa: F401
@@ -51,6 +56,44 @@ def preload() -> None:
         "PreTrainedTokenizerFast",
     ):
         getattr(transformers, name)
+
+    # imported on first use by the evaluation (ROUGE: rouge_score, nltk, scipy) and the
+    # frontier's plot (matplotlib): ~1 s per run
+    import rouge_score.rouge_scorer  # noqa: F401
+
+    warm_matplotlib()
+    # imported by wandb.init, offline too: ~1.5 s per run with logger=wandb (wandb's own
+    # modules, so looked up by name: a wandb without them is not an error)
+    for name in (
+        "wandb.sdk.launch.inputs.internal",
+        "wandb.sdk.lib.gitlib",
+        "requests",
+        "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+        "opentelemetry.exporter.otlp.proto.http._log_exporter",
+    ):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    assert threading.active_count() == 1, "no thread may exist at a fork"
+
+
+def warm_matplotlib() -> None:
+    """Draw a small figure with a log axis, as the frontier's plot does: matplotlib, its
+    fonts and the mathtext parser (the log axis's tick labels) are then loaded in every
+    child (another ~1 s per run)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2))
+    ax = fig.add_subplot()
+    ax.plot([0.01, 10.0], [0.0, 1.0])
+    ax.set_xscale("log")
+    ax.twinx().set_ylabel("y")
+    fig.tight_layout()
+    fig.savefig(io.BytesIO(), format="png")
 
 
 def child(request: dict) -> None:

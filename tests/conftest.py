@@ -29,6 +29,10 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.pop("WANDB_API_KEY", None)  # tests never talk to a W&B server
     torch.set_num_threads(THREADS)
+    # pytest-xdist's --dist loadscope hands out the modules with the most tests first unless
+    # told not to: keep the order pytest_collection_modifyitems sets
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -39,9 +43,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache dir with the demo assets, built once per session and shared by the
-    pytest-xdist workers (the first builds them under a file lock, the others wait), or
-    reused from DETOX_EXP_TEST_CACHE when set, to save the 2-4 minute build while iterating."""
+    """A cache dir (``DETOX_EXP_CACHE`` of the runs) with the assets of
+    ``experiment=demo_small``, the demo at test size, built once per session and shared by
+    the pytest-xdist workers (the first builds them under a file lock, the others wait), or
+    reused from DETOX_EXP_TEST_CACHE when set, to save the ~15 s build while iterating."""
     cache = os.environ.get("DETOX_EXP_TEST_CACHE")
     if cache:
         return Path(cache)
@@ -53,8 +58,10 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shared = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "demo_cache"
     with FileLock(f"{shared}.lock"):
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-            cfg = compose("config", overrides=["experiment=demo"])
-        instantiate(cfg.assets, cache_dir=str(shared / "demo")).build()  # no-op once built
+            cfg = compose(
+                "config", overrides=["experiment=demo_small", f"paths.cache_dir={shared}"]
+            )
+        instantiate(cfg.assets).build()  # no-op once built
     return shared
 
 

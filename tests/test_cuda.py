@@ -54,7 +54,7 @@ def test_greedy_sampling_equals_generate_on_cuda(tiny_t5: Path) -> None:
 def test_demo_runs_on_cuda(precision: str, demo_cache: Path, tmp_path: Path) -> None:
     """The whole pipeline (reward training, evaluation before / after, PPO) on the GPU."""
     result = run_cli(
-        "experiment=demo",
+        "experiment=demo_small",
         "debug=fast",
         "device=cuda",
         f"precision={precision}",

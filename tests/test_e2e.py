@@ -1,5 +1,6 @@
-"""End-to-end: the real entrypoint on the (shrunk) offline demo, in a subprocess (the demo
-run itself in a fresh ``python -m detox_exp``, the others forked from a pre-imported one)."""
+"""End-to-end: the real entrypoint on the offline demo at test size (experiment=demo_small,
+debug=fast), in a subprocess (the demo run itself in a fresh ``python -m detox_exp``, the
+others forked from a pre-imported one)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ SUMMARY_KEYS = [
 def demo_run(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("demo_run")
     result = run_cli(
-        "experiment=demo",
+        "experiment=demo_small",
         "debug=fast",
         f"hydra.run.dir={run_dir}",
         "logger.wandb.mode=offline",
@@ -91,7 +92,7 @@ def test_standalone_evaluation_of_a_saved_policy(
 ) -> None:
     """Evaluation only, on the saved merged policy and the trained reward model."""
     result = run_cli(
-        "experiment=demo",
+        "experiment=demo_small",
         "debug=fast",
         "logger=none",
         f"hydra.run.dir={tmp_path}",
@@ -114,16 +115,21 @@ def test_standalone_evaluation_of_a_saved_policy(
 
 
 @pytest.mark.parametrize("ppo", ["grpo", "default"])
-def test_other_estimators_run_end_to_end(demo_cache: Path, tmp_path: Path, ppo: str) -> None:
+def test_other_estimators_run_end_to_end(
+    demo_run: Path, demo_cache: Path, tmp_path: Path, ppo: str
+) -> None:
     """`detox-exp experiment=demo ppo=grpo` (critic-free) and `ppo=default` (GAE, here with
-    the demo's 8 samples per prompt sharing one encoder pass)."""
+    the demo's 8 samples per prompt sharing one encoder pass), with the reward model that
+    demo_run trained."""
     from detox_exp import metric_names as M
 
     result = run_cli(
-        "experiment=demo",
+        "experiment=demo_small",
         "debug=fast",
         "logger=none",
         f"ppo={ppo}",
+        "stages.train_reward=false",
+        f"reward.name_or_path={demo_run}/reward_model",
         f"hydra.run.dir={tmp_path}",
         cwd=ROOT,
         env={"DETOX_EXP_CACHE": str(demo_cache)},

@@ -15,7 +15,7 @@ from tests.helpers.cli import check_one_line_error
 
 pytestmark = pytest.mark.slow
 
-DEMO = ["experiment=demo", "debug=fast", "logger=none"]
+DEMO = ["experiment=demo_small", "debug=fast", "logger=none"]
 
 
 @pytest.fixture(scope="module")

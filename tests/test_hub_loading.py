@@ -1,5 +1,6 @@
 """The real experiment's loading path, offline: tiny stand-ins planted in a temporary Hugging
-Face cache under the real ids, then ``experiment=flan_t5_dialogsum debug=fast``."""
+Face cache under the real ids, then ``experiment=flan_t5_dialogsum debug=fast`` with
+``ppo=default`` and ``ppo=grpo`` (the two jobs of one multirun)."""
 
 from __future__ import annotations
 
@@ -28,10 +29,16 @@ def plant(hub: Path, kind: str, repo_id: str, files_from: Path) -> Path:
     return snapshot
 
 
-@pytest.mark.parametrize("ppo", ["default", "grpo"])
-def test_flan_t5_dialogsum_loads_by_hub_id_offline(standins, tmp_path: Path, ppo: str) -> None:
+PPO = ("default", "grpo")  # the jobs of the multirun, in order
+
+
+@pytest.fixture(scope="module")
+def hub_sweep(standins, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``experiment=flan_t5_dialogsum debug=fast`` with each of ``PPO``, as the jobs of one
+    multirun: one fresh interpreter (the HF_* settings are read at import) for both."""
     from detox_exp.demo.corpus import generate_dialogues
 
+    tmp_path = tmp_path_factory.mktemp("hub")
     hub = tmp_path / "hf" / "hub"
     plant(hub, "models", "google/flan-t5-base", standins["policy"])
     plant(hub, "models", "facebook/roberta-hate-speech-dynabench-r4-target", standins["reward"])
@@ -45,7 +52,7 @@ def test_flan_t5_dialogsum_loads_by_hub_id_offline(standins, tmp_path: Path, ppo
                 writer.writerow(row | {"id": f"{split}_{row['id']}"})
     plant(hub, "datasets", "knkarthick/dialogsum", data)
 
-    run_dir = tmp_path / "run"
+    sweep = tmp_path / "sweep"
     env = {
         "HF_HOME": str(tmp_path / "hf"),
         "HF_HUB_OFFLINE": "1",
@@ -53,16 +60,25 @@ def test_flan_t5_dialogsum_loads_by_hub_id_offline(standins, tmp_path: Path, ppo
         "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache"),
     }
     result = run_cli(
+        "-m",
         "experiment=flan_t5_dialogsum",
         "debug=fast",
         "logger=none",
         "device=cpu",
-        f"hydra.run.dir={run_dir}",
-        f"ppo={ppo}",
+        f"hydra.sweep.dir={sweep}",
+        f"ppo={','.join(PPO)}",
         cwd=ROOT,
         env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(x) for x in (sweep / "sweep_summary.jsonl").read_text().splitlines()]
+    assert sorted((r["job"], r["status"]) for r in rows) == [(0, "ok"), (1, "ok")], rows
+    return sweep
+
+
+@pytest.mark.parametrize("ppo", PPO)
+def test_flan_t5_dialogsum_loads_by_hub_id_offline(hub_sweep: Path, ppo: str) -> None:
+    run_dir = hub_sweep / str(PPO.index(ppo))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "eval/before/toxicity_mean" in summary and "eval/after/rouge_l" in summary
     # debug=fast: the frontier runs and is written, the beta is the fixed 1 (conf/debug/fast)

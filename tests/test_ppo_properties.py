@@ -132,6 +132,7 @@ def test_decoder_inputs_start_with_start_token() -> None:
     assert decoder_inputs(response, 0).tolist() == [[0, 5, 6, 1]]
 
 
+@pytest.mark.slow
 def test_toy_task_is_learned(tiny_t5: Path, tmp_path: Path) -> None:
     """Reward 1 when the response contains a chosen token: learned within 50 steps.
 

@@ -41,7 +41,7 @@ def test_two_process_demo_trains_the_reward_model_on_the_main_process(
     rank 1 never joined: a gloo timeout (distributed.timeout_s, here 120 s)."""
     run_dir = tmp_path / "run"
     result = run_ranks(
-        "experiment=demo",
+        "experiment=demo_small",
         "debug=fast",
         "logger=none",
         f"hydra.run.dir={run_dir}",
@@ -112,7 +112,7 @@ def test_fp16_is_refused_when_the_t5_policy_loads(tiny_t5: Path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fp16 on CPU: refused)")
 def test_fp16_t5_demo_is_one_line_on_cuda(demo_cache: Path, tmp_path: Path) -> None:
     result = run_cli(
-        "experiment=demo",
+        "experiment=demo_small",
         "debug=fast",
         "device=cuda",
         "precision=fp16",

@@ -18,7 +18,7 @@ def test_multirun_groups_jobs_and_survives_a_failing_job(demo_cache: Path, tmp_p
     sweep = tmp_path / "sweep"
     result = run_cli(
         "-m",
-        "experiment=demo",
+        "experiment=demo_small",
         "debug=fast",
         "ppo.gamma=1.0,0.9,1.5",
         "logger.wandb.mode=offline",
@@ -46,7 +46,7 @@ def test_multirun_groups_jobs_and_survives_a_failing_job(demo_cache: Path, tmp_p
     assert {r["group"] for r in runs} == {f"debug/{sweep.name}"}
     # job_type: the job's overrides (cut to W&B's 64 characters); tags: each override
     assert sorted(r["job_type"].lower() for r in runs) == [
-        f"experiment=demo,debug=fast,ppo.gamma={g},stages.train_reward=false"[:64]
+        f"experiment=demo_small,debug=fast,ppo.gamma={g},stages.train_reward=false"[:64]
         for g in ("0.9", "1.0")
     ]
     assert any("ppo.gamma=1.0" in r["tags"] for r in runs)
@@ -56,14 +56,14 @@ def test_optuna_search_two_trials(demo_cache: Path, tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "optuna"
     result = run_cli(
-        "experiment=demo",
+        "experiment=demo_small",
         "debug=fast",
         "hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
         "logger=none",
         "ppo.steps=1",
         "stages.train_reward=false",
-        "reward.name_or_path=${paths.cache_dir}/demo/reward_init",
+        "reward.name_or_path=${assets.cache_dir}/reward_init",
         f"hydra.sweep.dir={sweep}",
         cwd=ROOT,
         env={"DETOX_EXP_CACHE": str(demo_cache)},
