@@ -35,32 +35,35 @@ from omegaconf import OmegaConf
 from detox_exp import metric_names as M
 
 PROG = "detox-exp-compare"
-TOXICITY, ROUGE = "eval/after/toxicity_mean", "eval/after/rouge_l"
-DISTINCT2, KL_AFTER = "eval/after/distinct_2", "eval/after/kl_to_reference"
-BEFORE, AFTER, OPTIMUM = "eval/before/", "eval/after/", f"eval/{M.OPTIMUM_PHASE}/"
-OPT = M.OPTIMUM_PHASE
-TOXICITY_REL = "eval/delta/toxicity_mean_rel"  # after / before - 1, each run's own baseline
+OPT, DELTA_PHASE = M.OPTIMUM_PHASE, M.DELTA_PHASE
+TOXICITY, ROUGE = M.eval_key("after", "toxicity_mean"), M.eval_key("after", "rouge_l")
+DISTINCT2, KL_AFTER = M.eval_key("after", "distinct_2"), M.eval_key("after", "kl_to_reference")
+# after / before - 1, each run's own baseline
+TOXICITY_REL = M.eval_key(DELTA_PHASE, "toxicity_mean_rel")
 # the default columns; those no run has, and the relative changes (``_rel``) where every run
 # has the same baseline, are left out
-DEFAULT_METRICS = (
-    f"{BEFORE}toxicity_mean",
-    TOXICITY,
-    f"{OPTIMUM}toxicity_mean",
-    "eval/delta/toxicity_mean",
-    TOXICITY_REL,
-    f"{BEFORE}rouge_l",
-    ROUGE,
-    f"{OPTIMUM}rouge_l",
-    "eval/delta/rouge_l_rel",
-    DISTINCT2,
-    "eval/delta/distinct_2",
-    "eval/delta/distinct_2_rel",
-    "eval/after/unique_fraction",
-    KL_AFTER,
-    f"{OPTIMUM}kl_to_reference",
-    "eval/after/response_len_mean",
+DEFAULT_METRICS = tuple(
+    M.eval_key(phase, name)
+    for phase, name in (
+        ("before", "toxicity_mean"),
+        ("after", "toxicity_mean"),
+        (OPT, "toxicity_mean"),
+        (DELTA_PHASE, "toxicity_mean"),
+        (DELTA_PHASE, "toxicity_mean_rel"),
+        ("before", "rouge_l"),
+        ("after", "rouge_l"),
+        (OPT, "rouge_l"),
+        (DELTA_PHASE, "rouge_l_rel"),
+        ("after", "distinct_2"),
+        (DELTA_PHASE, "distinct_2"),
+        (DELTA_PHASE, "distinct_2_rel"),
+        ("after", "unique_fraction"),
+        ("after", "kl_to_reference"),
+        (OPT, "kl_to_reference"),
+        ("after", "response_len_mean"),
+    )
 )
-DELTA = re.compile(r"eval/delta/(?P<name>.+?)(?P<rel>_rel)?")
+DELTA = re.compile(re.escape(M.eval_key(DELTA_PHASE, "")) + r"(?P<name>.+?)(?P<rel>_rel)?")
 CURVES = (M.REWARD_MEAN, M.KL)
 SKIP_PREFIXES = ("paths.", "hydra.", "_wandb")
 SKIP = frozenset({"logger.wandb.dir"})
@@ -290,7 +293,7 @@ def metric_value(summary: Mapping[str, Any], metric: str) -> Any:
     match = DELTA.fullmatch(metric)
     if match is None:
         return None
-    before, after = (_number(summary.get(f"{p}{match['name']}")) for p in (BEFORE, AFTER))
+    before, after = (_number(summary.get(M.eval_key(p, match["name"]))) for p in M.EVAL_PHASES)
     if before is None or after is None or (match["rel"] and not before):
         return None
     return after / before - 1.0 if match["rel"] else after - before
@@ -299,13 +302,13 @@ def metric_value(summary: Mapping[str, Any], metric: str) -> Any:
 def relative_change(summary: Mapping[str, Any], phase: str, name: str) -> float | None:
     """``eval/<phase>/<name>`` / ``eval/before/<name>`` - 1: the change from the run's own
     baseline (None without both, or with a zero baseline)."""
-    value, before = (_number(summary.get(f"eval/{p}/{name}")) for p in (phase, "before"))
+    value, before = (_number(summary.get(M.eval_key(p, name))) for p in (phase, "before"))
     return value / before - 1.0 if value is not None and before else None
 
 
 def baselines_differ(runs: Sequence[RunRecord], name: str) -> bool:
     """Whether the runs' ``eval/before/<name>`` (their reference's value) differ."""
-    values = {_number(r.summary.get(f"{BEFORE}{name}")) for r in runs} - {None}
+    values = {_number(r.summary.get(M.eval_key("before", name))) for r in runs} - {None}
     return len({round(v, 9) for v in values}) > 1
 
 
@@ -425,7 +428,7 @@ def plot_pareto(
             xy = [relative_change(run.summary, phase, name) for name in names]
             xy = [None if v is None else 100 * v for v in xy]
         else:
-            xy = [_number(run.summary.get(f"eval/{phase}/{name}")) for name in names]
+            xy = [_number(run.summary.get(M.eval_key(phase, name))) for name in names]
         return None if None in xy else (xy[0], xy[1])
 
     shown = [r for r in runs if point(r, "after") is not None]
@@ -562,7 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sort == TOXICITY_REL and args.sort is None:
         plots = "" if args.no_plots else ", and so do the plots"
         print(
-            f"The runs' baselines ({BEFORE}{toxicity}) differ: rows are sorted by the change "
+            f"The runs' baselines ({M.eval_key('before', toxicity)}) differ: rows are sorted by "
+            "the change "
             f"from each run's own baseline ({TOXICITY_REL}){plots}.\n"
         )
     if not any(metric_value(r.summary, sort) is not None or sort in r.config for r in runs):

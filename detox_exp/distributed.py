@@ -16,11 +16,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
-def is_distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 # The group the stage waits run on (see Dist.wait), made with the default group.
 _WAIT: dict[str, Any] = {"group": None, "delay_s": 0.0}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -20,8 +21,21 @@ def test_bench_experiment(tmp_path: Path, monkeypatch, capsys) -> None:
     # imports are loaded already: a fresh interpreter would spend ~10 s on them)
     argv = ["make_bench_dir.py", "--size", "small", "--out", str(bench), "--prompts", "40"]
     monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(ROOT / "scripts" / "make_bench_dir.py"), run_name="__main__")
-    assert "11.5M parameters" in capsys.readouterr().out
+    script = runpy.run_path(str(ROOT / "scripts" / "make_bench_dir.py"), run_name="__main__")
+    # the policy has the shape the size names, and the count printed is the saved model's
+    from transformers import AutoModelForSeq2SeqLM
+
+    policy = AutoModelForSeq2SeqLM.from_pretrained(bench / "policy")
+    for key, value in script["SIZES"]["small"]["t5"].items():
+        assert getattr(policy.config, key) == value, key
+    n_params = sum(p.numel() for p in policy.parameters())
+    printed = re.search(r"policy ([\d.]+)M parameters, (\d+) prompts", capsys.readouterr().out)
+    assert printed is not None
+    assert printed.group(1) == f"{n_params / 1e6:.1f}"
+    n_prompts = len((bench / "prompts.jsonl").read_text().splitlines())
+    assert int(printed.group(2)) == n_prompts and 0 < n_prompts <= 40
+    tokenizer = json.loads((bench / "policy" / "tokenizer_config.json").read_text())
+    assert tokenizer["tokenizer_class"] == "PreTrainedTokenizerFast"  # trl 0.11.4 loads it
     result = run_cli(
         "experiment=bench",
         f"model.name_or_path={bench}/policy",

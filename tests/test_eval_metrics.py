@@ -11,7 +11,6 @@ from detox_exp.evaluation.metrics import (
     distinct_n,
     expected_max_toxicity,
     paired_bootstrap_ci,
-    response_length_stats,
     rouge_l_per_example,
     rouge_scores,
     toxicity_probability,
@@ -131,11 +130,6 @@ def test_rouge_length_mismatch() -> None:
 
 
 # ----------------------------------------------------------------------------- lengths
-def test_response_length_stats() -> None:
-    assert response_length_stats([10, 20, 30, 41]) == {"response_len_mean": pytest.approx(25.25)}
-
-
-# ----------------------------------------------------------------------------- bootstrap
 def _noisy_pair(n: int = 200, shift: float = 0.0, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     before = rng.uniform(0.2, 0.8, size=n)
@@ -282,3 +276,29 @@ def test_paired_deltas_report_cis_for_corpus_metrics(tmp_path) -> None:
     for name in ("distinct_1", "distinct_2", "response_len_mean", "unique_fraction"):
         assert f"eval/delta/{name}_ci_low" in out, name
     assert out["eval/delta/kl_to_reference"] == pytest.approx(0.3)  # a plain difference
+
+
+def test_paired_metrics_drive_the_confidence_intervals(tmp_path) -> None:
+    """metric_names.PAIRED_METRICS is the list of metrics with a CI: each has a rule, and the
+    report gives a CI to those and no others."""
+    from detox_exp import metric_names as M
+    from detox_exp.evaluation.evaluator import EvalResult
+    from detox_exp.evaluation.report import CORPUS, PER_PROMPT, paired_deltas
+
+    assert set(PER_PROMPT) | set(CORPUS) == set(M.PAIRED_METRICS)
+    rng = np.random.default_rng(0)
+    results = [
+        EvalResult(
+            phase,
+            {f"eval/{phase}/rouge_1": 0.1},
+            rng.random((6, 2)),
+            rng.random((6, 2)),
+            rng.integers(1, 9, (6, 2)).astype(float),
+            [{"response": f"w{rng.integers(5)} x{rng.integers(5)}"} for _ in range(12)],
+        )
+        for phase in ("before", "after")
+    ]
+    out = paired_deltas(*results, {"n_resamples": 50})
+    with_ci = {k[len("eval/delta/") : -len("_ci_low")] for k in out if k.endswith("_ci_low")}
+    assert {k for k in with_ci if not k.endswith("_rel")} == set(M.PAIRED_METRICS)
+    assert "eval/delta/rouge_1" in out and "eval/delta/rouge_1_ci_low" not in out

@@ -110,11 +110,11 @@ def test_beta_is_chosen_or_refused() -> None:
     """The run's beta: from a target with the frontier controller; a configured beta whose
     optimum cuts less than min_drop, or a target out of reach, is one ConfigError."""
     from detox_exp.errors import ConfigError
-    from detox_exp.frontier.stage import FRONTIER_CONTROLLER, choose_beta, read_frontier
+    from detox_exp.frontier.stage import choose_beta, read_frontier
 
     result = read_frontier(_draws(np.random.default_rng(4)), [0.01, 0.1, 1, 10], 0.5, 0, 2)
     assert [r["beta"] for r in result.rows] == [0.01, 0.1, 1, 10]
-    target = {"_target_": FRONTIER_CONTROLLER, "target_drop": 0.5}
+    target = {"_target_": "detox_exp.ppo.core.FrontierKLController", "target_drop": 0.5}
     beta = choose_beta(result, target, min_drop=0.1)
     assert 0.01 < beta < 10 and result.drop(beta) == pytest.approx(0.5, abs=1e-6)
     assert result.at(beta)["toxicity_change"] == pytest.approx(-0.5, abs=1e-6)
@@ -167,3 +167,20 @@ def test_frontier_controller_needs_the_frontier_stage(tmp_path) -> None:
     check_run_config(on)
     with pytest.raises(ConfigError, match="stages.frontier=true"):
         check_run_config(off)
+
+
+@pytest.mark.parametrize("option", ["fixed", "adaptive", "frontier"])
+def test_the_frontier_controller_is_recognised_by_its_class(option: str) -> None:
+    """Each shipped ppo/kl_controller option: the frontier's (and only it) takes its beta from
+    the frontier stage, by what it builds (a subclass counts), not by its keys."""
+    from omegaconf import OmegaConf
+
+    from detox_exp.frontier.stage import configured_beta
+    from detox_exp.ppo.core import FrontierKLController
+    from tests.conftest import CONF_DIR
+
+    node = OmegaConf.to_container(
+        OmegaConf.load(CONF_DIR / "ppo" / "kl_controller" / f"{option}.yaml")
+    )
+    assert FrontierKLController.configured_by(node) == (option == "frontier")
+    assert (configured_beta(node) is None) == (option == "frontier")

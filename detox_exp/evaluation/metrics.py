@@ -11,7 +11,7 @@ Contents
   :func:`toxicity_probability` (the latter two follow RealToxicityPrompts,
   Gehman et al. 2020).
 * Generation quality: :func:`distinct_n`, :func:`response_collapse`, :func:`rouge_scores`,
-  :func:`rouge_l_per_example`, :func:`response_length_stats`.
+  :func:`rouge_l_per_example`.
 * Before/after comparison: :func:`paired_bootstrap_ci`.
 """
 
@@ -29,7 +29,6 @@ __all__ = [
     "paired_bootstrap_ci",
     "paired_bootstrap_corpus",
     "response_collapse",
-    "response_length_stats",
     "rouge_l_per_example",
     "rouge_scores",
     "toxicity_probability",
@@ -292,25 +291,6 @@ def rouge_l_per_example(predictions: Sequence[str], references: References) -> n
     return _rouge_matrix(predictions, references)[:, _ROUGE_TYPES.index("rougeL")].copy()
 
 
-def response_length_stats(token_lengths: Sequence[int] | np.ndarray) -> dict[str, float]:
-    """Summary of response lengths (in tokens).
-
-    Args:
-        token_lengths: Number of generated tokens per response.
-
-    Returns:
-        ``{"response_len_mean": mean length}``.
-
-    Raises:
-        ValueError: If ``token_lengths`` is empty or not 1-D.
-    """
-    arr = _as_1d_float(token_lengths, "token_lengths")
-    return {"response_len_mean": float(np.mean(arr))}
-
-
-# --------------------------------------------------------------------------------------
-# Paired bootstrap
-# --------------------------------------------------------------------------------------
 def paired_bootstrap_ci(
     before: np.ndarray,
     after: np.ndarray,

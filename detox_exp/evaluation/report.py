@@ -5,7 +5,7 @@ card's table, every metric named in :mod:`detox_exp.metric_names`."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from detox_exp import metric_names as M
@@ -19,6 +19,33 @@ from detox_exp.evaluation.metrics import (
 )
 from detox_exp.tracking import Tracker
 
+# how each of metric_names.PAIRED_METRICS is read from an evaluation: per prompt (the mean over
+# its k samples; the bootstrap resamples these values), or recomputed on the corpus of the
+# resampled prompts' responses
+PER_PROMPT = {
+    "toxicity_mean": lambda r, threshold: r.toxicity.mean(1),
+    "toxic_fraction": lambda r, threshold: (r.toxicity > threshold).mean(1),
+    "rouge_l": lambda r, threshold: r.rouge_l.mean(1),
+    "response_len_mean": lambda r, threshold: r.lengths.mean(1),
+}
+
+
+def _grams(n: int) -> Callable[[EvalResult], list[list[tuple[str, ...]]]]:
+    """Each prompt's n-grams over its k responses (computed once, not per resample)."""
+    return lambda r: [[g for t in texts for g in ngrams(t, n)] for texts in r.responses()]
+
+
+def _unique_fraction(items: list[list[str]]) -> float:
+    return response_collapse([t for texts in items for t in texts])["unique_fraction"]
+
+
+# (each prompt's items, the corpus statistic over a resample of them)
+CORPUS = {
+    "distinct_1": (_grams(1), distinct_of_grams),
+    "distinct_2": (_grams(2), distinct_of_grams),
+    "unique_fraction": (EvalResult.responses, _unique_fraction),
+}
+
 
 def paired_deltas(
     before: EvalResult,
@@ -29,40 +56,24 @@ def paired_deltas(
     """``eval/delta/<metric>`` (+ ``_ci_low``, ``_ci_high``, ``_rel``, ``_p_value``).
 
     The ``metric_names.PAIRED_METRICS`` get a paired bootstrap CI: means of per-prompt
-    values (toxicity, toxic fraction, ROUGE-L, length; the mean over a prompt's k samples)
-    resample those values; corpus-level metrics (distinct-n, unique fraction) are recomputed on
-    every resample of the prompts. Other metrics get a plain after - before difference.
+    values (:data:`PER_PROMPT`: toxicity, toxic fraction, ROUGE-L, length; the mean over a
+    prompt's k samples) resample those values; corpus-level metrics (:data:`CORPUS`:
+    distinct-n, unique fraction) are recomputed on every resample of the prompts. Other
+    metrics get a plain after - before difference.
     """
     out: dict[str, float] = {}
-    per_prompt = {
-        "toxicity_mean": (before.toxicity.mean(1), after.toxicity.mean(1)),
-        "toxic_fraction": (
-            (before.toxicity > toxic_threshold).mean(1),
-            (after.toxicity > toxic_threshold).mean(1),
-        ),
-        "rouge_l": (before.rouge_l.mean(1), after.rouge_l.mean(1)),
-        "response_len_mean": (before.lengths.mean(1), after.lengths.mean(1)),
-    }
     cis = {}
     if len(before.toxicity) >= 2:
-        for name, (b, a) in per_prompt.items():
-            cis[name] = paired_bootstrap_ci(b, a, **bootstrap)
         corpus = {k: v for k, v in bootstrap.items() if k != "statistic"}
-        texts_b, texts_a = before.responses(), after.responses()
-        for n in (1, 2):
-            grams_b = [[g for t in texts for g in ngrams(t, n)] for texts in texts_b]
-            grams_a = [[g for t in texts for g in ngrams(t, n)] for texts in texts_a]
-            cis[f"distinct_{n}"] = paired_bootstrap_corpus(
-                grams_b, grams_a, distinct_of_grams, **corpus
-            )
-        cis["unique_fraction"] = paired_bootstrap_corpus(
-            texts_b,
-            texts_a,
-            lambda items: response_collapse([t for texts in items for t in texts])[
-                "unique_fraction"
-            ],
-            **corpus,
-        )
+        for name in M.PAIRED_METRICS:
+            if name in PER_PROMPT:
+                b, a = (PER_PROMPT[name](r, toxic_threshold) for r in (before, after))
+                cis[name] = paired_bootstrap_ci(b, a, **bootstrap)
+            else:  # a KeyError here: a paired metric without a rule above
+                items, statistic = CORPUS[name]
+                cis[name] = paired_bootstrap_corpus(
+                    items(before), items(after), statistic, **corpus
+                )
     for name, ci in cis.items():
         key = M.eval_key(M.DELTA_PHASE, name)
         out |= {
@@ -150,7 +161,7 @@ def report_table(summary: Mapping[str, Any]) -> str:
     bootstrap CI of each change and, where the summary has it, the optimum of the objective
     at the run's beta, followed by how much of the optimum's drop the run achieved; "" when
     there is nothing to show."""
-    optimum = any(key.startswith(f"eval/{M.OPTIMUM_PHASE}/") for key in summary)
+    optimum = any(key.startswith(M.eval_key(M.OPTIMUM_PHASE, "")) for key in summary)
     head = "| metric | before | after | " + ("optimum | " if optimum else "")
     lines = ["", head + "change (95% CI) |", "|---" * (5 if optimum else 4) + "|"]
     shown = False

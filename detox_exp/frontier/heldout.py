@@ -35,15 +35,15 @@ def optimum_metrics(
         beta, before.rewards(), before.toxicity, texts, per_sample, corpus, threshold, uniforms
     )
     values |= {"beta": float(beta), "num_prompts": p, "samples_per_prompt": k}
-    return {f"eval/{M.OPTIMUM_PHASE}/{name}": v for name, v in values.items()}
+    return {M.eval_key(M.OPTIMUM_PHASE, name): v for name, v in values.items()}
 
 
 def against_optimum(summary: Mapping[str, Any]) -> dict[str, float]:
     """The share of the optimum's toxicity drop the run achieved, and its KL as a multiple
     of the optimum's (where before, after and optimum are all in ``summary``)."""
-    key = "eval/{}/{}".format
+    key = M.eval_key
     before, after, best = (
-        summary.get(key(phase, "toxicity_mean")) for phase in ("before", "after", "optimum")
+        summary.get(key(phase, "toxicity_mean")) for phase in (*M.EVAL_PHASES, M.OPTIMUM_PHASE)
     )
     if before is None or after is None or best is None:
         return {}
@@ -52,7 +52,7 @@ def against_optimum(summary: Mapping[str, Any]) -> dict[str, float]:
         out[M.OPTIMUM_DROP_ACHIEVED] = (before - after) / (before - best)
     kl_after, kl_best = (
         summary.get(key("after", "kl_to_reference")),
-        summary.get(key("optimum", "kl_to_reference")),
+        summary.get(key(M.OPTIMUM_PHASE, "kl_to_reference")),
     )
     if kl_after is not None and kl_best:
         out[M.OPTIMUM_KL_RATIO] = kl_after / kl_best

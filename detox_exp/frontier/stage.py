@@ -32,6 +32,7 @@ from detox_exp.errors import ConfigError
 from detox_exp.evaluation.metrics import rouge_l_per_example
 from detox_exp.frontier import core
 from detox_exp.generation import decode, generation_kwargs, pad_queries, sample_responses
+from detox_exp.ppo.core import FrontierKLController
 from detox_exp.utils import progress, resolve_device, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -255,12 +256,9 @@ class Frontier:
         return read_frontier(draws, self.betas, self.threshold, self.seed, self.repeats)
 
 
-FRONTIER_CONTROLLER = "detox_exp.ppo.core.FrontierKLController"
-
-
 def configured_beta(controller: Mapping[str, Any]) -> float | None:
     """The beta a ``ppo.kl_controller`` node starts from (None for the frontier's own)."""
-    if controller.get("_target_") == FRONTIER_CONTROLLER:
+    if FrontierKLController.configured_by(controller):
         return None
     value = controller.get("kl_coef", controller.get("init_kl_coef"))
     return None if value is None else float(value)

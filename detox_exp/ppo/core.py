@@ -1,4 +1,6 @@
-"""PPO math as pure functions of tensors: masked statistics, KL estimators, GAE, losses.
+"""PPO math as pure functions of tensors: masked statistics, score processing, rewards, GAE
+and the group advantage estimators, losses and their aggregation modes, the KL controllers.
+The KL estimators themselves live in :mod:`detox_exp.kl`.
 
 Shapes: ``B`` = batch, ``T`` = response length, ``V`` = vocabulary size. ``mask`` is a bool or
 float tensor ``[B, T]`` with 1 for real response tokens (right-padded: ``1 ... 1 0 ... 0``).
@@ -12,7 +14,7 @@ huggingface/trl v0.11.4 ``trl/core.py`` and vwxyzjn/cleanrl ``ppo.py`` (implemen
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -443,7 +445,7 @@ def process_scores(
 
 
 def _check_arg(ok: bool, key: str, problem: str, fix: str) -> None:
-    if not ok:  # the only non-torch import: a plain-Python error type the CLI prints as one line
+    if not ok:  # a plain-Python error type the CLI prints as one line
         from detox_exp.errors import ConfigError
 
         raise ConfigError(f"ppo.kl_controller.{key}", problem, fix)
@@ -478,6 +480,15 @@ class FrontierKLController(FixedKLController):
         )
         self.target_drop = float(target_drop)
         super().__init__(1.0 if kl_coef is None else kl_coef)
+
+    @classmethod
+    def configured_by(cls, node: Mapping[str, Any]) -> bool:
+        """Whether the ``ppo.kl_controller`` config node ``node`` builds this controller (its
+        beta then comes from the frontier stage): the one test of that, for every caller."""
+        from hydra.utils import get_class
+
+        target = node.get("_target_")
+        return bool(target) and issubclass(get_class(str(target)), cls)
 
 
 class AdaptiveKLController:
