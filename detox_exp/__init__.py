@@ -1,7 +1,8 @@
 """detox_exp: PPO detoxification of seq2seq language models, configured with Hydra."""
 
-# registers the typed PPO schema with Hydra's ConfigStore (`ppo/schema`, composed by
-# conf/ppo/default.yaml) whenever the package is imported: the entrypoint and every compose
+# registers the typed PPO schema with Hydra's ConfigStore (`ppo_schema`, composed by
+# conf/ppo/default.yaml as /ppo_schema@_here_) whenever the package is imported: the
+# entrypoint and every compose
 from omegaconf import OmegaConf
 
 from detox_exp.ppo import settings as _settings  # noqa: F401

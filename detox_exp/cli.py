@@ -2,7 +2,8 @@
 
 Bad input (config typos, impossible values, missing files, malformed data) ends with one
 line on stderr that names the field and the fix, and exit code 2; set HYDRA_FULL_ERROR=1 for
-the traceback. Anything else is a bug and keeps its traceback.
+the traceback. Ctrl-C / SIGTERM end with one line (the step, the checkpoint, the command that
+resumes) and exit code 130 / 143. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from detox_exp.config_keys import with_suggestions
 from detox_exp.errors import bad_input_message, exception_chain
+from detox_exp.interrupt import Interrupted
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -56,6 +60,9 @@ class _HoldJobError:
 
 def main() -> None:
     """Console script: run Hydra, turning bad input into a one-line error and exit code 2."""
+    for flag in ("-v", "--verbose"):  # library output on the console too (conf: verbose)
+        if flag in sys.argv[1:]:
+            sys.argv = [a for a in sys.argv if a != flag] + ["verbose=true"]
     user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us; we format them below
     stderr = sys.stderr
@@ -63,8 +70,15 @@ def main() -> None:
     try:
         hydra_main()
         held.release()  # a sweeper that tolerated a failed job: keep Hydra's line
+    except Interrupted as stop:  # SIGINT / SIGTERM during the run (detox_exp.interrupt)
+        print(f"detox-exp: {stop.message()}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before the run started: nothing was written
+        print("detox-exp: stopped by SIGINT before the run started", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
-        message = bad_input_message(err)
+        # an unknown key: with the closest keys of the config composed without it
+        message = bad_input_message(with_suggestions(err, CONF_DIR, sys.argv[1:]))
         if message is None or user_full_error:
             held.release()
             raise

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -30,6 +30,41 @@ class DataError(DetoxError):
 class TrainingError(DetoxError):
     """Training cannot go on (e.g. NaN / inf in scores, rewards, advantages or the loss).
     The CLI prints it as one line and exits with code 3."""
+
+
+class UnknownKeyError(ConfigError):
+    """A config key that does not exist (``field``, dotted), with the closest known keys
+    (``suggestions``; failing those, the keys its node has: ``choices``) or, where the
+    node's ``_target_`` takes such an argument, the ``+key=`` that adds it (``added_for``:
+    the target's name). A check deep inside suggests from the
+    keys its node knows; the CLI replaces them with those of the whole config
+    (:func:`detox_exp.config_keys.with_suggestions`)."""
+
+    def __init__(
+        self,
+        field: str,
+        suggestions: Sequence[str] = (),
+        added_for: str | None = None,
+        choices: Sequence[str] = (),
+    ) -> None:
+        self.suggestions, self.added_for, self.choices = suggestions, added_for, choices
+        listing = "(`detox-exp --cfg job` lists every key)"
+        if added_for is not None:
+            problem = "not in the config yet"
+            fix = f"add it with +{field}=... ({added_for} takes it)"
+        elif suggestions:
+            names = ", ".join(suggestions[:-1])
+            names = f"{names} or {suggestions[-1]}" if names else suggestions[0]
+            problem = f"unknown config key (did you mean {names}?)"
+            fix = f"use the key you meant, e.g. {suggestions[0]}=... {listing}"
+        elif choices:
+            problem = "unknown config key"
+            names = ", ".join(c.rpartition(".")[2] for c in choices)
+            fix = f"use a key of {field.rpartition('.')[0] or 'the config'}: {names}"
+        else:
+            problem = "unknown config key"
+            fix = f"check the spelling {listing}"
+        super().__init__(field, problem, fix)
 
 
 # Hydra plugins -> the pyproject extra that installs them
@@ -108,11 +143,8 @@ def bad_input_message(err: BaseException) -> str | None:
             return text.splitlines()[0] + "; fix: check the config group option names"
         if isinstance(item, ConfigCompositionException):
             key = re.search(r"Could not override '([^']+)'", text)
-            if key:
-                return (
-                    f"{key.group(1)}: unknown config option; fix: check the spelling "
-                    f"(`detox-exp --cfg job` lists every key) or add it with +{key.group(1)}=..."
-                )
+            if key:  # the CLI adds the closest keys (config_keys.with_suggestions)
+                return str(UnknownKeyError(key.group(1)))
             return " ".join(text.split()) + "; fix: check the command-line overrides"
         if isinstance(item, MissingMandatoryValue):
             key = re.search(r"full_key: (\S+)", text)

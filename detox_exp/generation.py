@@ -19,7 +19,8 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from detox_exp.errors import ConfigError
+from detox_exp.config_keys import similar_keys
+from detox_exp.errors import ConfigError, UnknownKeyError
 from detox_exp.fast import SWITCHES, t5_decoding
 from detox_exp.fast.lora_fold import folded_adapter
 from detox_exp.fast.widths import round_up
@@ -135,11 +136,9 @@ def make_sampling(gen: Mapping[str, Any], field: str = "model.generation") -> Sa
 def generation_kwargs(gen: Mapping[str, Any], field: str = "model.generation") -> dict[str, Any]:
     unknown = set(gen) - set(GENERATION_KEYS)
     if unknown:
-        raise ConfigError(
-            f"{field}.{sorted(unknown)[0]}",
-            "unknown generation setting",
-            f"use only {GENERATION_KEYS}",
-        )
+        key = f"{field}.{sorted(unknown)[0]}"
+        known = [f"{field}.{k}" for k in GENERATION_KEYS]
+        raise UnknownKeyError(key, similar_keys(key, known), choices=known)
     return {k: gen[k] for k in GENERATION_KEYS if k in gen}
 
 

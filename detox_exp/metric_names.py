@@ -19,7 +19,6 @@ VALUE_CLIPFRAC = "ppo/val/clipfrac"
 VAR_EXPLAINED = "ppo/val/var_explained"
 VALUE_MEAN = "ppo/val/mean"
 RETURNS_MEAN = "ppo/returns/mean"
-ADVANTAGES_MEAN = "ppo/advantages/mean"
 GRAD_NORM = "ppo/grad_norm"
 EPOCHS_RUN = "ppo/epochs_run"
 REWARD_MEAN = "env/reward_mean"  # classifier score (before KL shaping)
@@ -129,4 +128,18 @@ SWEEP_SUMMARY_METRICS = (
     "eval/after/rouge_l",
     "eval/after/distinct_1",
     "objective",
+)
+# the headline metrics a model artifact carries as metadata (W&B allows 100 metadata keys: a
+# run's summary has 150+)
+MODEL_METADATA_METRICS = (
+    eval_key("before", "toxicity_mean"),
+    eval_key("after", "toxicity_mean"),
+    eval_key(DELTA_PHASE, "toxicity_mean_rel"),
+    eval_key("after", "toxic_fraction"),
+    eval_key("after", "rouge_l"),
+    eval_key("after", "distinct_2"),
+    eval_key("after", "kl_to_reference"),
+    OPTIMUM_DROP_ACHIEVED,
+    OPTIMUM_KL_RATIO,
+    FRONTIER_BETA,
 )

@@ -7,6 +7,8 @@ module only orders the stages and hands results from one to the next.
 from __future__ import annotations
 
 import logging
+import shlex
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,9 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from detox_exp import checkpoint
+from detox_exp import checkpoint, interrupt
 from detox_exp import metric_names as M
+from detox_exp.console import configure as configure_console
 from detox_exp.data.dialogues import PromptSplits
 from detox_exp.distributed import Dist
 from detox_exp.errors import ConfigError, DataError, bad_input_message
@@ -27,9 +30,11 @@ from detox_exp.fast.memory import keep_freed_memory
 from detox_exp.frontier import heldout
 from detox_exp.frontier.stage import configured_beta
 from detox_exp.generation import make_sampling
+from detox_exp.hub import check_hub_access
 from detox_exp.models import check_lora, check_policy_precision
 from detox_exp.perf import perf_summary
 from detox_exp.ppo.checks import PRECISIONS, check_ppo_config
+from detox_exp.ppo.saving import model_identity
 from detox_exp.schema import check_node, check_value
 from detox_exp.tracking import Tracker
 from detox_exp.utils import (
@@ -41,6 +46,9 @@ from detox_exp.utils import (
 )
 
 log = logging.getLogger(__name__)
+
+# the stages in the order they run (each switched by stages.<name>)
+STAGES = ("prepare_data", "train_reward", "evaluate_before", "frontier", "ppo", "evaluate_after")
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -103,6 +111,7 @@ def check_data_files(cfg: DictConfig) -> None:
             raise DataError(
                 field, f"cannot read {value} ({err.strerror})", "fix its permissions"
             ) from None
+    check_hub_access(cfg)  # a hub id neither cached nor reachable: one line, no retries
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -150,19 +159,9 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "keep_freed_memory", f"must be true or false, got {cfg.keep_freed_memory!r}", "fix it"
         )
-    stage_names = {
-        "prepare_data",
-        "train_reward",
-        "evaluate_before",
-        "frontier",
-        "ppo",
-        "evaluate_after",
-    }
-    unknown = set(cfg.stages) - stage_names
+    unknown = set(cfg.stages) - set(STAGES)
     if unknown:
-        raise ConfigError(
-            f"stages.{sorted(unknown)[0]}", "unknown stage", f"use {sorted(stage_names)}"
-        )
+        raise ConfigError(f"stages.{sorted(unknown)[0]}", "unknown stage", f"use {list(STAGES)}")
     gen = OmegaConf.to_container(cfg.model.generation, resolve=True)
     make_sampling(gen)  # one-line errors for impossible values
     eval_gen = (
@@ -218,6 +217,7 @@ def run(
     cfg: DictConfig, wandb_defaults: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the configured stages; returns (summary metrics, built objects)."""
+    configure_console(verbose=bool(cfg.get("verbose", False)))
     check_run_config(cfg)
     check_data_files(cfg)
     if cfg.torch_threads:
@@ -246,27 +246,64 @@ def run(
         log.info("resume=auto: no checkpoint in %s, starting from scratch", run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     tracker.start(config, defaults=wandb_defaults)
-    location = tracker.location
+    location, sync = tracker.location, tracker.sync_command
     exit_code = 1
+    current: dict[str, str] = {}  # the stage running (for the line of a stopped run)
     try:
-        summary, objects = _run_stages(cfg, tracker, run_dir, dist, resume)
+        with interrupt.handling():
+            summary, objects = _run_stages(cfg, tracker, run_dir, dist, resume, current)
         exit_code = 0
+    except interrupt.Interrupted as stop:  # SIGINT / SIGTERM: the line and the way back
+        exit_code = stop.exit_code
+        stop.stage = stop.stage or current.get("stage")
+        stop.resume = resume_command(run_dir)
+        tracker.mark_stopped(stop.name, preempted=stop.signum == signal.SIGTERM)
+        raise
     finally:
         tracker.finish(exit_code)
     if dist.is_main:
-        print_report(summary, run_dir, location)
+        print_report(summary, run_dir, location, sync)
     return summary, objects | {"tracker": tracker}
 
 
-def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, resume: Path | None):
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run (or this job of a sweep) in ``run_dir``: its
+    command-line overrides, then ``hydra.run.dir`` and ``resume=auto``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in overrides if not o.lstrip("+~").startswith("resume=")]
+    return shlex.join(["detox-exp", *kept, f"hydra.run.dir={run_dir}", "resume=auto"])
+
+
+def _run_stages(
+    cfg: DictConfig,
+    tracker: Tracker,
+    run_dir: Path,
+    dist: Dist,
+    resume: Path | None,
+    current: dict[str, str],
+):
     stages = cfg.stages
     timings: dict[str, float] = {}
     objects: dict[str, Any] = {}
+    # continuing a run (from a checkpoint, or resume=auto after a stop before the first one):
+    # what the run dir already holds is reused (classifier, evaluations, frontier)
+    reuse = resume is not None or cfg.get("resume") == "auto"
+
+    enabled = [name for name in STAGES if stages.get(name)]
+
+    def begin(name: str) -> float:
+        """Announce a stage on the console; its start time."""
+        current["stage"] = name
+        if dist.is_main:
+            log.info("stage %d/%d: %s", enabled.index(name) + 1, len(enabled), name)
+        return time.perf_counter()
 
     def timed(name: str, start: float) -> None:
         timings[f"time/stage/{name}_s"] = time.perf_counter() - start
 
-    start = time.perf_counter()
+    start = begin("prepare_data") if stages.prepare_data else time.perf_counter()
     if stages.prepare_data and cfg.get("assets") is not None:
         if dist.is_main:
             build(cfg.assets).build()
@@ -285,9 +322,9 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
 
     reward_path = cfg.reward.name_or_path
     if stages.train_reward:
-        start = time.perf_counter()
+        start = begin("train_reward")
         trainer = build(cfg.reward.training)
-        done = resume is not None and (trainer.output_dir / "metrics.json").is_file()
+        done = reuse and (trainer.output_dir / "metrics.json").is_file()
         if dist.is_main and not done:  # on resume the trained classifier is reused
             trainer.train(tracker)
         dist.wait()
@@ -315,8 +352,8 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
         if not dist.is_main:  # evaluation runs on the main process; the others wait
             dist.wait()
             return
-        start = time.perf_counter()
-        if resume is not None and (run_dir / "eval" / phase / "metrics.json").is_file():
+        start = begin(f"evaluate_{phase}")
+        if reuse and (run_dir / "eval" / phase / "metrics.json").is_file():
             results[phase] = EvalResult.load(run_dir, phase)  # done before the crash
         else:
             results[phase] = evaluator.evaluate(
@@ -331,15 +368,15 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
     controller = OmegaConf.to_container(cfg.ppo.kl_controller, resolve=True)
     beta = configured_beta(controller)  # None: taken from the frontier
     if stages.get("frontier"):
-        start = time.perf_counter()
+        start = begin("frontier")
         beta = _frontier_stage(
-            cfg, controller, tracker, run_dir, dist, model, tokenizer, scorer, splits
+            cfg, controller, tracker, run_dir, dist, model, tokenizer, scorer, splits, reuse
         )
         timed("frontier", start)
     if stages.ppo:
-        start = time.perf_counter()
+        start = begin("ppo")
         overrides = {}
-        if "target_drop" in controller:  # ppo/kl_controller=frontier: beta from the frontier
+        if configured_beta(controller) is None:  # ppo/kl_controller=frontier
             ctl = build(cfg.ppo.kl_controller, kl_coef=beta)
             overrides["kl_controller"] = ctl
         ppo = build(cfg.ppo)(
@@ -370,12 +407,14 @@ def _run_stages(cfg: DictConfig, tracker: Tracker, run_dir: Path, dist: Dist, re
             tracker, results["before"], results["after"], evaluator.bootstrap, evaluator.threshold
         )
         tracker.log_summary(heldout.against_optimum(tracker.summary))
+    tracker.log_summary(timings)
     if stages.ppo and dist.is_main and objects["ppo"].save_dir is not None:
         summary = dict(tracker.summary)
-        saved = objects["ppo"].save(summary, cfg, report.card_table(summary))
-        tracker.log_model(saved / "merged")
+        table = report.card_table(summary)
+        saved = objects["ppo"].save(summary, cfg, table, str(reward_path))
+        config = OmegaConf.to_container(cfg, resolve=True)
+        tracker.log_model(saved / "merged", model_identity(config, str(reward_path)))
     dist.wait()
-    tracker.log_summary(timings)
     objects["model"] = model
     return dict(tracker.summary), objects
 
@@ -390,13 +429,29 @@ def _frontier_stage(
     tokenizer: Any,
     scorer: Any,
     splits: PromptSplits,
+    reuse: bool = False,
 ) -> float:
     """Sample the reference on train prompts, write the frontier and choose the run's beta
-    (main process; the others wait and receive the beta, or the same one-line error)."""
+    (main process; the others wait and receive the beta, or the same one-line error).
+    ``reuse``: a continued run reads the draws it saved (``frontier/draws.jsonl``) instead of
+    sampling again, and logs nothing W&B already has."""
     from detox_exp.frontier import stage as frontier
 
     decision: dict[str, Any] = {}
-    if dist.is_main:
+    out = run_dir / "frontier"
+    saved = out / "draws.jsonl"
+    if dist.is_main and reuse and saved.is_file():
+        runner = build(cfg.frontier)
+        try:
+            decision = {
+                "beta": frontier.choose_beta(
+                    runner.read(frontier.ReferenceDraws.load(saved)), controller, runner.min_drop
+                )
+            }
+        except ConfigError as err:
+            decision = {"error": [err.field, err.problem, err.fix]}
+        log.info("frontier: reusing %s", saved)
+    elif dist.is_main:
         runner = build(cfg.frontier)
         generation = OmegaConf.to_container(cfg.model.generation, resolve=True)
         draws = runner.sample(model, tokenizer, scorer, splits.train, generation)
@@ -407,7 +462,6 @@ def _frontier_stage(
             decision = {"beta": beta}
         except ConfigError as err:
             decision = {"error": [err.field, err.problem, err.fix]}
-        out = run_dir / "frontier"
         print(f"\n{frontier.write_frontier(result, out, beta)}", flush=True)
         tracker.log_table(
             M.FRONTIER_TABLE,
@@ -432,11 +486,15 @@ def _frontier_stage(
     return float(decision["beta"])
 
 
-def print_report(summary: dict[str, Any], run_dir: Path, wandb_location: str) -> None:
+def print_report(
+    summary: dict[str, Any], run_dir: Path, wandb_location: str, sync: str | None = None
+) -> None:
     """The evaluation's before / after / optimum table (evaluation.report), then where the
-    run's files and its W&B run are."""
+    run's files and its W&B run are (``sync``: the command that uploads an offline run)."""
     table = report.report_table(summary)
     if table:
         print(table)
     print(f"run dir: {run_dir}")
     print(f"W&B run: {wandb_location}")
+    if sync:
+        print(f"upload it with: {sync}")

@@ -19,7 +19,8 @@ from typing import Any, Literal, Union
 
 from hydra.utils import get_object
 
-from detox_exp.errors import ConfigError
+from detox_exp.config_keys import parameter_names, similar_keys, takes
+from detox_exp.errors import ConfigError, UnknownKeyError
 
 SKIP = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 
@@ -102,24 +103,22 @@ def type_hints(target: Callable[..., Any]) -> dict[str, Any]:
     return {}
 
 
-def check_fields(
-    schema: type, values: Mapping[str, Any], prefix: str, unknown_problem: str, fix: str
-) -> None:
-    """``values`` against the dataclass ``schema``: an unknown key (``unknown_problem``,
-    ``fix``) or a value of the wrong type is a one-line ConfigError naming
-    ``<prefix>.<key>``."""
+def check_fields(schema: type, values: Mapping[str, Any], prefix: str) -> None:
+    """``values`` against the dataclass ``schema``: an unknown key (UnknownKeyError) or a
+    value of the wrong type is a one-line ConfigError naming ``<prefix>.<key>``."""
     hints = type_hints(schema)
     unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]}", unknown_problem, fix)
+        field = f"{prefix}.{unknown[0]}"
+        raise UnknownKeyError(field, similar_keys(field, [f"{prefix}.{k}" for k in hints]))
     for key, value in values.items():
         check_value(value, hints[key], f"{prefix}.{key}")
 
 
 def check_node(node: Mapping[str, Any], field: str) -> None:
-    """Check a resolved ``_target_`` node (plain containers): argument types against the
-    target's signature, nested ``_target_`` nodes likewise, then the target's
-    ``check_args`` if it has one."""
+    """Check a resolved ``_target_`` node (plain containers): argument names and types
+    against the target's signature (a name it does not take is an UnknownKeyError), nested
+    ``_target_`` nodes likewise, then the target's ``check_args`` if it has one."""
     try:
         target = get_object(node["_target_"])
     except Exception:
@@ -132,6 +131,9 @@ def check_node(node: Mapping[str, Any], field: str) -> None:
     for key, value in node.items():
         if key in SKIP:
             continue
+        if not takes(target, key):  # instantiate would fail with a TypeError, later
+            known = [f"{field}.{k}" for k in parameter_names(target)]
+            raise UnknownKeyError(f"{field}.{key}", similar_keys(f"{field}.{key}", known))
         if isinstance(value, Mapping) and "_target_" in value:
             check_node(value, f"{field}.{key}")
             continue

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from detox_exp import metric_names as M
@@ -67,7 +68,7 @@ def objective(summary: dict[str, Any], cfg: DictConfig) -> float | None:
     value = float(value)
     spec = cfg.get("objective") or {}
     floor = spec.get("rouge_l_floor")
-    before, after = summary.get("eval/before/rouge_l"), summary.get("eval/after/rouge_l")
+    before, after = (summary.get(M.eval_key(phase, "rouge_l")) for phase in M.EVAL_PHASES)
     if floor is not None and before is not None and after is not None:
         value += float(spec.get("weight", 1.0)) * max(0.0, floor * before - after)
     return value
@@ -113,3 +114,18 @@ def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+class SweepReport(Callback):
+    """A Hydra callback (conf/hydra/default.yaml): a multirun ends with its summary table,
+    the sweep folder and the command that compares its runs."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        summary = sweep_dir / "sweep_summary.md"
+        if summary.is_file():
+            print(f"\n{summary.read_text()}", end="")
+        print(f"sweep dir: {sweep_dir}")
+        if summary.is_file():
+            print(f"summary: {summary}")
+        print(f"compare the runs: detox-exp-compare {sweep_dir}", flush=True)

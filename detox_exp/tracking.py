@@ -113,6 +113,25 @@ def hydra_run_name(task_name: str) -> str | None:
     return run_name(task_name, list(hydra_cfg.overrides.task), set(hydra_cfg.runtime.choices))
 
 
+# W&B refuses an artifact with more metadata keys (wandb.sdk.artifacts._validators)
+WANDB_MAX_METADATA_KEYS = 100
+
+
+def model_metadata(summary: Mapping[str, Any], identity: Mapping[str, Any]) -> dict[str, Any]:
+    """A model artifact's metadata: ``identity`` (the config keys that define the model), then
+    the headline metrics ``metric_names.MODEL_METADATA_METRICS`` that ``summary`` holds as
+    finite numbers (W&B refuses inf), at most ``WANDB_MAX_METADATA_KEYS`` keys."""
+    metrics = {
+        key: summary[key]
+        for key in M.MODEL_METADATA_METRICS
+        if isinstance(summary.get(key), (int, float)) and math.isfinite(summary[key])
+    }
+    items = list({**identity, **metrics}.items())
+    if len(items) > WANDB_MAX_METADATA_KEYS:
+        log.warning("model artifact: %d metadata keys, keeping the first 100", len(items))
+    return dict(items[:WANDB_MAX_METADATA_KEYS])
+
+
 def _to_float(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()
@@ -142,7 +161,7 @@ class Tracker:
         self.summary_path = self.run_dir / "summary.json"
         self.summary: dict[str, Any] = {}
         self.run: Any = None
-        self._wandb_failed = False
+        self._wandb_lost: set[str] = set()  # what W&B failed to log (warned once each)
         # False on the non-main processes of a multi-process run: they log nothing
         self.enabled = True
         self.resume_id: str | None = None
@@ -231,7 +250,10 @@ class Tracker:
                 break
             except Exception as err:  # no W&B (server down, bad key...): the run goes on
                 if attempt is attempts[-1]:
-                    self._warn_once(err)
+                    log.warning(
+                        "W&B failed to start (%s); continuing with metrics.jsonl and summary.json",
+                        err,
+                    )
                 else:
                     log.warning(
                         "W&B could not rewind run %s to step %s (%s); continuing it without "
@@ -242,7 +264,7 @@ class Tracker:
                         err,
                         self.resume_step,
                     )
-        self._wandb_call(self._define_metrics)
+        self._wandb_call(self._define_metrics, "the metric definitions")
 
     @staticmethod
     def _define_metrics(run: Any) -> None:
@@ -258,11 +280,22 @@ class Tracker:
             return
         write_json(self.summary_path, self.summary)
         if self.run is not None:
+            run, self.run = self.run, None
             try:
-                self.run.finish(exit_code=exit_code)
+                run.finish(exit_code=exit_code)
             except Exception as err:  # W&B must never lose the run's files
-                self._warn_once(err)
-            self.run = None
+                log.warning("W&B failed to finish the run (%s); the run dir has it all", err)
+
+    def mark_stopped(self, signal_name: str, preempted: bool = False) -> None:
+        """Tag the W&B run ``interrupted`` (or ``preempted``, which also tells W&B the run is
+        being preempted) before it finishes with the signal's exit code."""
+
+        def _mark(run: Any) -> None:
+            if preempted:
+                run.mark_preempting()
+            run.tags = (*run.tags, "preempted" if preempted else "interrupted")
+
+        self._wandb_call(_mark, f"the {signal_name} stop", "the console line says it")
 
     # ------------------------------------------------------------------ logging
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
@@ -274,7 +307,11 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        self._wandb_call(lambda run: run.log(dict(record), step=int(step)))
+        self._wandb_call(
+            lambda run: run.log(dict(record), step=int(step)),
+            "step metrics",
+            "metrics.jsonl has them",
+        )
 
     def log_summary(self, metrics: Mapping[str, Any]) -> None:
         """Record final metrics in summary.json and the W&B run summary."""
@@ -283,7 +320,9 @@ class Tracker:
         if not self.enabled:
             return
         write_json(self.summary_path, self.summary)
-        self._wandb_call(lambda run: run.summary.update(clean))
+        self._wandb_call(
+            lambda run: run.summary.update(clean), "the summary", "summary.json has it"
+        )
 
     def log_table(
         self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int | None
@@ -297,7 +336,7 @@ class Tracker:
             table = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
             run.log({key: table}, step=self.last_step if step is None else step)
 
-        self._wandb_call(_log)
+        self._wandb_call(_log, f"the table {key}")
 
     def log_histograms(self, values: Mapping[str, Sequence[float]], step: int | None) -> None:
         """Log W&B histograms at ``step`` (None: the last step logged)."""
@@ -308,7 +347,7 @@ class Tracker:
             histograms = {k: wandb.Histogram(list(v)) for k, v in values.items()}
             run.log(histograms, step=self.last_step if step is None else step)
 
-        self._wandb_call(_log)
+        self._wandb_call(_log, f"histograms {sorted(values)}")
 
     def log_image(self, key: str, path: str | Path) -> None:
         """Log an image file (a plot also written to the run dir) to W&B, at the last step
@@ -319,13 +358,17 @@ class Tracker:
 
             run.log({key: wandb.Image(str(path))}, step=self.last_step)
 
-        self._wandb_call(_log)
+        self._wandb_call(_log, f"the image {key}", f"{path} has it")
 
-    def log_model(self, path: str | Path) -> None:
+    def log_model(self, path: str | Path, identity: Mapping[str, Any] | None = None) -> None:
         """Log the folder ``path`` (the merged policy: weights, tokenizer, model card
         README.md) as the W&B artifact ``policy-<run id>`` of type ``model``, its card as the
-        description and the run's scalar summary as metadata. The files are referenced in
-        place (not copied to W&B's staging area); no-op without W&B or with log_model false."""
+        description. Its metadata is what identifies the model, within W&B's limit of
+        ``WANDB_MAX_METADATA_KEYS`` keys whatever the summary's size: ``identity`` (the config
+        keys that define it, e.g. base model, reward model, algorithm) and the headline
+        metrics ``metric_names.MODEL_METADATA_METRICS`` found in the summary. The files are
+        referenced in place (not copied to W&B's staging area); no-op without W&B or with
+        log_model false."""
         path = Path(path)
         if not self.log_model_enabled or not self.enabled:
             return
@@ -334,17 +377,16 @@ class Tracker:
             import wandb
 
             card = path / "README.md"
-            metadata = {k: v for k, v in self.summary.items() if isinstance(v, (int, float))}
             artifact = wandb.Artifact(
                 f"policy-{run.id}",
                 type="model",
                 description=card.read_text(encoding="utf-8") if card.is_file() else None,
-                metadata=metadata,
+                metadata=model_metadata(self.summary, identity or {}),
             )
             artifact.add_dir(str(path), skip_cache=True, policy="immutable")
             run.log_artifact(artifact)
 
-        self._wandb_call(_log)
+        self._wandb_call(_log, "the model artifact", f"the policy stays in {path}")
 
     @property
     def location(self) -> str:
@@ -353,18 +395,28 @@ class Tracker:
             return "W&B off" if self.wandb_settings is None else "W&B not started"
         if getattr(self.run, "disabled", False):  # mode=disabled: a no-op run, no files
             return "W&B disabled (mode=disabled)"
-        url = getattr(self.run, "url", None)
-        return url or str(Path(self.run.dir).parent)
+        if getattr(self.run, "offline", False):  # (its url property warns offline)
+            return str(Path(self.run.dir).parent)
+        return getattr(self.run, "url", None) or str(Path(self.run.dir).parent)
 
-    def _wandb_call(self, fn: Any) -> None:
-        if self.run is None or self._wandb_failed:
+    @property
+    def sync_command(self) -> str | None:
+        """``wandb sync <folder>`` for an offline run (what uploads it later), else None."""
+        if self.run is None or not getattr(self.run, "offline", False):
+            return None
+        return f"wandb sync {Path(self.run.dir).parent}"
+
+    def _wandb_call(self, fn: Callable[[Any], None], what: str, kept: str = "") -> None:
+        """``fn(run)``; a failure costs only this call: one warning per ``what`` naming what
+        W&B lost (``kept``: where the run dir still has it), and the next calls still go to
+        W&B (a server that is down makes each call fail on its own timeout, not the run)."""
+        if self.run is None:
             return
         try:
             fn(self.run)
         except Exception as err:  # keep training; the run dir files stay complete
-            self._warn_once(err)
-
-    def _warn_once(self, err: Exception) -> None:
-        if not self._wandb_failed:
-            log.warning("W&B failed (%s); continuing with metrics.jsonl and summary.json", err)
-        self._wandb_failed = True
+            if what not in self._wandb_lost:
+                self._wandb_lost.add(what)
+                log.warning(
+                    "W&B failed to log %s (%s); %s", what, err, kept or "the run dir keeps it"
+                )

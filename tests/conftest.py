@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -118,10 +120,16 @@ class _Zygote:
         return json.loads(line)
 
     def run(
-        self, argv: list[str], cwd: Path, envs: list[dict], timeout: float
+        self,
+        argv: list[str],
+        cwd: Path,
+        envs: list[dict],
+        timeout: float,
+        while_running: Callable[[list[int]], None] | None = None,
     ) -> tuple[int, list[str], list[str]]:
         """One child per environment in ``envs``, all at once -> (exit code, each child's
-        stdout, each child's stderr)."""
+        stdout, each child's stderr). ``while_running(pids)`` runs in a thread meanwhile
+        (e.g. to send the children a signal)."""
         proc = self.start()
         with tempfile.TemporaryDirectory() as tmp:
             files = [(Path(tmp, f"stdout{i}"), Path(tmp, f"stderr{i}")) for i in range(len(envs))]
@@ -131,6 +139,10 @@ class _Zygote:
             ]
             proc.stdin.write((json.dumps({"children": children}) + "\n").encode())
             pids = self.read(timeout=60)["pids"]
+            helper = None
+            if while_running is not None:
+                helper = threading.Thread(target=while_running, args=(pids,), daemon=True)
+                helper.start()
             try:
                 code = self.read(timeout=timeout)["returncode"]
             except TimeoutError:
@@ -138,6 +150,9 @@ class _Zygote:
                     os.kill(pid, signal.SIGKILL)
                 self.read(timeout=60)
                 raise subprocess.TimeoutExpired(argv, timeout) from None
+            finally:
+                if helper is not None:
+                    helper.join(timeout=60)
             outs = [o.read_text(errors="replace") for o, _ in files]
             return code, outs, [e.read_text(errors="replace") for _, e in files]
 
@@ -156,13 +171,19 @@ def cli_env(env: dict) -> dict:
 
 
 def run_cli(
-    *overrides: str, cwd: Path, env: dict | None = None, timeout: int = 600, fresh: bool = False
+    *overrides: str,
+    cwd: Path,
+    env: dict | None = None,
+    timeout: int = 600,
+    fresh: bool = False,
+    while_running: Callable[[int], None] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run the real entrypoint in a process of its own: ``python -m detox_exp`` when
     ``fresh``, else ``detox_exp.cli.main`` in a child forked from a pre-imported parent,
     with this process's share of the cores (``torch_threads``) unless given. Settings that
     huggingface_hub / transformers / datasets read at import time (``HF_*``), and every
-    run off Linux, get a fresh interpreter."""
+    run off Linux, get a fresh interpreter. ``while_running(pid)`` runs in a thread while
+    the run does (e.g. to send it a signal)."""
     full_env = cli_env(env or {})
     if not any(o.startswith("torch_threads=") for o in overrides):
         overrides = (*overrides, f"torch_threads={THREADS}")
@@ -173,10 +194,19 @@ def run_cli(
         or sys.platform != "linux"
         or any(key.startswith(IMPORT_TIME_ENV) for key in env or {})
     ):
-        return subprocess.run(
-            args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-        )
-    code, out, err = _ZYGOTE.run(list(overrides), cwd, [full_env], timeout)
+        with subprocess.Popen(
+            args, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as proc:
+            if while_running is not None:
+                threading.Thread(target=while_running, args=(proc.pid,), daemon=True).start()
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    on_start = None if while_running is None else (lambda pids: while_running(pids[0]))
+    code, out, err = _ZYGOTE.run(list(overrides), cwd, [full_env], timeout, on_start)
     return subprocess.CompletedProcess(args, code, out[0], err[0])
 
 

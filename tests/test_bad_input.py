@@ -58,7 +58,7 @@ def refusal(overrides: list[str], tmp_path: Path) -> BaseException:
 
 def test_unknown_config_option(tmp_path: Path) -> None:
     result = run_cli("experiment=demo", "ppo.lerning_rate=1", f"hydra.run.dir={tmp_path}", cwd=ROOT)
-    check_one_line_error(result, "ppo.lerning_rate", "unknown config option")
+    check_one_line_error(result, "ppo.lerning_rate", "did you mean ppo.optimizer.lr?")
 
 
 def test_impossible_value_before_any_stage(tmp_path: Path, standins) -> None:

@@ -83,3 +83,26 @@ def test_default_kl_design(tmp_path: Path) -> None:
         assert cfg.ppo.kl_estimator == "k1"
         assert cfg.ppo.kl_log_estimator in ("k3", "full")
         assert cfg.reward.reward_type == "log_prob"
+
+
+@pytest.mark.parametrize(
+    "experiment, ppo, ent_coef",
+    [
+        ("demo", None, 0.2),
+        ("demo", "rloo", 0.2),
+        ("demo", "grpo", 0.0),
+        ("demo", "dr_grpo", 0.0),
+        ("demo", "default", 0.0),
+        ("demo_small", None, 0.2),
+        ("demo_small", "grpo", 0.0),
+        ("flan_t5_dialogsum", None, 0.0),
+    ],
+)
+def test_an_algorithm_brings_its_own_demo_settings(
+    experiment: str, ppo: str | None, ent_coef: float, tmp_path: Path
+) -> None:
+    """The demo's entropy bonus is tuned for RLOO (it makes GRPO diverge): `ppo=grpo` on the
+    demo runs without it (conf/tuned/demo_rloo.yaml), a command-line value still wins."""
+    overrides = [f"experiment={experiment}"] + ([f"ppo={ppo}"] if ppo else [])
+    assert compose_cfg(overrides, tmp_path).ppo.ent_coef == ent_coef
+    assert compose_cfg([*overrides, "ppo.ent_coef=0.05"], tmp_path).ppo.ent_coef == 0.05

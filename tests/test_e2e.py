@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from detox_exp.pipeline import STAGES
 from tests.conftest import ROOT, run_cli
 from tests.wandb_file import read_wandb_records
 
@@ -35,6 +36,7 @@ def demo_run(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir / "stdout.txt").write_text(result.stdout)
+    (run_dir / "stderr.txt").write_text(result.stderr)
     return run_dir
 
 
@@ -67,24 +69,71 @@ def test_policy_saved_and_loadable(demo_run: Path) -> None:
     merged = demo_run / "policy" / "merged"
     model = AutoModelForSeq2SeqLM.from_pretrained(merged)
     assert model.config.is_encoder_decoder
-    assert (merged / "README.md").read_text().startswith("# detox_exp PPO policy")
-    assert not (demo_run / "policy" / "value_head.safetensors").exists()  # GRPO: no critic
+    assert not (demo_run / "policy" / "value_head.safetensors").exists()  # RLOO: no critic
     assert (demo_run / "policy" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_report_printed(demo_run: Path) -> None:
+@pytest.mark.parametrize("folder, library", [("merged", "transformers"), ("adapter", "peft")])
+def test_model_cards_name_what_was_used(demo_run: Path, folder: str, library: str) -> None:
+    """Each saved folder's card, as the hub reads it: front matter with the library and the
+    held-out evaluation as a model-index; the reward model PPO used (the run's own trained
+    classifier, not the untrained one the config starts from); not peft's template."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(demo_run / "policy" / folder / "README.md")
+    summary = json.loads((demo_run / "summary.json").read_text())
+    assert card.data.library_name == library
+    assert "detox_exp" in card.data.tags
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results["toxicity_mean"] == summary["eval/after/toxicity_mean"]
+    assert results["rouge_l"] == summary["eval/after/rouge_l"]
+    assert card.data.base_model is None  # a local path is no hub id
+    assert card.text.lstrip().startswith("# detox_exp PPO policy")
+    assert f"- reward model: `{demo_run / 'reward_model'}`" in card.text
+    assert "More Information Needed" not in card.content
+
+
+def test_console_shows_stages_table_and_final_lines_not_library_noise(demo_run: Path) -> None:
     out = (demo_run / "stdout.txt").read_text()
+    err = (demo_run / "stderr.txt").read_text()
     assert "| toxicity_mean |" in out and "W&B run:" in out and str(demo_run) in out
+    for number, stage in enumerate(STAGES, start=1):
+        assert f"stage {number}/{len(STAGES)}: {stage}" in out, stage
+    (folder,) = demo_run.glob("wandb/offline-run-*")
+    assert out.rstrip().endswith(f"upload it with: wandb sync {folder}")
+    # no datasets / transformers bars, warnings or library log lines on the console (CI: no
+    # terminal, so no bars of our own either); the log file keeps the library lines
+    assert err.strip() == "", err[-3000:]
+    assert not any("Warning" in line for line in out.splitlines()), out[-3000:]
+    assert "py.warnings" in (demo_run / "cli.log").read_text()
 
 
-def test_offline_wandb_run_has_config_and_metrics(demo_run: Path) -> None:
+def test_offline_wandb_run_is_whole(demo_run: Path) -> None:
+    """The offline run file of a run of real size (its summary has as many keys as the
+    shipped demo's, over W&B's 100-key limit on artifact metadata) holds the config, every
+    step, the final summary (the stage times come last), the metric definitions and the
+    model artifact, and the exit code."""
+    from detox_exp import metric_names as M
+    from tests.wandb_file import read_artifacts, read_metric_definitions
+
+    summary = json.loads((demo_run / "summary.json").read_text())
+    assert len(summary) >= 150
     files = list(demo_run.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1
     records = read_wandb_records(files[0])
     config = records["config"]
     assert config["task_name"] == "debug" and config["ppo"]["steps"] == 2
     assert "objective/kl" in records["history_keys"]
-    assert "eval/before/toxicity_mean" in records["summary_keys"]
+    assert set(summary) <= records["summary_keys"]
+    assert any(k.startswith("time/stage/") for k in summary)
+    assert records["exit_code"] == 0
+    assert read_metric_definitions(files[0])["objective/*"]["step_metric"] == "step"
+    (model,) = [a for a in read_artifacts(files[0]) if a["type"] == "model"]
+    assert "README.md" in model["paths"] and "model.safetensors" in model["paths"]
+    metadata = model["metadata"]
+    assert metadata["reward_model"] == str(demo_run / "reward_model")
+    assert metadata[M.eval_key("after", "toxicity_mean")] == summary["eval/after/toxicity_mean"]
+    assert metadata["advantage_estimator"] == "rloo" and len(metadata) <= 100
 
 
 def test_standalone_evaluation_of_a_saved_policy(

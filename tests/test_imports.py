@@ -48,7 +48,7 @@ LAYERS = (
     ("frontier.",),
     ("ppo.", "evaluation."),
     ("generation",),
-    ("fast.", "reward.", "data.", "demo.", "models", "seq2seq", "kl"),
+    ("fast.", "reward.", "data.", "demo.", "models", "seq2seq", "kl", "hub"),
     (
         "tracking",
         "checkpoint",
@@ -60,6 +60,9 @@ LAYERS = (
         "registry",
         "sweeps",
         "perf",
+        "config_keys",
+        "interrupt",
+        "console",
     ),
 )
 # packages of one layer that must not import each other (either way)

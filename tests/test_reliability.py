@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from detox_exp import checkpoint
 from tests.conftest import ROOT, local_overrides, run_cli
 from tests.helpers.cli import check_one_line_error
 from tests.wandb_file import read_history, read_wandb_records, replay_history
@@ -43,35 +47,106 @@ def ppo_overrides(standins, run_dir: Path) -> list[str]:
     ]
 
 
-def test_exact_resume_after_sigkill(standins, tmp_path: Path) -> None:
-    full, crashed = tmp_path / "full", tmp_path / "crashed"
-    assert run_cli(*ppo_overrides(standins, full), cwd=ROOT).returncode == 0
-    killed = run_cli(*ppo_overrides(standins, crashed), "ppo.debug.kill_after_step=3", cwd=ROOT)
-    assert killed.returncode == -signal.SIGKILL
-    assert sorted(steps(crashed)) == [1, 2, 3]
-    checkpoints = sorted(p.name for p in (crashed / "checkpoints").iterdir())
-    assert checkpoints == ["best", "step-2", "step-3"]  # keep=2, plus the best
-    resumed = run_cli(*ppo_overrides(standins, crashed), "resume=auto", cwd=ROOT)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+STEPS = 10  # of the runs that are stopped and resumed
 
-    a, b = steps(full), steps(crashed)
-    assert sorted(b) == [1, 2, 3, 4, 5, 6]
-    for step in (4, 5, 6):
+
+@pytest.fixture(scope="module")
+def full_run(standins, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run the stopped and resumed ones are compared with."""
+    full = tmp_path_factory.mktemp("full")
+    result = run_cli(*ppo_overrides(standins, full), f"ppo.steps={STEPS}", cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return full
+
+
+def assert_same_steps(full: Path, resumed: Path, after: int) -> None:
+    """Steps after ``after`` and the final weights equal the uninterrupted run's."""
+    a, b = steps(full), steps(resumed)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    for step in range(after + 1, STEPS + 1):
         for key, value in a[step].items():
             if key.startswith(TIMING) or value is None:
                 continue
             assert b[step][key] == pytest.approx(value, abs=1e-6), (step, key)
     weights_a = load_file(full / "policy/adapter/adapter_model.safetensors")
-    weights_b = load_file(crashed / "policy/adapter/adapter_model.safetensors")
+    weights_b = load_file(resumed / "policy/adapter/adapter_model.safetensors")
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
         torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=1e-6)
+
+
+def test_exact_resume_after_sigkill(standins, full_run: Path, tmp_path: Path) -> None:
+    full, crashed = full_run, tmp_path / "crashed"
+    overrides = [*ppo_overrides(standins, crashed), f"ppo.steps={STEPS}"]
+    killed = run_cli(*overrides, "ppo.debug.kill_after_step=3", cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(steps(crashed)) == [1, 2, 3]
+    checkpoints = sorted(p.name for p in (crashed / "checkpoints").iterdir())
+    assert checkpoints == ["best", "step-2", "step-3"]  # keep=2, plus the best
+    resumed = run_cli(*overrides, "resume=auto", cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_steps(full, crashed, after=3)
     # the same W&B run continues (a SIGKILLed offline writer may lose its buffered records,
     # metrics.jsonl does not): one run id across both processes' offline folders
     folders = sorted(crashed.glob("wandb/offline-run-*"))
     assert len(folders) == 2 and len({f.name.rsplit("-", 1)[1] for f in folders}) == 1
     resumed_run = read_wandb_records(next(folders[1].glob("*.wandb")))["run"]
     assert resumed_run["id"] == folders[0].name.rsplit("-", 1)[1]
+
+
+def signal_at(run_dir: Path, step: int, signum: int):
+    """``while_running`` for run_cli: send ``signum`` once metrics.jsonl has ``step``."""
+
+    def send(pid: int) -> None:
+        metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if metrics.is_file() and any(
+                json.loads(x)["step"] >= step for x in metrics.read_text().splitlines()
+            ):
+                os.kill(pid, signum)
+                return
+            time.sleep(0.01)
+
+    return send
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_at_a_step_with_a_checkpoint_and_resumes_exactly(
+    standins, full_run: Path, tmp_path: Path, signum: int
+) -> None:
+    """Ctrl-C or a scheduler's SIGTERM during PPO: the run finishes its step, writes a
+    checkpoint (none is due: checkpoint.every=0), prints one line and exits 128 + signum;
+    the command in that line continues it exactly, reusing the frontier's files."""
+    run_dir = tmp_path / "stopped"
+    overrides = [*ppo_overrides(standins, run_dir), f"ppo.steps={STEPS}", "checkpoint.every=0"]
+    stopped = run_cli(*overrides, cwd=ROOT, while_running=signal_at(run_dir, 2, signum))
+    assert stopped.returncode == 128 + signum, stopped.stderr[-3000:]
+    lines = [x for x in stopped.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    last = max(steps(run_dir))
+    assert sorted(steps(run_dir)) == list(range(1, last + 1)) and 2 <= last < STEPS
+    name = signal.Signals(signum).name
+    line = lines[0]
+    assert line.startswith(f"detox-exp: stopped by {name} at step {last};"), line
+    assert f"checkpoint {run_dir / 'checkpoints' / f'step-{last}'}" in line
+    assert checkpoint.damage(run_dir / "checkpoints" / f"step-{last}") is None
+    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    record = read_wandb_records(run_file)
+    assert record["exit_code"] == 128 + signum
+    assert ("preempted" if signum == signal.SIGTERM else "interrupted") in record["run"]["tags"]
+
+    frontier = run_dir / "frontier" / "draws.jsonl"
+    written = frontier.stat().st_mtime_ns
+    command = shlex.split(line.split("resume with: ")[1])
+    assert command[0] == "detox-exp" and command[-1] == "resume=auto"
+    # W&B not silenced, so that it would print a "less than the current step" warning for
+    # anything logged at a step the rewound run has passed
+    resumed = run_cli(*command[1:], cwd=ROOT, env={"WANDB_SILENT": "false"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "less than the current step" not in resumed.stderr, resumed.stderr[-3000:]
+    assert_same_steps(full_run, run_dir, after=last)
+    assert frontier.stat().st_mtime_ns == written  # read back, not sampled again
+    assert "frontier: reusing" in (run_dir / "cli.log").read_text()
 
 
 def test_wandb_history_after_resume_holds_each_step_once(standins, tmp_path: Path) -> None:

@@ -50,6 +50,14 @@ def test_multirun_groups_jobs_and_survives_a_failing_job(demo_cache: Path, tmp_p
         for g in ("0.9", "1.0")
     ]
     assert any("ppo.gamma=1.0" in r["tags"] for r in runs)
+    # the multirun ends with its table, the sweep folder and the way to compare its runs
+    tail = result.stdout.rstrip().splitlines()[-3:]
+    assert tail == [
+        f"sweep dir: {sweep}",
+        f"summary: {sweep / 'sweep_summary.md'}",
+        f"compare the runs: detox-exp-compare {sweep}",
+    ]
+    assert table in result.stdout
 
 
 def test_optuna_search_two_trials(demo_cache: Path, tmp_path: Path) -> None:

@@ -10,9 +10,11 @@ import pytest
 from detox_exp import metric_names as M
 from detox_exp.tracking import (
     NAME_MAX_CHARS,
+    WANDB_MAX_METADATA_KEYS,
     Tracker,
     choose_wandb_mode,
     hydra_run_name,
+    model_metadata,
     run_name,
     wandb_logged_in,
 )
@@ -187,12 +189,60 @@ def test_log_model_logs_the_merged_policy_with_its_card(offline_run: dict) -> No
     assert artifact["metadata"] == {"eval/after/toxicity_mean": 0.25}
 
 
-def test_log_model_without_wandb_or_switched_off(tmp_path: Path) -> None:
-    tracker = Tracker(tmp_path)
+def offline_tracker_run(run_dir: Path, log_model: bool = True, calls=None) -> dict:
+    """An offline Tracker run: one PPO step, ``calls(tracker)``, a summary, finish; what its
+    run file holds."""
+    import wandb
+
+    tracker = Tracker(run_dir, {"project": "p", "mode": "offline"}, log_model=log_model)
     tracker.start({"seed": 1})
-    tracker.log_model(tmp_path)  # no W&B: nothing to do
-    tracker.finish()
-    off = Tracker(tmp_path, {"project": "p", "mode": "disabled"}, log_model=False)
-    off.start({"seed": 1})
-    off.log_model(tmp_path / "missing")
-    off.finish()
+    tracker.log({M.KL: 0.1}, step=1)
+    if calls is not None:
+        calls(tracker)
+    tracker.log_summary({"eval/after/toxicity_mean": 0.2, "time/stage/ppo_s": 1.0})
+    tracker.finish(exit_code=0)
+    wandb.teardown()
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return {"records": read_wandb_records(path), "artifacts": read_artifacts(path)}
+
+
+def test_a_failed_wandb_call_costs_only_that_call(tmp_path: Path, caplog) -> None:
+    """The artifact upload fails (its folder is missing): one warning naming what W&B lost,
+    and the summary logged after it and the exit code still reach the run file."""
+    with caplog.at_level("WARNING"):
+        run = offline_tracker_run(tmp_path, calls=lambda t: t.log_model(tmp_path / "missing"))
+    warnings = [r.getMessage() for r in caplog.records if "W&B failed" in r.getMessage()]
+    assert len(warnings) == 1 and "the model artifact" in warnings[0], warnings
+    assert {"eval/after/toxicity_mean", "time/stage/ppo_s"} <= run["records"]["summary_keys"]
+    assert run["records"]["exit_code"] == 0 and M.KL in run["records"]["history_keys"]
+    assert not [a for a in run["artifacts"] if a["type"] == "model"]
+
+
+def test_log_model_switched_off_uploads_nothing(tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "README.md").write_text("# card\n")
+    run = offline_tracker_run(tmp_path, log_model=False, calls=lambda t: t.log_model(merged))
+    assert not [a for a in run["artifacts"] if a["type"] == "model"]
+    assert "eval/after/toxicity_mean" in run["records"]["summary_keys"]
+
+
+def test_model_metadata_fits_wandb_whatever_the_summary() -> None:
+    """A summary of real size (the demo's has 150+ keys: eval/{before,after,optimum}/*,
+    eval/delta/* with CIs, ...): the metadata keeps the identity and the headline metrics
+    (finite ones: W&B refuses inf), within W&B's limit, and W&B accepts it."""
+    import wandb
+
+    summary = {f"eval/delta/metric_{i}_ci_low": 0.1 * i for i in range(300)}
+    summary |= {key: 0.5 for key in M.MODEL_METADATA_METRICS}
+    summary[M.OPTIMUM_KL_RATIO] = float("inf")
+    identity = {"base_model": "google/flan-t5-base", "reward_model": "/run/reward_model"}
+    metadata = model_metadata(summary, identity)
+    assert len(metadata) <= WANDB_MAX_METADATA_KEYS
+    assert metadata["reward_model"] == "/run/reward_model"
+    assert M.OPTIMUM_KL_RATIO not in metadata
+    assert {k for k in M.MODEL_METADATA_METRICS if k != M.OPTIMUM_KL_RATIO} <= set(metadata)
+    wandb.Artifact("policy-x", type="model", metadata=metadata)  # W&B's own validation
+    finite = {k: v for k, v in summary.items() if k != M.OPTIMUM_KL_RATIO}
+    with pytest.raises(ValueError, match="metadata keys"):  # what the whole summary meets
+        wandb.Artifact("policy-x", type="model", metadata=finite | identity)

@@ -45,6 +45,7 @@ def read_wandb_records(path: Path) -> dict[str, Any]:
     run: dict[str, Any] = {}
     history_keys: set[str] = set()
     summary_keys: set[str] = set()
+    exit_code = None
     for payload in iter_payloads(path):
         record = pb.Record()
         record.ParseFromString(payload)
@@ -59,6 +60,8 @@ def read_wandb_records(path: Path) -> dict[str, Any]:
             summary_keys |= {
                 item.key or "/".join(item.nested_key) for item in record.summary.update
             }
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
         elif kind == "run":
             run = {
                 "id": record.run.run_id,
@@ -77,6 +80,7 @@ def read_wandb_records(path: Path) -> dict[str, Any]:
         "run": run,
         "history_keys": history_keys,
         "summary_keys": summary_keys,
+        "exit_code": exit_code,
     }
 
 

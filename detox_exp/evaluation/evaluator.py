@@ -18,6 +18,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from detox_exp import metric_names as M
 from detox_exp.data.dialogues import references_of
 from detox_exp.errors import ConfigError
 from detox_exp.evaluation.metrics import (
@@ -76,7 +77,7 @@ class EvalResult:
         toxicity = np.array([r["toxicity"]["reward"] for r in records]).reshape(-1, k)
         rouge_l = np.array([r["rouge_l"] for r in records]).reshape(-1, k)
         lengths = np.array([r["length"] for r in records], dtype=float).reshape(-1, k)
-        metrics = {f"eval/{phase}/{n}": v for n, v in metrics.items()}
+        metrics = {M.eval_key(phase, n): v for n, v in metrics.items()}
         return cls(phase, metrics, toxicity, rouge_l, lengths, records)
 
 
@@ -251,7 +252,7 @@ class Evaluator:
         )
         return EvalResult(
             phase=phase,
-            metrics={f"eval/{phase}/{k}": v for k, v in metrics.items()},
+            metrics={M.eval_key(phase, k): v for k, v in metrics.items()},
             toxicity=toxicity,
             rouge_l=rouge_l,
             lengths=lengths.reshape(len(prompts), self.k),

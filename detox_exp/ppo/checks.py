@@ -48,14 +48,13 @@ def settings_from(values: Mapping[str, Any]) -> PPOSettings:
     """Checked settings from ``ppo.*`` keyword arguments (the schema's defaults fill in what
     they leave out): an unknown key, a wrong type or an impossible value is a one-line
     ConfigError naming ``ppo.<key>``."""
-    fix = "see detox_exp/ppo/settings.py (`detox-exp --cfg job` lists every key)"
     flat = {k: v for k, v in values.items() if k not in NESTED}
-    check_fields(PPOSettings, flat, "ppo", "unknown PPO setting", fix)
+    check_fields(PPOSettings, flat, "ppo")
     nested = {}
     for name, schema in NESTED.items():
         node = values.get(name) or {}
         check_value(node, Mapping, f"ppo.{name}")
-        check_fields(schema, node, f"ppo.{name}", f"unknown ppo.{name} setting", fix)
+        check_fields(schema, node, f"ppo.{name}")
         nested[name] = schema(**node)
     settings = PPOSettings(**{**values, **nested})
     check_settings(settings)

@@ -14,34 +14,130 @@ from safetensors.torch import save_file
 from transformers import AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from detox_exp import metric_names as M
+from detox_exp.ppo.core import FrontierKLController
 from detox_exp.ppo.policy import ActorCritic
+from detox_exp.utils import is_local_path
+
+# the evaluation metrics a card's model-index reports (eval/after/<name>), with their names
+CARD_INDEX_METRICS = {
+    "toxicity_mean": "mean toxicity (reward classifier)",
+    "toxic_fraction": "toxic fraction",
+    "rouge_l": "ROUGE-L",
+    "distinct_2": "distinct-2",
+}
 
 
-def model_card(summary: Mapping[str, Any], config: Any, eval_table: Sequence[str]) -> str:
-    """The merged model's README: what was trained, how, and ``eval_table`` (the
-    evaluation's markdown lines, ``evaluation.report.card_table``)."""
-    cfg = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
-    ppo = cfg["ppo"]
+def _kl_coef_text(ppo: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
     controller = ppo.get("kl_controller") or {}
     kl_coef = controller.get("kl_coef", controller.get("init_kl_coef"))
     if "target" in controller:
-        kl_coef = f"from {kl_coef}, adapted toward a KL of {controller['target']}"
-    if "target_drop" in controller:
+        return f"from {kl_coef}, adapted toward a KL of {controller['target']}"
+    if FrontierKLController.configured_by(controller):
         beta = summary.get(M.FRONTIER_BETA)
-        kl_coef = f"{beta:.4g}" if beta is not None else "-"
-        kl_coef += f", the frontier's for a {controller['target_drop']:.0%} cut of the toxicity"
+        text = f"{beta:.4g}" if beta is not None else "-"
+        return text + f", the frontier's for a {controller['target_drop']:.0%} cut of the toxicity"
+    return str(kl_coef)
+
+
+def model_identity(cfg: Mapping[str, Any], reward_model: str) -> dict[str, Any]:
+    """The config keys that define a trained policy (the model card's list and its W&B
+    artifact's metadata): base model, the reward model PPO used, data, algorithm and its
+    main settings. ``cfg``: the run's resolved config as plain containers."""
+    ppo, model = cfg["ppo"], cfg["model"]
+    identity = {
+        "base_model": model["name_or_path"],
+        "reward_model": str(reward_model),
+        "reward_type": cfg["reward"]["reward_type"],
+        "dataset": cfg["dataset"]["path"],
+        "advantage_estimator": ppo.get("advantage_estimator", "gae"),
+        "steps": ppo["steps"],
+        "batch_size": ppo["batch_size"],
+        "samples_per_prompt": ppo.get("samples_per_prompt", 1),
+        "lr": ppo["optimizer"]["lr"],
+        "seed": cfg["seed"],
+    }
+    if not model.get("full_finetune"):
+        lora = model.get("lora") or {}
+        identity |= {"lora_r": lora.get("r"), "lora_targets": str(lora.get("target_modules"))}
+    return identity
+
+
+def _hub_id(name: str) -> str | None:
+    """``name`` if it is a Hugging Face hub id (org/name), else None (a local path)."""
+    return None if is_local_path(str(name)) else str(name)
+
+
+def card_metadata(
+    identity: Mapping[str, Any], summary: Mapping[str, Any], library: str, name: str
+) -> str:
+    """The Hugging Face front matter (YAML between ``---`` lines) of a policy's card:
+    base_model and datasets (hub ids only: a local path is no hub reference), library_name,
+    tags, and the held-out evaluation as a model-index."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    dataset = _hub_id(identity["dataset"])
+    results = [
+        EvalResult(
+            task_type="summarization",
+            task_name="dialogue summarization",
+            dataset_type=dataset or "local",
+            dataset_name=dataset or str(identity["dataset"]),
+            dataset_split="held-out",
+            metric_type=metric,
+            metric_name=label,
+            metric_value=summary[M.eval_key("after", metric)],
+        )
+        for metric, label in CARD_INDEX_METRICS.items()
+        if isinstance(summary.get(M.eval_key("after", metric)), (int, float))
+    ]
+    data = ModelCardData(
+        base_model=_hub_id(identity["base_model"]),
+        library_name=library,
+        pipeline_tag="text2text-generation",
+        tags=["detox_exp", "detoxification", "rlhf", str(identity["advantage_estimator"])]
+        + (["lora"] if "lora_r" in identity else []),
+        datasets=[dataset] if dataset else None,
+        model_name=name,
+        eval_results=results or None,
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def model_card(
+    summary: Mapping[str, Any],
+    config: Any,
+    eval_table: Sequence[str],
+    reward_model: str,
+    library: str = "transformers",
+) -> str:
+    """A trained policy's README: Hugging Face front matter (:func:`card_metadata`), what
+    was trained and how (``reward_model``: the classifier PPO used, e.g. the run's own
+    trained one), and ``eval_table`` (the evaluation's markdown lines,
+    ``evaluation.report.card_table``). ``library``: ``transformers`` for the merged model,
+    ``peft`` for the adapter folder."""
+    cfg = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
+    ppo = cfg["ppo"]
+    identity = model_identity(cfg, reward_model)
+    name = f"{cfg.get('task_name', 'detox_exp')} {identity['advantage_estimator']} policy"
+    load = (
+        "Load with `AutoModelForSeq2SeqLM.from_pretrained(<this folder>)`."
+        if library == "transformers"
+        else "Load with `PeftModel.from_pretrained(<the base model>, <this folder>)`."
+    )
     lines = [
+        card_metadata(identity, summary, library, name),
         "# detox_exp PPO policy",
         "",
-        f"- base model: `{cfg['model']['name_or_path']}`",
-        f"- reward model: `{cfg['reward']['name_or_path']}` "
-        f"(reward = {cfg['reward']['reward_type']} of `{cfg['reward']['nontoxic_label']}`)",
-        f"- data: `{cfg['dataset']['path']}`",
-        f"- PPO steps: {cfg['ppo']['steps']}, batch {cfg['ppo']['batch_size']} samples "
-        f"({ppo.get('samples_per_prompt', 1)} per prompt), advantages "
-        f"{ppo.get('advantage_estimator', 'gae')}, lr {cfg['ppo']['optimizer']['lr']}",
+        f"- base model: `{identity['base_model']}`",
+        f"- reward model: `{identity['reward_model']}` "
+        f"(reward = {identity['reward_type']} of `{cfg['reward']['nontoxic_label']}`)",
+        f"- data: `{identity['dataset']}`",
+        f"- PPO steps: {ppo['steps']}, batch {ppo['batch_size']} samples "
+        f"({identity['samples_per_prompt']} per prompt), advantages "
+        f"{identity['advantage_estimator']}, lr {identity['lr']}",
         f"- KL to the reference: {ppo['kl_estimator']} in the reward (coefficient "
-        f"{kl_coef}), {ppo.get('kl_log_estimator', 'k3')} logged as `objective/kl`"
+        f"{_kl_coef_text(ppo, summary)}), {ppo.get('kl_log_estimator', 'k3')} logged as "
+        "`objective/kl`"
         + (
             f", {ppo['kl_loss_estimator']} in the loss x {ppo['kl_loss_coef']}"
             if ppo.get("kl_loss_coef")
@@ -49,7 +145,7 @@ def model_card(summary: Mapping[str, Any], config: Any, eval_table: Sequence[str
         ),
         f"- seed: {cfg['seed']}",
         "",
-        "Load with `AutoModelForSeq2SeqLM.from_pretrained(<this folder>)`.",
+        load,
         "",
         "## Held-out evaluation (toxicity of the response only)",
         "",
@@ -101,9 +197,11 @@ def save_policy(
     summary: Mapping[str, Any],
     config: Any,
     eval_table: Sequence[str] = (),
+    reward_model: str | None = None,
 ) -> Path:
     """Write ``adapter/`` (LoRA or full weights), ``value_head.safetensors`` (gae only) and
-    ``merged/`` (see :func:`merged_model`)."""
+    ``merged/`` (see :func:`merged_model`), each with its model card (README.md;
+    ``reward_model``: the classifier PPO used, by default ``reward.name_or_path``)."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     policy.model.save_pretrained(save_dir / "adapter", safe_serialization=True)
@@ -115,7 +213,12 @@ def save_policy(
     merged = merged_model(policy, (cfg or {}).get("model"))
     merged.save_pretrained(save_dir / "merged", safe_serialization=True)
     tokenizer.save_pretrained(save_dir / "merged")
-    card = model_card(summary, config, eval_table)
+    reward_model = reward_model or cfg["reward"]["name_or_path"]
+    card = model_card(summary, cfg, eval_table, reward_model)
     (save_dir / "merged" / "README.md").write_text(card)
     (save_dir / "README.md").write_text(card)
+    # peft's save_pretrained writes its placeholder card template there: replace it
+    library = "peft" if policy.is_peft else "transformers"  # full fine-tuning: the network
+    adapter_card = model_card(summary, cfg, eval_table, reward_model, library=library)
+    (save_dir / "adapter" / "README.md").write_text(adapter_card)
     return save_dir

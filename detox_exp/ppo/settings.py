@@ -1,6 +1,6 @@
 """The PPO trainer's settings (``ppo.*``): the one place that owns their defaults and their
 documentation. ``conf/ppo/default.yaml`` composes this schema (the ConfigStore node
-``ppo/schema``) and adds only the built objects (optimizer, KL controller) and
+``ppo_schema``) and adds only the built objects (optimizer, KL controller) and
 interpolations; the other ``conf/ppo/*.yaml`` override values. ``detox-exp --cfg job`` shows
 every key. The checks live in :mod:`detox_exp.ppo.checks`. Importing ``detox_exp`` registers
 the schema (``detox_exp/__init__.py``), so this module stays light (no torch).
@@ -122,10 +122,13 @@ NESTED = {"score": ScoreSettings, "debug": DebugSettings}
 
 
 def schema_node() -> dict:
-    """The ``ppo/schema`` config node: every setting at its default. Registered as plain
+    """The ``ppo_schema`` config node: every setting at its default. Registered as plain
     (untyped) values, so that a wrong type reaches :mod:`detox_exp.ppo.checks` and becomes
     a one-line error naming the key, rather than an OmegaConf validation trace."""
     return dataclasses.asdict(PPOSettings())
 
 
-ConfigStore.instance().store(group="ppo", name="schema", node=schema_node())
+# At the root of the config tree, not in the ``ppo`` group: a group's configs are options
+# that ``ppo=...`` selects and ``--help`` lists; this node is only a part of ppo/default.yaml.
+SCHEMA_NODE = "ppo_schema"
+ConfigStore.instance().store(name=SCHEMA_NODE, node=schema_node())

@@ -23,7 +23,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from detox_exp import checkpoint
+from detox_exp import checkpoint, interrupt
 from detox_exp import metric_names as M
 from detox_exp.checkpoint import CheckpointManager, rng_state, set_rng_state
 from detox_exp.distributed import Dist, masked_whiten_global, write_param_digest
@@ -647,8 +647,10 @@ class PPOTrainer:
         self.guard.load_state_dict(state)
         set_rng_state(state["rng"])
 
-    def _maybe_checkpoint(self, metrics: dict[str, float]) -> None:
-        if self.checkpoints is not None and self.checkpoints.due(self.step):
+    def _maybe_checkpoint(self, metrics: dict[str, float], now: bool = False) -> Path | None:
+        """Write a checkpoint when one is due (or ``now``, e.g. on a stop request); returns
+        the newest checkpoint (this step's when written)."""
+        if self.checkpoints is not None and (now or self.checkpoints.due(self.step)):
             if self.dist.is_main:
                 state = self.state_dict()
                 tensors = state.pop("trainable")
@@ -657,6 +659,15 @@ class PPOTrainer:
             self.dist.wait()
         if self.settings.debug.kill_after_step == self.step:  # fault injection: a hard crash
             os.kill(os.getpid(), signal.SIGKILL)
+        return self.guard.last_checkpoint
+
+    def _stop_requested(self) -> int | None:
+        """A pending SIGINT / SIGTERM (:mod:`detox_exp.interrupt`) on any process: every
+        process stops after the same step."""
+        signum = interrupt.requested() or 0
+        if self.dist.enabled:
+            signum = int(self.dist.gather(torch.tensor([signum])).max())
+        return signum or None
 
     def resume(self, path: Path) -> None:
         """Continue from checkpoint ``path`` (weights, optimizer, RNG, data position...)."""
@@ -666,14 +677,32 @@ class PPOTrainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def train(self) -> list[dict[str, float]]:
-        """Run ``steps`` PPO steps with a progress bar; returns every step's metrics."""
+        """Run ``steps`` PPO steps with a progress bar; returns every step's metrics. A
+        SIGINT / SIGTERM stops it after the current step, with a checkpoint of that step
+        (:class:`detox_exp.interrupt.Interrupted`)."""
+        with interrupt.deferred():
+            try:
+                return self._train()
+            except interrupt.Interrupted as stop:  # a second signal: stopped mid-step
+                if stop.step is None:
+                    stop.step, stop.checkpoint = self.step, self.guard.last_checkpoint
+                raise
+
+    def _train(self) -> list[dict[str, float]]:
         history = []
         bar = progress(total=self.steps, desc="ppo", unit="step")
         bar.update(self.step)
+        every = max(1, self.steps // 20)
         while self.step < self.steps:
             metrics = self.train_step()
             history.append(metrics)
             self._maybe_checkpoint(metrics)
+            signum = self._stop_requested()
+            if signum is not None:  # a checkpoint of this step, then stop
+                bar.close()
+                due = self.checkpoints is not None and self.checkpoints.due(self.step)
+                path = self.guard.last_checkpoint if due else self._maybe_checkpoint(metrics, True)
+                raise interrupt.Interrupted(signum, self.step, path)
             bar.update(1)
             if M.REWARD_MEAN not in metrics:  # skipped batch
                 continue
@@ -682,6 +711,8 @@ class PPOTrainer:
                 kl=f"{metrics[M.KL]:.2f}",
                 tox=f"{metrics[M.TOXICITY_MEAN]:.2f}",
             )
+            if self.step % every and self.step != self.steps:
+                continue  # about 20 lines per run on the console; metrics.jsonl has each step
             log.info(
                 "ppo step %d/%d: reward %.3f, toxicity %.3f, kl %.3f, %.2f s",
                 self.step,
@@ -695,12 +726,19 @@ class PPOTrainer:
         return history
 
     def save(
-        self, summary: Mapping[str, Any], config: Any, eval_table: Sequence[str] = ()
+        self,
+        summary: Mapping[str, Any],
+        config: Any,
+        eval_table: Sequence[str] = (),
+        reward_model: str | None = None,
     ) -> Path | None:
-        """Adapter + value head + merged model (with a model card holding ``eval_table``)
-        under ``save_dir``."""
+        """Adapter + value head + merged model (with a model card holding ``eval_table`` and
+        naming ``reward_model``, the classifier this run trained against) under
+        ``save_dir``."""
         if self.save_dir is None:
             return None
         from detox_exp.ppo.saving import save_policy
 
-        return save_policy(self.policy, self.tokenizer, self.save_dir, summary, config, eval_table)
+        return save_policy(
+            self.policy, self.tokenizer, self.save_dir, summary, config, eval_table, reward_model
+        )

@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+import detox_exp  # noqa: F401 - registers the PPO schema (ppo_schema) that ppo/ composes
 from tests.conftest import CONF_DIR
 
 
