@@ -171,7 +171,7 @@ def cross_attention_sharing(bench_dir: Path) -> dict[str, float]:
     """fp32 teacher-forced passes of 4 prompts x 4 samples with the cross-attention keys /
     values projected once per prompt (``seq2seq.shared_cross_attention``) or per sample."""
     from detox_exp import seq2seq
-    from detox_exp.ppo.policy import ActorCritic
+    from detox_exp.training.policy import ActorCritic
 
     model, tokenizer, ids, mask, _ = _policy(bench_dir, bf16=False)
     actor = ActorCritic(model, value_head=False).eval()

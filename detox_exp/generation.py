@@ -10,7 +10,7 @@ vocabulary entry, and skips ``generate``'s per-step processor machinery.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from detox_exp.errors import ConfigError, UnknownKeyError
 from detox_exp.fast import SWITCHES, t5_decoding
 from detox_exp.fast.lora_fold import folded_adapter
 from detox_exp.fast.widths import round_up
+from detox_exp.guidance import guided_logits
 from detox_exp.seq2seq import base_config, base_model, encode, expand_groups
 
 
@@ -154,6 +155,7 @@ def sample_responses(
     step_decoder: bool | None = None,
     samples_per_prompt: int = 1,
     generator: torch.Generator | None = None,
+    guide: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched sampling with a KV cache. Returns (response_ids, mask), both [P * k, T].
 
@@ -168,6 +170,9 @@ def sample_responses(
     models, or False, use the model's forward.
     ``generator``: the random stream to sample from (on the queries' device); None: torch's
     global one.
+    ``guide``: value guidance (:mod:`detox_exp.guidance`): maps the decoder's last state
+    [B, d] to ``log V(s, a)`` [B, V]; tokens are drawn from ``model(a | s) V(s, a)`` (then
+    warped as configured). Call it on the reference (adapter disabled).
     """
     sampling = make_sampling(gen)
     config = base_config(model)
@@ -193,16 +198,22 @@ def sample_responses(
         for step in range(sampling.max_new_tokens):
             if fast:
                 logits = fast.step(token).float()
+                hidden_state = fast.last_hidden
             else:
-                logits = model(
+                out = model(
                     encoder_outputs=encoder_outputs,
                     attention_mask=expanded_mask,
                     decoder_input_ids=token,
                     use_cache=True,
                     return_dict=True,
+                    output_hidden_states=guide is not None,
                     **{cache_kwarg: cache},
-                ).logits[:, -1]
-                logits = logits.float()
+                )
+                logits = out.logits[:, -1].float()
+                if guide is not None:
+                    hidden_state = out.decoder_hidden_states[-1][:, -1]
+            if guide is not None:
+                logits = guided_logits(logits, guide(hidden_state))
             logits = sampling.warp(logits, step, eos_id)
             if sampling.do_sample:
                 next_token = sample_from_logits(logits, generator)

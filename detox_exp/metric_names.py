@@ -75,6 +75,22 @@ OPTIMUM_PHASE = "optimum"  # eval/optimum/<metric>
 OPTIMUM_DROP_ACHIEVED = "eval/vs_optimum/toxicity_drop_achieved"
 OPTIMUM_KL_RATIO = "eval/vs_optimum/kl_ratio"
 
+# the value-guided method (algorithm=guided): its prefix scorer's calibration on held-out
+# rollout prompts (cross-entropy per token against the constant predictor; correlation of the
+# predicted exp(r / beta) with the realised one), and per step the distillation loss and the
+# teacher's KL to the reference (objective/kl is the policy's, on the same prefixes)
+SCORER_LOSS_HELDOUT = "guided/scorer/heldout_cross_entropy"
+SCORER_LOSS_CONSTANT = "guided/scorer/constant_cross_entropy"
+SCORER_VALUE_CORR = "guided/scorer/value_correlation"
+SCORER_ROLLOUTS = "guided/scorer/rollouts"
+SCORER_ATOMS = "guided/scorer/atoms"
+LOSS_DISTILL = "guided/loss"
+TEACHER_KL = "guided/teacher_kl"
+# the guided teacher evaluated like a policy (eval/teacher/*), and against the optimum
+TEACHER_PHASE = "teacher"
+TEACHER_DROP_ACHIEVED = "eval/vs_optimum/teacher_toxicity_drop_achieved"
+TEACHER_KL_RATIO = "eval/vs_optimum/teacher_kl_ratio"
+
 # the evaluations: eval/<phase>/<metric> for the phases before, after and optimum, and
 # eval/delta/<metric>[_rel|_ci_low|_ci_high] for the change before -> after
 EVAL_PHASES = ("before", "after")
@@ -142,4 +158,6 @@ MODEL_METADATA_METRICS = (
     OPTIMUM_DROP_ACHIEVED,
     OPTIMUM_KL_RATIO,
     FRONTIER_BETA,
+    TEACHER_DROP_ACHIEVED,
+    TEACHER_KL_RATIO,
 )

@@ -1,4 +1,4 @@
-"""Throughput and memory numbers for a PPO run (the bench experiment's summary)."""
+"""Throughput and memory numbers for a training run (the bench experiment's summary)."""
 
 from __future__ import annotations
 
@@ -38,5 +38,6 @@ def perf_summary(
     median = statistics.median(h[M.STEP_TIME] for h in steady)
     out = {M.MEDIAN_STEP_S: median, M.SAMPLES_PER_S: batch_size / median, **peak_memory(device)}
     for key in (M.TIME_GENERATE, M.TIME_SCORE, M.TIME_FORWARD, M.TIME_OPTIMIZE):
-        out[f"perf/median_{key}"] = statistics.median(h[key] for h in steady)
+        if all(key in h for h in steady):  # the phases a method times
+            out[f"perf/median_{key}"] = statistics.median(h[key] for h in steady)
     return out

@@ -34,9 +34,9 @@ from detox_exp.hub import check_hub_access
 from detox_exp.models import check_lora, check_policy_precision
 from detox_exp.perf import perf_summary
 from detox_exp.ppo.checks import PRECISIONS, check_ppo_config
-from detox_exp.ppo.saving import model_identity
 from detox_exp.schema import check_node, check_value
 from detox_exp.tracking import Tracker
+from detox_exp.training.saving import model_identity
 from detox_exp.utils import (
     check_utf8,
     is_local_path,
@@ -183,10 +183,31 @@ def check_run_config(cfg: DictConfig) -> None:
             "set stages.frontier=true, or use ppo/kl_controller=fixed",
         )
     if cfg.stages.get("ppo"):
-        check_ppo_config(cfg.ppo)
+        name, node = training_node(cfg)
+        if name == "ppo":
+            check_ppo_config(cfg.ppo)
+        else:
+            check_node(node, "algorithm")
         # a small object whose constructor checks its ranges
         check_node(controller, "ppo.kl_controller")
         get_object(controller.pop("_target_"))(**controller)
+
+
+ALGORITHMS = ("ppo", "guided")
+
+
+def training_node(cfg: DictConfig) -> tuple[str, Any]:
+    """The training stage's method (``algorithm.name``) and the node that builds its trainer:
+    ``ppo`` (its settings stay in the ``ppo`` node), or the algorithm's own node (resolved,
+    without ``name``)."""
+    name = cfg.algorithm.get("name")
+    if name not in ALGORITHMS:
+        raise ConfigError("algorithm", f"unknown algorithm {name!r}", f"use one of {ALGORITHMS}")
+    if name == "ppo":
+        return name, cfg.ppo
+    node = OmegaConf.to_container(cfg.algorithm, resolve=True)
+    node.pop("name")
+    return name, node
 
 
 def run_task(cfg: DictConfig) -> float | None:
@@ -297,7 +318,10 @@ def _run_stages(
         """Announce a stage on the console; its start time."""
         current["stage"] = name
         if dist.is_main:
-            log.info("stage %d/%d: %s", enabled.index(name) + 1, len(enabled), name)
+            if name in enabled:
+                log.info("stage %d/%d: %s", enabled.index(name) + 1, len(enabled), name)
+            else:  # part of a stage (the guided teacher's evaluation, in the training stage)
+                log.info("stage %s", name)
         return time.perf_counter()
 
     def timed(name: str, start: float) -> None:
@@ -348,7 +372,7 @@ def _run_stages(
     results = {}
     objects |= {"tokenizer": tokenizer, "scorer": scorer, "splits": splits}
 
-    def evaluate(phase: str, policy: torch.nn.Module) -> None:
+    def evaluate(phase: str, policy: torch.nn.Module, guide: Any = None) -> None:
         if not dist.is_main:  # evaluation runs on the main process; the others wait
             dist.wait()
             return
@@ -357,7 +381,7 @@ def _run_stages(
             results[phase] = EvalResult.load(run_dir, phase)  # done before the crash
         else:
             results[phase] = evaluator.evaluate(
-                policy, tokenizer, scorer, splits.eval, phase, run_dir, generation
+                policy, tokenizer, scorer, splits.eval, phase, run_dir, generation, guide
             )
         tracker.log_summary(results[phase].metrics)
         timed(f"evaluate_{phase}", start)
@@ -375,11 +399,9 @@ def _run_stages(
         timed("frontier", start)
     if stages.ppo:
         start = begin("ppo")
-        overrides = {}
-        if configured_beta(controller) is None:  # ppo/kl_controller=frontier
-            ctl = build(cfg.ppo.kl_controller, kl_coef=beta)
-            overrides["kl_controller"] = ctl
-        ppo = build(cfg.ppo)(
+        frontier_beta = {} if configured_beta(controller) is not None else {"kl_coef": beta}
+        _, node = training_node(cfg)
+        trainer = build(node)(
             model=model,
             tokenizer=tokenizer,
             scorer=scorer,
@@ -388,14 +410,17 @@ def _run_stages(
             generation=generation,
             checkpoints=build(cfg.checkpoint),
             wandb_id=tracker.run.id if tracker.run is not None else None,
-            **overrides,
+            kl_controller=build(cfg.ppo.kl_controller, **frontier_beta),
         )
         if resume is not None:
-            ppo.resume(resume)
-        history = ppo.train()
-        tracker.log_summary(perf_summary(history, ppo.batch_size, ppo.device))
+            trainer.resume(resume)
+        history = trainer.train()
+        tracker.log_summary(perf_summary(history, trainer.batch_size, trainer.device))
         timed("ppo", start)
-        objects["ppo"] = ppo
+        objects["ppo"] = trainer
+        guide = getattr(trainer, "guide", None)
+        if guide is not None and stages.evaluate_after:  # the guided teacher, as a policy
+            evaluate(M.TEACHER_PHASE, model, guide)
     if stages.evaluate_after:
         evaluate("after", model)
     if "before" in results and beta is not None:  # the held-out optimum at the run's beta
@@ -407,6 +432,7 @@ def _run_stages(
             tracker, results["before"], results["after"], evaluator.bootstrap, evaluator.threshold
         )
         tracker.log_summary(heldout.against_optimum(tracker.summary))
+        tracker.log_summary(heldout.against_optimum(tracker.summary, M.TEACHER_PHASE))
     tracker.log_summary(timings)
     if stages.ppo and dist.is_main and objects["ppo"].save_dir is not None:
         summary = dict(tracker.summary)

@@ -41,10 +41,10 @@ def preload() -> None:
     import detox_exp.evaluation.report  # noqa: F401
     import detox_exp.frontier.stage  # noqa: F401
     import detox_exp.pipeline  # noqa: F401
-    import detox_exp.ppo.saving  # noqa: F401
     import detox_exp.ppo.trainer  # noqa: F401
     import detox_exp.reward.training  # noqa: F401
     import detox_exp.sweeps  # noqa: F401
+    import detox_exp.training.saving  # noqa: F401
 
     # transformers imports its model classes lazily, on first attribute access
     for name in (

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detox_exp.ppo.trainer import sampling_stream
+from detox_exp.training.loop import sampling_stream
 from tests.conftest import ROOT, local_overrides, run_ranks
 
 pytestmark = pytest.mark.slow

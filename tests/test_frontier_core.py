@@ -114,11 +114,11 @@ def test_beta_is_chosen_or_refused() -> None:
 
     result = read_frontier(_draws(np.random.default_rng(4)), [0.01, 0.1, 1, 10], 0.5, 0, 2)
     assert [r["beta"] for r in result.rows] == [0.01, 0.1, 1, 10]
-    target = {"_target_": "detox_exp.ppo.core.FrontierKLController", "target_drop": 0.5}
+    target = {"_target_": "detox_exp.kl_control.FrontierKLController", "target_drop": 0.5}
     beta = choose_beta(result, target, min_drop=0.1)
     assert 0.01 < beta < 10 and result.drop(beta) == pytest.approx(0.5, abs=1e-6)
     assert result.at(beta)["toxicity_change"] == pytest.approx(-0.5, abs=1e-6)
-    fixed = {"_target_": "detox_exp.ppo.core.FixedKLController", "kl_coef": 0.1}
+    fixed = {"_target_": "detox_exp.kl_control.FixedKLController", "kl_coef": 0.1}
     assert choose_beta(result, fixed, min_drop=0.1) == 0.1
     with pytest.raises(ConfigError, match="frontier.min_drop") as err:
         choose_beta(result, fixed | {"kl_coef": 1000.0}, min_drop=0.1)
@@ -131,7 +131,7 @@ def test_beta_is_chosen_or_refused() -> None:
 def test_bad_frontier_settings_are_config_errors() -> None:
     from detox_exp.errors import ConfigError
     from detox_exp.frontier.stage import Frontier
-    from detox_exp.ppo.core import FrontierKLController
+    from detox_exp.kl_control import FrontierKLController
 
     for kwargs, field in (
         ({"samples_per_prompt": 1}, "frontier.samples_per_prompt"),
@@ -176,7 +176,7 @@ def test_the_frontier_controller_is_recognised_by_its_class(option: str) -> None
     from omegaconf import OmegaConf
 
     from detox_exp.frontier.stage import configured_beta
-    from detox_exp.ppo.core import FrontierKLController
+    from detox_exp.kl_control import FrontierKLController
     from tests.conftest import CONF_DIR
 
     node = OmegaConf.to_container(

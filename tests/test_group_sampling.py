@@ -12,11 +12,12 @@ import torch
 from detox_exp import metric_names as M
 from detox_exp.fast import SWITCHES
 from detox_exp.generation import decoder_inputs, pad_queries, sample_responses
+from detox_exp.kl_control import FixedKLController
 from detox_exp.models import load_tokenizer
 from detox_exp.ppo import core
-from detox_exp.ppo.policy import ActorCritic
 from detox_exp.reward.scorer import Scores
 from detox_exp.seq2seq import base_model, cross_attention_projections
+from detox_exp.training.policy import ActorCritic
 from tests.conftest import trained_lora
 from tests.helpers.trainers import (
     CharSumReward,
@@ -223,7 +224,7 @@ def test_ppo_steps_with_zero_score_do_not_grow_the_kl(tiny_t5: Path, tmp_path: P
             ConstantReward(),
             advantage_estimator=estimator,
             kl_estimator=kl_estimator,
-            kl_controller=core.FixedKLController(1.0),
+            kl_controller=FixedKLController(1.0),
             optimizer=partial(torch.optim.AdamW, lr=1e-3),
             steps=8,
             **extra,

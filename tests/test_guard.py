@@ -8,7 +8,7 @@ import torch
 
 from detox_exp.distributed import Dist
 from detox_exp.errors import TrainingError
-from detox_exp.ppo.guard import NonFiniteGuard
+from detox_exp.training.guard import NonFiniteGuard
 
 NAN = torch.tensor([1.0, float("nan")])
 

@@ -10,9 +10,8 @@ import torch
 
 from detox_exp.errors import ConfigError
 from detox_exp.kl import KL_ESTIMATORS, kl_penalty
+from detox_exp.kl_control import AdaptiveKLController, FixedKLController
 from detox_exp.ppo.core import (
-    AdaptiveKLController,
-    FixedKLController,
     RunningMoments,
     compute_gae,
     compute_rewards,

@@ -16,9 +16,9 @@ from detox_exp import metric_names as M
 from detox_exp.errors import TrainingError
 from detox_exp.generation import pad_queries, sample_responses
 from detox_exp.models import load_policy
-from detox_exp.ppo.policy import ActorCritic
-from detox_exp.ppo.saving import merged_model
 from detox_exp.reward.scorer import Scores
+from detox_exp.training.policy import ActorCritic
+from detox_exp.training.saving import merged_model
 from tests.helpers.trainers import (
     CharSumReward,
     ContainsReward,

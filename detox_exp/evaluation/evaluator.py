@@ -6,9 +6,10 @@ Writes ``<run_dir>/eval/<phase>/generations.jsonl`` (one line per prompt x sampl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from detox_exp.generation import (
     pad_queries,
     sample_responses,
 )
+from detox_exp.guidance import guided_logits
 from detox_exp.kl import kl_penalty
 from detox_exp.reward.scorer import ToxicityScorer
 from detox_exp.seq2seq import base_config
@@ -87,19 +89,28 @@ def sequence_kl(
     query_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    guide: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Exact KL(policy || reference) over the vocabulary, summed over response tokens [B].
 
     The reference is the same network with its adapter disabled; NaN for non-peft models.
+    With ``guide`` the policy is the guided reference ``ref(a | s) V(s, a)``
+    (:func:`detox_exp.generation.sample_responses`).
     """
     if not hasattr(model, "disable_adapter"):
         return np.full(len(query_ids), np.nan)
     start_id = base_config(model).decoder_start_token_id
     dec = decoder_inputs(response_ids, start_id)
     kwargs = dict(input_ids=query_ids, attention_mask=query_mask, decoder_input_ids=dec)
-    logits = model(**kwargs).logits.float()
-    with model.disable_adapter():
-        ref_logits = model(**kwargs).logits.float()
+    if guide is None:
+        logits = model(**kwargs).logits.float()
+        with model.disable_adapter():
+            ref_logits = model(**kwargs).logits.float()
+    else:
+        with model.disable_adapter():
+            out = model(**kwargs, output_hidden_states=True)
+        ref_logits = out.logits.float()
+        logits = guided_logits(ref_logits, guide(out.decoder_hidden_states[-1]))
     kl = kl_penalty(None, None, "full", logits=logits, ref_logits=ref_logits)
     return (kl * response_mask).sum(1).cpu().numpy()
 
@@ -166,8 +177,11 @@ class Evaluator:
         phase: str,
         run_dir: str | Path,
         generation_defaults: Mapping[str, Any],
+        guide: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> EvalResult:
-        """Generate k samples per prompt, score responses, write files, return metrics."""
+        """Generate k samples per prompt, score responses, write files, return metrics.
+        With ``guide``, the policy evaluated is the guided reference ``ref(a | s) V(s, a)``
+        (value guidance: :func:`detox_exp.generation.sample_responses`)."""
         device = resolve_device(self.device)
         gen = generation_kwargs({**generation_defaults, **self.generation})
         prompts = self.prompts(data)
@@ -184,13 +198,16 @@ class Evaluator:
             ids, mask = pad_queries(
                 [prompts[i]["input_ids"] for i, _ in chunk], tokenizer.pad_token_id, device
             )
-            response_ids, response_mask = sample_responses(model, tokenizer, ids, mask, gen)
+            with model.disable_adapter() if guide is not None else contextlib.nullcontext():
+                response_ids, response_mask = sample_responses(
+                    model, tokenizer, ids, mask, gen, guide=guide
+                )
             # length in tokens, EOS excluded
             eos = (response_ids == tokenizer.eos_token_id).float() * response_mask
             lengths[start : start + len(chunk)] = (response_mask.sum(1) - eos.sum(1)).cpu().numpy()
             responses[start : start + len(chunk)] = decode(tokenizer, response_ids)
             kl[start : start + len(chunk)] = sequence_kl(
-                model, ids, mask, response_ids, response_mask
+                model, ids, mask, response_ids, response_mask, guide
             )
             bar.update(len(chunk))
         bar.close()

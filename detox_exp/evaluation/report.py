@@ -158,12 +158,17 @@ def _fmt(value: Any) -> str:
 
 def report_table(summary: Mapping[str, Any]) -> str:
     """The printed before / after table (``metric_names.REPORT_METRICS``), with the paired
-    bootstrap CI of each change and, where the summary has it, the optimum of the objective
-    at the run's beta, followed by how much of the optimum's drop the run achieved; "" when
-    there is nothing to show."""
-    optimum = any(key.startswith(M.eval_key(M.OPTIMUM_PHASE, "")) for key in summary)
-    head = "| metric | before | after | " + ("optimum | " if optimum else "")
-    lines = ["", head + "change (95% CI) |", "|---" * (5 if optimum else 4) + "|"]
+    bootstrap CI of each change and, where the summary has them, the guided teacher
+    (``algorithm=guided``) and the optimum of the objective at the run's beta, followed by
+    how much of the optimum's drop the run (and the teacher) achieved; "" when there is
+    nothing to show."""
+    extra = [
+        phase
+        for phase in (M.TEACHER_PHASE, M.OPTIMUM_PHASE)
+        if any(key.startswith(M.eval_key(phase, "")) for key in summary)
+    ]
+    head = "| metric | before | after | " + "".join(f"{p} | " for p in extra)
+    lines = ["", head + "change (95% CI) |", "|---" * (4 + len(extra)) + "|"]
     shown = False
     for key in M.REPORT_METRICS:
         before, after = (summary.get(M.eval_key(phase, key)) for phase in M.EVAL_PHASES)
@@ -178,13 +183,18 @@ def report_table(summary: Mapping[str, Any]) -> str:
             change = f"{summary[delta]:+.3f} [{_fmt(lo)}, {_fmt(hi)}]"
             if rel is not None and not math.isnan(rel):
                 change += f" ({rel:+.0%})"
-        best = f"{_fmt(summary.get(M.eval_key(M.OPTIMUM_PHASE, key)))} | " if optimum else ""
-        lines.append(f"| {key} | {_fmt(before)} | {_fmt(after)} | {best}{change} |")
+        others = "".join(f"{_fmt(summary.get(M.eval_key(p, key)))} | " for p in extra)
+        lines.append(f"| {key} | {_fmt(before)} | {_fmt(after)} | {others}{change} |")
     lines = lines if shown else []
-    achieved, kl_ratio = summary.get(M.OPTIMUM_DROP_ACHIEVED), summary.get(M.OPTIMUM_KL_RATIO)
-    if achieved is not None:
-        beta = summary.get(M.eval_key(M.OPTIMUM_PHASE, "beta"))
-        line = f"against the optimum at beta {beta:.3g}: {achieved:.0%} of its toxicity drop"
+    beta = summary.get(M.eval_key(M.OPTIMUM_PHASE, "beta"))
+    for who, drop, ratio in (
+        ("", M.OPTIMUM_DROP_ACHIEVED, M.OPTIMUM_KL_RATIO),
+        ("the teacher ", M.TEACHER_DROP_ACHIEVED, M.TEACHER_KL_RATIO),
+    ):
+        achieved, kl_ratio = summary.get(drop), summary.get(ratio)
+        if achieved is None:
+            continue
+        line = f"{who}against the optimum at beta {beta:.3g}: {achieved:.0%} of its toxicity drop"
         if kl_ratio is not None:
             line += f", at {kl_ratio:.1f}x its KL"
         lines.append(line)

@@ -251,6 +251,7 @@ class T5StepDecoder:
             (out,) = layer.wo(x)
             hidden = hidden + out
         hidden = _rms_norm(hidden, self.final_norm)
+        self.last_hidden = hidden[:, -1]  # the decoder's last state (value guidance reads it)
         if self.output_scale is not None:
             hidden = hidden * self.output_scale
         self.t += 1

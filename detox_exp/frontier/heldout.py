@@ -38,22 +38,28 @@ def optimum_metrics(
     return {M.eval_key(M.OPTIMUM_PHASE, name): v for name, v in values.items()}
 
 
-def against_optimum(summary: Mapping[str, Any]) -> dict[str, float]:
-    """The share of the optimum's toxicity drop the run achieved, and its KL as a multiple
-    of the optimum's (where before, after and optimum are all in ``summary``)."""
+def against_optimum(summary: Mapping[str, Any], phase: str = "after") -> dict[str, float]:
+    """The share of the optimum's toxicity drop that ``phase`` (``after``: the trained
+    policy; ``teacher``: the guided teacher) achieved, and its KL as a multiple of the
+    optimum's (where before, the phase and optimum are all in ``summary``)."""
     key = M.eval_key
     before, after, best = (
-        summary.get(key(phase, "toxicity_mean")) for phase in (*M.EVAL_PHASES, M.OPTIMUM_PHASE)
+        summary.get(key(p, "toxicity_mean")) for p in ("before", phase, M.OPTIMUM_PHASE)
     )
     if before is None or after is None or best is None:
         return {}
+    drop_key, kl_key = (
+        (M.OPTIMUM_DROP_ACHIEVED, M.OPTIMUM_KL_RATIO)
+        if phase == "after"
+        else (M.TEACHER_DROP_ACHIEVED, M.TEACHER_KL_RATIO)
+    )
     out = {}
     if before - best > 0:
-        out[M.OPTIMUM_DROP_ACHIEVED] = (before - after) / (before - best)
+        out[drop_key] = (before - after) / (before - best)
     kl_after, kl_best = (
-        summary.get(key("after", "kl_to_reference")),
+        summary.get(key(phase, "kl_to_reference")),
         summary.get(key(M.OPTIMUM_PHASE, "kl_to_reference")),
     )
     if kl_after is not None and kl_best:
-        out[M.OPTIMUM_KL_RATIO] = kl_after / kl_best
+        out[kl_key] = kl_after / kl_best
     return out

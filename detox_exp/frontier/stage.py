@@ -32,7 +32,7 @@ from detox_exp.errors import ConfigError
 from detox_exp.evaluation.metrics import rouge_l_per_example
 from detox_exp.frontier import core
 from detox_exp.generation import decode, generation_kwargs, pad_queries, sample_responses
-from detox_exp.ppo.core import FrontierKLController
+from detox_exp.kl_control import FrontierKLController
 from detox_exp.utils import progress, resolve_device, write_json, write_jsonl
 
 log = logging.getLogger(__name__)

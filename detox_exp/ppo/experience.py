@@ -14,7 +14,7 @@ import torch
 
 from detox_exp.fast import SWITCHES
 from detox_exp.fast.widths import round_up
-from detox_exp.ppo.policy import ForwardOutput
+from detox_exp.training.policy import ForwardOutput
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """The PPO loop for encoder-decoder policies: rollout -> score -> advantages -> update.
 
-The math lives in :mod:`detox_exp.ppo.core` (pure functions); this module orchestrates.
+The math lives in :mod:`detox_exp.ppo.core` (pure functions); the loop every method shares
+(data order, random streams, guard, checkpoint state, DDP, logging) in
+:mod:`detox_exp.training.loop`; this module holds what is PPO's: rollout, advantages, losses.
 Dropout is off during PPO (the network stays in eval mode, as in trl >= 0.12) so that the
 importance ratio of the first minibatch is exactly 1 and old / new log-probs agree.
 """
@@ -10,24 +12,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
-import signal
-import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from detox_exp import checkpoint, interrupt
 from detox_exp import metric_names as M
-from detox_exp.checkpoint import CheckpointManager, rng_state, set_rng_state
-from detox_exp.distributed import Dist, masked_whiten_global, write_param_digest
-from detox_exp.errors import DataError
+from detox_exp.checkpoint import CheckpointManager
+from detox_exp.distributed import masked_whiten_global
 from detox_exp.fast import SWITCHES
 from detox_exp.fast.widths import round_up
 from detox_exp.generation import (
@@ -38,29 +34,19 @@ from detox_exp.generation import (
     sample_responses,
 )
 from detox_exp.kl import kl_loss, kl_penalty
+from detox_exp.kl_control import AdaptiveKLController, FixedKLController
 from detox_exp.ppo import core
 from detox_exp.ppo.checks import check_lr, local_sizes, settings_from
 from detox_exp.ppo.experience import Experience
-from detox_exp.ppo.guard import NonFiniteGuard
-from detox_exp.ppo.policy import ActorCritic, ForwardOutput
 from detox_exp.reward.scorer import ToxicityScorer
-from detox_exp.seq2seq import mixed_precision
 from detox_exp.tracking import Tracker
-from detox_exp.utils import progress, resolve_device
+from detox_exp.training.loop import TrainingLoop
+from detox_exp.training.policy import ActorCritic, ForwardOutput
 
 log = logging.getLogger(__name__)
 
 
-def sampling_stream(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` seeded from (seed, rank, step) (numpy's SeedSequence mixes
-    the three into one well-spread 64-bit seed)."""
-    import numpy as np
-
-    mixed = np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(mixed))
-
-
-class PPOTrainer:
+class PPOTrainer(TrainingLoop):
     """PPO with a KL penalty to the reference (adapter disabled); see conf/ppo/default.yaml.
 
     ``settings``: the ``ppo.*`` keyword arguments of :class:`PPOSettings` (defaults, docs
@@ -77,75 +63,43 @@ class PPOTrainer:
         tracker: Tracker,
         generation: Mapping[str, Any],
         optimizer: Callable[..., torch.optim.Optimizer],
-        kl_controller: core.AdaptiveKLController | core.FixedKLController,
+        kl_controller: AdaptiveKLController | FixedKLController,
         checkpoints: CheckpointManager | None = None,
         wandb_id: str | None = None,
         **settings: Any,
     ) -> None:
         s = self.settings = settings_from(settings)  # checked, before anything
-        self.dist = Dist(resolve_device(s.device))
-        self.device = self.dist.device
-        self.local_batch, self.local_mini = local_sizes(s, self.dist.world_size)
-        self.k = s.samples_per_prompt
-        self.forward_batch = s.forward_batch_size or self.local_batch
-        self.guard = NonFiniteGuard(s.on_nonfinite, s.max_consecutive_skips, self.dist)
-        self.checkpoints = checkpoints  # None: no checkpoints
-        self.wandb_id = wandb_id  # the W&B run a checkpoint resumes
-        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[s.precision]
-        self.tokenizer, self.scorer, self.prompts, self.tracker = (
-            tokenizer,
-            scorer,
-            prompts,
-            tracker,
+        super().__init__(
+            tokenizer=tokenizer,
+            prompts=prompts,
+            tracker=tracker,
+            steps=s.steps,
+            batch_size=s.batch_size,
+            samples_per_prompt=s.samples_per_prompt,
+            seed=s.seed,
+            device=s.device,
+            precision=s.precision,
+            on_nonfinite=s.on_nonfinite,
+            max_consecutive_skips=s.max_consecutive_skips,
+            max_grad_norm=s.max_grad_norm,
+            save_dir=s.save_dir,
+            checkpoints=checkpoints,
+            wandb_id=wandb_id,
+            debug=s.debug,
         )
+        self.local_batch, self.local_mini = local_sizes(s, self.dist.world_size)
+        self.forward_batch = s.forward_batch_size or self.local_batch
+        self.scorer = scorer
         self.generation = dict(generation)
         self.horizon = make_sampling(self.generation).max_new_tokens  # Dr. GRPO's divisor
-        self.steps, self.batch_size = s.steps, s.batch_size
         self.kl_ctl = kl_controller
         self.running = core.RunningMoments() if s.score.normalize else None
-        self.save_dir = Path(s.save_dir) if s.save_dir else None
-
-        self.policy = ActorCritic(model, s.separate_value_model, value_head=s.uses_critic)
-        self.policy = self.policy.to(self.device)
-        self.policy.eval()  # no dropout: see module docstring
-        self.ddp: torch.nn.Module = self.policy
-        if self.dist.enabled:  # gradients averaged over processes; DDP syncs initial weights
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.policy, device_ids=ids)
-        params = self.policy.trainable_parameters()
-        self.optimizer = optimizer(params)
+        self.sample_table_every, self.num_table_samples = s.sample_table_every, s.num_table_samples
+        policy = ActorCritic(model, s.separate_value_model, value_head=s.uses_critic)
+        self.attach(policy, optimizer)
         check_lr(self.optimizer.param_groups[0]["lr"])
-        self.scaler = torch.amp.GradScaler("cuda", enabled=s.precision == "fp16")
-        self.generator = torch.Generator().manual_seed(s.seed)
-        self.step = 0
-        self._order: list[int] = []
-        self._position = 0
 
     # ------------------------------------------------------------------- helpers
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        return mixed_precision(self.policy.model, self.device.type, self.dtype)
-
-    def next_batch(self) -> list[int]:
-        """This process's prompt indices for the next rollout: every process draws the same
-        seeded permutation per pass over the data and takes its share of the global batch's
-        ``batch_size / k`` prompts (whole groups: a prompt's k samples stay on one process)."""
-        indices = []
-        n_prompts = self.batch_size // self.k
-        while len(indices) < n_prompts:
-            if self._position >= len(self._order):
-                self._order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
-                self._position = 0
-            take = min(n_prompts - len(indices), len(self._order) - self._position)
-            indices += self._order[self._position : self._position + take]
-            self._position += take
-        return indices[self.dist.rank :: self.dist.world_size]
-
-    def sampling_stream(self) -> torch.Generator:
-        """The random stream this process samples the current step's responses from: seeded
-        from (seed, rank, step), so processes draw independent samples and a resumed run
-        draws the same ones again."""
-        return sampling_stream(self.settings.seed, self.dist.rank, self.step + 1, self.device)
-
     def reuses_rollout_forward(self) -> bool:
         """Whether the rollout's policy pass also serves the batch's one update (switch
         ``fast.reuse_rollout_forward``): with one epoch of one minibatch, no accumulation and
@@ -215,13 +169,6 @@ class PPOTrainer:
             if keep_logits:
                 result["ref_logits"] = ref_logits.float()
         return result
-
-    def _clock(self) -> float:
-        """``time.perf_counter()`` once the device's queued work is done: on CUDA, kernels run
-        asynchronously, so without the sync a phase's time would show up in a later one."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -393,15 +340,8 @@ class PPOTrainer:
                         stats[key].append(value)
                     epoch_kl.append(mstats[M.APPROX_KL])
                 self._inject_nan_gradient(n_updates)
-                self.scaler.unscale_(self.optimizer)
-                norm = self._grad_norm()
-                stats[M.GRAD_NORM].append(norm.item())
-                if not self.scaler.is_enabled():  # fp16: the scaler skips inf steps itself
-                    self.guard.check("gradients", norm, self.step + 1)
-                self.scaler.step(self.optimizer)
+                stats[M.GRAD_NORM].append(self.optimizer_step())
                 n_updates += 1
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
             if s.target_approx_kl is not None:
                 # decided on the global mean, so every process runs the same number of epochs
                 kl = self.dist.mean(torch.tensor(sum(epoch_kl) / len(epoch_kl))).item()
@@ -468,17 +408,6 @@ class PPOTrainer:
         stats[M.LOSS_TOTAL] = loss.item()
         return loss, stats
 
-    def _no_sync(self) -> contextlib.AbstractContextManager:
-        return self.ddp.no_sync() if self.dist.enabled else contextlib.nullcontext()
-
-    def _grad_norm(self) -> torch.Tensor:
-        """The trainable gradients' global norm, clipped to ``max_grad_norm`` if set."""
-        params = self.policy.trainable_parameters()
-        if self.settings.max_grad_norm is not None:
-            return torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
-        grads = [p.grad for p in params if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-
     def _inject_nan_gradient(self, n_updates: int) -> None:
         """Fault injection (``ppo.debug.nan_grad_at_step``): a NaN in one gradient before the
         second optimizer step of the batch (the first if the batch has one)."""
@@ -490,48 +419,16 @@ class PPOTrainer:
             grad = next(p.grad for p in self.policy.trainable_parameters() if p.grad is not None)
             grad.view(-1)[0] = float("nan")
 
-    def _snapshot(self) -> dict[str, Any]:
-        """What a batch changes (weights, optimizer, scaler, score statistics), copied, so
-        that ``on_nonfinite=skip`` can drop the whole batch (see _restore)."""
-        return {
-            "params": [p.detach().clone() for p in self.policy.trainable_parameters()],
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "scaler": copy.deepcopy(self.scaler.state_dict()),
-            "running": copy.deepcopy(self.running) if self.running is not None else None,
-        }
+    def update(self) -> tuple[dict[str, float], Experience]:
+        """One PPO step: rollout, optimisation and the step's metrics."""
+        roll = self.rollout(self.next_batch())
+        t_opt = self._clock()
+        opt_stats = self.optimize(roll)
+        opt_stats[M.TIME_OPTIMIZE] = self._clock() - t_opt
+        return self._step_metrics(roll, opt_stats), roll
 
-    def _restore(self, snapshot: Mapping[str, Any]) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for param, saved in zip(self.policy.trainable_parameters(), snapshot["params"]):
-                param.copy_(saved)
-        self.optimizer.load_state_dict(snapshot["optimizer"])
-        self.scaler.load_state_dict(snapshot["scaler"])
-        self.running = snapshot["running"]
-
-    def train_step(self) -> dict[str, float]:
-        """One PPO step: rollout, optimisation, metrics, logging; returns its metrics."""
-        start = self._clock()
-        with self.guard.batch(self.step + 1, self._snapshot, self._restore) as outcome:
-            roll = self.rollout(self.next_batch())
-            t_opt = self._clock()
-            opt_stats = self.optimize(roll)
-        self.step += 1
-        if outcome.skipped:
-            metrics = {M.SKIPPED_BATCHES: self.guard.skipped, M.STEP_TIME: self._clock() - start}
-            self.tracker.log(metrics, step=self.step)
-            return metrics
-        t_end = self._clock()
-        timings = {M.TIME_OPTIMIZE: t_end - t_opt, M.STEP_TIME: t_end - start}
-        metrics = self._step_metrics(roll, opt_stats | timings)
-        if self.settings.debug.param_digest:
-            self._write_param_digest(roll)
+    def after_step(self, metrics: dict[str, float], roll: Experience) -> None:
         self.kl_ctl.update(metrics[M.KL], self.batch_size)  # Ziegler: n_steps = batch size
-        self.tracker.log(metrics, step=self.step)
-        every = self.settings.sample_table_every
-        if every and self.step % every == 0:
-            self._log_samples(roll)
-        return metrics
 
     def _step_metrics(self, roll: Experience, local: dict[str, float]) -> dict[str, float]:
         """The step's metrics: exact global statistics from gathered per-sample values, and
@@ -560,8 +457,6 @@ class PPOTrainer:
             M.REWARD_STD: scores.std().item() if len(scores) > 1 else 0.0,
             M.TOXICITY_MEAN: toxicity.mean().item(),
             M.RESPONSE_LEN_MEAN: lengths.mean().item(),
-            M.SAMPLES_PER_S: self.batch_size / local[M.STEP_TIME],
-            M.SKIPPED_BATCHES: self.guard.skipped,
             **local,
         }
         if self.k > 1:  # gathered groups are whole: rows p * k ... p * k + k - 1
@@ -570,26 +465,9 @@ class PPOTrainer:
             metrics[M.GROUP_REWARD_STD] = groups.std(1).mean().item()
         return metrics
 
-    def _write_param_digest(self, roll: Experience) -> None:
-        """``ppo.debug.param_digest``: a hash of this process's weights after the step."""
-        write_param_digest(
-            self.policy,
-            self.tracker.run_dir,
-            self.dist.rank,
-            self.step,
-            roll.scores,
-            self.k,
-            stream_probe=torch.rand(
-                2,
-                generator=sampling_stream(
-                    self.settings.seed, self.dist.rank, self.step, self.device
-                ),
-            ).tolist(),
-        )
-
-    def _log_samples(self, roll: Experience) -> None:
-        """A W&B table of the step's first ``num_table_samples`` responses."""
-        rows = [
+    def sample_rows(self, roll: Experience) -> list[list[Any]]:
+        """The W&B sample table's rows: the step's responses with prompt, reward, toxicity."""
+        return [
             [
                 self.step,
                 self.prompts[roll.indices[j // self.k]]["prompt"][-300:],
@@ -597,148 +475,24 @@ class PPOTrainer:
                 float(roll.scores[j]),
                 float(roll.toxicity[j]),
             ]
-            for j in range(min(self.settings.num_table_samples, len(roll.texts)))
+            for j in range(min(self.num_table_samples, len(roll.texts)))
         ]
-        columns = ["step", "prompt", "response", "reward", "toxicity"]
-        self.tracker.log_table(M.SAMPLES_TABLE, columns, rows, step=self.step)
 
-    def state_dict(self) -> dict[str, Any]:
-        """What the trainer needs to continue exactly where it is: ``trainable`` (the
-        trainable weights by name), the step, the data order and position, the generators,
-        the optimizer, scaler, KL controller, score statistics, the guard's counts and the
-        global RNG states."""
+    # ------------------------------------------------ what PPO adds to the loop's state
+    def extra_state(self) -> dict[str, Any]:
+        """The KL controller and the score statistics."""
         return {
-            "trainable": {n: p for n, p in self.policy.named_parameters() if p.requires_grad},
-            "step": self.step,
-            "order": torch.tensor(self._order, dtype=torch.long),
-            "position": self._position,
-            "generator": self.generator.get_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
             "running": self.running.state_dict() if self.running is not None else None,
-            **self.guard.state_dict(),
-            "rng": rng_state(),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Inverse of :meth:`state_dict` (on a trainer built from the same config)."""
-        params = dict(self.policy.named_parameters())
-        tensors = state["trainable"]
-        missing = set(tensors) ^ {n for n, p in params.items() if p.requires_grad}
-        if missing:
-            raise DataError(
-                "resume",
-                f"checkpoint does not match the model ({sorted(missing)[:3]} ...)",
-                "resume with the config the checkpoint was written with",
-            )
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                params[name].copy_(tensor)
-        self.step = int(state["step"])
-        self._order = state["order"].tolist()
-        self._position = int(state["position"])
-        self.generator.set_state(state["generator"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
         self.kl_ctl.load_state_dict(state["kl_controller"])
         if self.running is not None and state["running"] is not None:
             self.running.load_state_dict(state["running"])
-        self.guard.load_state_dict(state)
-        set_rng_state(state["rng"])
 
-    def _maybe_checkpoint(self, metrics: dict[str, float], now: bool = False) -> Path | None:
-        """Write a checkpoint when one is due (or ``now``, e.g. on a stop request); returns
-        the newest checkpoint (this step's when written)."""
-        if self.checkpoints is not None and (now or self.checkpoints.due(self.step)):
-            if self.dist.is_main:
-                state = self.state_dict()
-                tensors = state.pop("trainable")
-                meta = {"wandb_id": self.wandb_id, "metrics": metrics}
-                self.guard.last_checkpoint = self.checkpoints.save(self.step, tensors, state, meta)
-            self.dist.wait()
-        if self.settings.debug.kill_after_step == self.step:  # fault injection: a hard crash
-            os.kill(os.getpid(), signal.SIGKILL)
-        return self.guard.last_checkpoint
+    def extra_snapshot(self) -> dict[str, Any]:
+        return {"running": copy.deepcopy(self.running) if self.running is not None else None}
 
-    def _stop_requested(self) -> int | None:
-        """A pending SIGINT / SIGTERM (:mod:`detox_exp.interrupt`) on any process: every
-        process stops after the same step."""
-        signum = interrupt.requested() or 0
-        if self.dist.enabled:
-            signum = int(self.dist.gather(torch.tensor([signum])).max())
-        return signum or None
-
-    def resume(self, path: Path) -> None:
-        """Continue from checkpoint ``path`` (weights, optimizer, RNG, data position...)."""
-        tensors, state, _ = checkpoint.load(path)
-        self.load_state_dict({"trainable": tensors, **state})
-        self.guard.last_checkpoint = path
-        log.info("resumed from %s at step %d", path, self.step)
-
-    def train(self) -> list[dict[str, float]]:
-        """Run ``steps`` PPO steps with a progress bar; returns every step's metrics. A
-        SIGINT / SIGTERM stops it after the current step, with a checkpoint of that step
-        (:class:`detox_exp.interrupt.Interrupted`)."""
-        with interrupt.deferred():
-            try:
-                return self._train()
-            except interrupt.Interrupted as stop:  # a second signal: stopped mid-step
-                if stop.step is None:
-                    stop.step, stop.checkpoint = self.step, self.guard.last_checkpoint
-                raise
-
-    def _train(self) -> list[dict[str, float]]:
-        history = []
-        bar = progress(total=self.steps, desc="ppo", unit="step")
-        bar.update(self.step)
-        every = max(1, self.steps // 20)
-        while self.step < self.steps:
-            metrics = self.train_step()
-            history.append(metrics)
-            self._maybe_checkpoint(metrics)
-            signum = self._stop_requested()
-            if signum is not None:  # a checkpoint of this step, then stop
-                bar.close()
-                due = self.checkpoints is not None and self.checkpoints.due(self.step)
-                path = self.guard.last_checkpoint if due else self._maybe_checkpoint(metrics, True)
-                raise interrupt.Interrupted(signum, self.step, path)
-            bar.update(1)
-            if M.REWARD_MEAN not in metrics:  # skipped batch
-                continue
-            bar.set_postfix(
-                reward=f"{metrics[M.REWARD_MEAN]:.2f}",
-                kl=f"{metrics[M.KL]:.2f}",
-                tox=f"{metrics[M.TOXICITY_MEAN]:.2f}",
-            )
-            if self.step % every and self.step != self.steps:
-                continue  # about 20 lines per run on the console; metrics.jsonl has each step
-            log.info(
-                "ppo step %d/%d: reward %.3f, toxicity %.3f, kl %.3f, %.2f s",
-                self.step,
-                self.steps,
-                metrics[M.REWARD_MEAN],
-                metrics[M.TOXICITY_MEAN],
-                metrics[M.KL],
-                metrics[M.STEP_TIME],
-            )
-        bar.close()
-        return history
-
-    def save(
-        self,
-        summary: Mapping[str, Any],
-        config: Any,
-        eval_table: Sequence[str] = (),
-        reward_model: str | None = None,
-    ) -> Path | None:
-        """Adapter + value head + merged model (with a model card holding ``eval_table`` and
-        naming ``reward_model``, the classifier this run trained against) under
-        ``save_dir``."""
-        if self.save_dir is None:
-            return None
-        from detox_exp.ppo.saving import save_policy
-
-        return save_policy(
-            self.policy, self.tokenizer, self.save_dir, summary, config, eval_table, reward_model
-        )
+    def restore_extra(self, snapshot: Mapping[str, Any]) -> None:
+        self.running = snapshot["running"]

@@ -10,8 +10,8 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 
+from detox_exp.kl_control import FixedKLController
 from detox_exp.models import load_policy, load_tokenizer
-from detox_exp.ppo import core
 from detox_exp.ppo.trainer import PPOTrainer
 from detox_exp.reward.scorer import Scores
 from detox_exp.tracking import Tracker
@@ -69,7 +69,7 @@ def make_trainer(
             "top_p": 1.0,
         },
         optimizer=partial(torch.optim.AdamW, lr=1e-2),
-        kl_controller=core.FixedKLController(0.05),
+        kl_controller=FixedKLController(0.05),
         steps=3,
         batch_size=16,
         mini_batch_size=4,

@@ -1,4 +1,5 @@
-"""The guard against NaN / inf in a PPO step (``ppo.on_nonfinite``): stop the run with one
+"""The guard against NaN / inf in a training step (``ppo.on_nonfinite``,
+``algorithm.on_nonfinite``): stop the run with one
 clear error that names the last good checkpoint (``error``), or drop the whole batch and put
 the trainer back where it was before it (``skip``), stopping after
 ``ppo.max_consecutive_skips`` dropped batches in a row."""
@@ -35,7 +36,10 @@ class BatchOutcome:
 class NonFiniteGuard:
     """Checks each quantity of a step on every process (a NaN on one stops or skips all)."""
 
-    def __init__(self, on_nonfinite: str, max_consecutive_skips: int, dist: Dist) -> None:
+    def __init__(
+        self, on_nonfinite: str, max_consecutive_skips: int, dist: Dist, node: str = "ppo"
+    ) -> None:
+        self.node = node  # the config node of the training method, named in the errors
         self.skip = on_nonfinite == "skip"
         self.max_consecutive_skips = max_consecutive_skips
         self.dist = dist
@@ -54,9 +58,10 @@ class NonFiniteGuard:
         if self.skip:
             raise SkipBatch(quantity)
         raise TrainingError(
-            f"ppo step {step}",
+            f"{self.node} step {step}",
             f"{quantity} contain NaN or inf; last good checkpoint: {self.last_good()}",
-            "lower ppo.optimizer.lr, check the reward model, or set ppo.on_nonfinite=skip",
+            f"lower {self.node}.optimizer.lr, check the reward model, "
+            f"or set {self.node}.on_nonfinite=skip",
         )
 
     @contextmanager
@@ -76,12 +81,13 @@ class NonFiniteGuard:
             self.consecutive_skips += 1
             if self.consecutive_skips >= self.max_consecutive_skips:
                 raise TrainingError(
-                    f"ppo step {step}",
+                    f"{self.node} step {step}",
                     f"{skip} contain NaN or inf in {self.consecutive_skips} batches in a row "
-                    f"(ppo.max_consecutive_skips); last good checkpoint: {self.last_good()}",
-                    "lower ppo.optimizer.lr or check the reward model",
+                    f"({self.node}.max_consecutive_skips); "
+                    f"last good checkpoint: {self.last_good()}",
+                    f"lower {self.node}.optimizer.lr or check the reward model",
                 ) from None
-            log.warning("ppo step %d: %s not finite, batch skipped", step, skip)
+            log.warning("%s step %d: %s not finite, batch skipped", self.node, step, skip)
             outcome.skipped = str(skip)
             return
         self.consecutive_skips = 0

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from detox_exp import metric_names as M
-from detox_exp.ppo.core import FrontierKLController
-from detox_exp.ppo.policy import ActorCritic
+from detox_exp.kl_control import FrontierKLController
+from detox_exp.training.policy import ActorCritic
 from detox_exp.utils import is_local_path
 
 # the evaluation metrics a card's model-index reports (eval/after/<name>), with their names
@@ -39,27 +39,44 @@ def _kl_coef_text(ppo: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
     return str(kl_coef)
 
 
+def training_settings(cfg: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """The training method (``algorithm.name``) and the node of its settings: ``ppo`` for
+    PPO, else the ``algorithm`` node."""
+    algorithm = (cfg.get("algorithm") or {}).get("name", "ppo")
+    return algorithm, cfg["ppo"] if algorithm == "ppo" else cfg["algorithm"]
+
+
 def model_identity(cfg: Mapping[str, Any], reward_model: str) -> dict[str, Any]:
     """The config keys that define a trained policy (the model card's list and its W&B
     artifact's metadata): base model, the reward model PPO used, data, algorithm and its
     main settings. ``cfg``: the run's resolved config as plain containers."""
-    ppo, model = cfg["ppo"], cfg["model"]
+    algorithm, node = training_settings(cfg)
+    model = cfg["model"]
     identity = {
         "base_model": model["name_or_path"],
         "reward_model": str(reward_model),
         "reward_type": cfg["reward"]["reward_type"],
         "dataset": cfg["dataset"]["path"],
-        "advantage_estimator": ppo.get("advantage_estimator", "gae"),
-        "steps": ppo["steps"],
-        "batch_size": ppo["batch_size"],
-        "samples_per_prompt": ppo.get("samples_per_prompt", 1),
-        "lr": ppo["optimizer"]["lr"],
+        "algorithm": algorithm,
+        "advantage_estimator": node.get("advantage_estimator", "gae")
+        if algorithm == "ppo"
+        else "none",
+        "steps": node["steps"],
+        "batch_size": node["batch_size"],
+        "samples_per_prompt": node.get("samples_per_prompt", 1),
+        "lr": node["optimizer"]["lr"],
         "seed": cfg["seed"],
     }
     if not model.get("full_finetune"):
         lora = model.get("lora") or {}
         identity |= {"lora_r": lora.get("r"), "lora_targets": str(lora.get("target_modules"))}
     return identity
+
+
+def _method_tag(identity: Mapping[str, Any]) -> str:
+    if identity["algorithm"] == "ppo":
+        return str(identity["advantage_estimator"])
+    return str(identity["algorithm"])
 
 
 def _hub_id(name: str) -> str | None:
@@ -94,7 +111,7 @@ def card_metadata(
         base_model=_hub_id(identity["base_model"]),
         library_name=library,
         pipeline_tag="text2text-generation",
-        tags=["detox_exp", "detoxification", "rlhf", str(identity["advantage_estimator"])]
+        tags=["detox_exp", "detoxification", "rlhf", _method_tag(identity)]
         + (["lora"] if "lora_r" in identity else []),
         datasets=[dataset] if dataset else None,
         model_name=name,
@@ -118,31 +135,50 @@ def model_card(
     cfg = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
     ppo = cfg["ppo"]
     identity = model_identity(cfg, reward_model)
-    name = f"{cfg.get('task_name', 'detox_exp')} {identity['advantage_estimator']} policy"
+    name = f"{cfg.get('task_name', 'detox_exp')} {_method_tag(identity)} policy"
     load = (
         "Load with `AutoModelForSeq2SeqLM.from_pretrained(<this folder>)`."
         if library == "transformers"
         else "Load with `PeftModel.from_pretrained(<the base model>, <this folder>)`."
     )
+    if identity["algorithm"] == "ppo":
+        title = "# detox_exp PPO policy"
+        how = [
+            f"- PPO steps: {ppo['steps']}, batch {ppo['batch_size']} samples "
+            f"({identity['samples_per_prompt']} per prompt), advantages "
+            f"{identity['advantage_estimator']}, lr {identity['lr']}",
+            f"- KL to the reference: {ppo['kl_estimator']} in the reward (coefficient "
+            f"{_kl_coef_text(ppo, summary)}), {ppo.get('kl_log_estimator', 'k3')} logged as "
+            "`objective/kl`"
+            + (
+                f", {ppo['kl_loss_estimator']} in the loss x {ppo['kl_loss_coef']}"
+                if ppo.get("kl_loss_coef")
+                else ""
+            ),
+        ]
+    else:
+        node = cfg["algorithm"]
+        scorer, distill = node.get("prefix_scorer", {}), node.get("distill", {})
+        title = "# detox_exp value-guided policy"
+        how = [
+            "- distilled from the guided reference ref(a | s) V(s, a), the tokenwise optimum "
+            f"of E[r] - beta KL at beta {_kl_coef_text(ppo, summary)}: {node['steps']} steps, "
+            f"batch {node['batch_size']} samples ({identity['samples_per_prompt']} per "
+            f"prompt), {distill.get('direction', 'forward')} KL per token on "
+            f"{distill.get('prefixes', 'teacher')} prefixes, lr {identity['lr']}",
+            f"- prefix scorer V: fitted on {scorer.get('rollout_prompts')} prompts x "
+            f"{scorer.get('rollout_samples')} reference samples "
+            "(`prefix_scorer.pt`: sample the teacher with detox_exp.guided.teacher)",
+        ]
     lines = [
         card_metadata(identity, summary, library, name),
-        "# detox_exp PPO policy",
+        title,
         "",
         f"- base model: `{identity['base_model']}`",
         f"- reward model: `{identity['reward_model']}` "
         f"(reward = {identity['reward_type']} of `{cfg['reward']['nontoxic_label']}`)",
         f"- data: `{identity['dataset']}`",
-        f"- PPO steps: {ppo['steps']}, batch {ppo['batch_size']} samples "
-        f"({identity['samples_per_prompt']} per prompt), advantages "
-        f"{identity['advantage_estimator']}, lr {identity['lr']}",
-        f"- KL to the reference: {ppo['kl_estimator']} in the reward (coefficient "
-        f"{_kl_coef_text(ppo, summary)}), {ppo.get('kl_log_estimator', 'k3')} logged as "
-        "`objective/kl`"
-        + (
-            f", {ppo['kl_loss_estimator']} in the loss x {ppo['kl_loss_coef']}"
-            if ppo.get("kl_loss_coef")
-            else ""
-        ),
+        *how,
         f"- seed: {cfg['seed']}",
         "",
         load,

@@ -1,0 +1,1 @@
+"""Value-guided training (``algorithm=guided``): a prefix scorer, guided decoding, distillation."""

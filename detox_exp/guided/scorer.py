@@ -1,0 +1,91 @@
+"""The prefix scorer: per next token, the distribution of the completion's reward under the
+reference, read from the frozen reference decoder's last state (:mod:`detox_exp.guidance`).
+
+Form: atom logits, for the K reward atoms b,
+
+    z_b(s, a) = (W h_s)_b · e_a / sqrt(d) + g_b (u_a · h_s) + c_{a, b} + prior_b,
+
+where ``h_s`` is the reference decoder's last state at prefix s (after an optional MLP) and
+``e_a`` the model's frozen output embedding of token a. ``W`` [K d, d] reads the state
+against every token's embedding; ``u_a`` [V, d] is a free direction per token (the linear
+per-token head of a scalar value, which tells apart tokens the embedding puts together),
+spread over the atoms by ``g`` [K]; ``c`` [V, K] is a per-token bias. One matrix product
+per term scores the whole vocabulary at once (what guided decoding needs); the parameters
+grow with K d^2 + V (d + K), not V d K. It starts as the constant predictor (W = 0, u = 0,
+c = 0, prior = the data's atom frequencies), so an untrained scorer guides nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from detox_exp.guidance import log_value
+
+
+class PrefixScorer(nn.Module):
+    """Atom logits per (prefix state, token); see the module docstring."""
+
+    def __init__(
+        self, embedding: Tensor, atoms: Tensor, prior: Tensor, hidden_size: int = 0
+    ) -> None:
+        super().__init__()
+        vocab, d = embedding.shape
+        self.register_buffer("embedding", embedding.detach().float().clone())
+        self.register_buffer("atoms", atoms.float().clone())
+        k = len(atoms)
+        self.mlp = (
+            nn.Sequential(nn.Linear(d, hidden_size), nn.GELU(), nn.Linear(hidden_size, d))
+            if hidden_size
+            else None
+        )
+        self.proj = nn.Linear(d, k * d, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.token_dir = nn.Parameter(torch.zeros(vocab, d))
+        self.atom_gain = nn.Parameter(torch.linspace(-1, 1, k))
+        self.token_bias = nn.Parameter(torch.zeros(vocab, k))
+        self.prior = nn.Parameter(prior.float().clamp_min(1e-6).log())
+        self.d, self.k = d, k
+
+    def _features(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """(the state after the MLP [..., d], its per-atom queries [..., K, d])."""
+        h = hidden.float()
+        if self.mlp is not None:
+            h = h + self.mlp(h)
+        return h, self.proj(h).view(*h.shape[:-1], self.k, self.d) / math.sqrt(self.d)
+
+    def atom_logits(self, hidden: Tensor, tokens: Tensor) -> Tensor:
+        """Atom logits [..., K] of the realised ``tokens`` [...] after states [..., d]."""
+        h, q = self._features(hidden)
+        e = self.embedding[tokens]  # [..., d]
+        direction = (self.token_dir[tokens] * h).sum(-1, keepdim=True)  # [..., 1]
+        return (
+            (q * e.unsqueeze(-2)).sum(-1)
+            + direction * self.atom_gain
+            + self.token_bias[tokens]
+            + self.prior
+        )
+
+    def all_atom_logits(self, hidden: Tensor) -> Tensor:
+        """Atom logits [N, V, K] of every token after states [N, d]."""
+        h, q = self._features(hidden)  # [N, d], [N, K, d]
+        direction = h @ self.token_dir.T  # [N, V]
+        return (
+            torch.einsum("nkd,vd->nvk", q, self.embedding)
+            + direction[..., None] * self.atom_gain
+            + self.token_bias
+            + self.prior
+        )
+
+    def log_values(self, hidden: Tensor, beta: float, chunk_elements: int = 2**25) -> Tensor:
+        """``log V_beta(s, a)`` [..., V] for states [..., d], in chunks of rows so that the
+        [rows, V, K] intermediate stays under ``chunk_elements`` floats."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        rows = max(1, chunk_elements // (self.embedding.shape[0] * self.k))
+        parts = [
+            log_value(self.all_atom_logits(flat[i : i + rows]), self.atoms, beta)
+            for i in range(0, len(flat), rows)
+        ]
+        return torch.cat(parts).view(*hidden.shape[:-1], -1)

@@ -1,0 +1,227 @@
+"""The value-guided method (algorithm=guided): guided decoding, the prefix scorer, the loop it
+shares with PPO, and the method end to end (the math: tests/test_guidance.py)."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from detox_exp.generation import sample_responses
+from detox_exp.guidance import guided_logits
+from detox_exp.guided.scorer import PrefixScorer
+from detox_exp.guided.trainer import GuidedTrainer
+from detox_exp.ppo.trainer import PPOTrainer
+from detox_exp.training.loop import TrainingLoop
+from tests.conftest import ROOT, local_overrides, run_cli
+from tests.helpers.decoding import prompt_batch
+
+
+def random_scorer(vocab: int, d: int, seed: int = 0, hidden_size: int = 0) -> PrefixScorer:
+    g = torch.Generator().manual_seed(seed)
+    scorer = PrefixScorer(
+        torch.randn(vocab, d, generator=g), torch.linspace(-3, 0, 6), torch.ones(6) / 6, hidden_size
+    )
+    with torch.no_grad():
+        for p in scorer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return scorer.eval()
+
+
+def test_the_scorer_scores_a_realised_token_as_it_scores_the_whole_vocabulary() -> None:
+    """atom_logits (fitting: the realised token) and all_atom_logits (decoding: every token)
+    are two paths to the same numbers; log_values in chunks equals it in one piece."""
+    scorer = random_scorer(50, 8, hidden_size=16)
+    h = torch.randn(7, 8, generator=torch.Generator().manual_seed(1))
+    tokens = torch.tensor([0, 3, 49, 7, 7, 12, 30])
+    whole = scorer.all_atom_logits(h)
+    torch.testing.assert_close(scorer.atom_logits(h, tokens), whole[torch.arange(7), tokens])
+    one = scorer.log_values(h, beta=0.5)
+    chunked = scorer.log_values(h, beta=0.5, chunk_elements=50 * 6 * 2)  # two rows a chunk
+    # the same sums; a matmul's blocking depends on the rows, so float32 round-off (~1e-7 of
+    # values of order 1) is all that may differ
+    torch.testing.assert_close(chunked, one, rtol=1e-6, atol=1e-6)
+    assert one.shape == (7, 50)
+
+
+def test_an_untrained_scorer_guides_nothing() -> None:
+    """Its initial state is the constant predictor: V(s, a) is the same for every token."""
+    scorer = PrefixScorer(torch.randn(20, 4), torch.linspace(-2, 0, 5), torch.rand(5) + 0.1)
+    values = scorer.log_values(torch.randn(3, 4), beta=1.0)
+    torch.testing.assert_close(values, values[:, :1].expand_as(values))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_guided_sampling_is_the_same_on_the_fast_and_the_plain_decoder(
+    tiny_t5: Path, k: int
+) -> None:
+    """The step decoder's last state equals the model's decoder_hidden_states[-1]: guided
+    tokens agree token for token; a guide that is the same for every token changes nothing."""
+    model, tokenizer, ids, mask = prompt_batch(tiny_t5)
+    d, vocab = model.config.d_model, model.config.vocab_size
+    scorer = random_scorer(vocab, d, seed=2)
+
+    def guide(hidden: torch.Tensor) -> torch.Tensor:
+        return scorer.log_values(hidden, beta=0.3)
+
+    gen = {"max_new_tokens": 12}
+    runs = {}
+    for fast in (True, False):
+        stream = torch.Generator().manual_seed(5)
+        runs[fast] = sample_responses(
+            model,
+            tokenizer,
+            ids,
+            mask,
+            gen,
+            step_decoder=fast,
+            samples_per_prompt=k,
+            generator=stream,
+            guide=guide,
+        )[0]
+    assert torch.equal(runs[True], runs[False])
+    plain = sample_responses(
+        model,
+        tokenizer,
+        ids,
+        mask,
+        gen,
+        samples_per_prompt=k,
+        generator=torch.Generator().manual_seed(5),
+    )[0]
+    flat = sample_responses(
+        model,
+        tokenizer,
+        ids,
+        mask,
+        gen,
+        samples_per_prompt=k,
+        generator=torch.Generator().manual_seed(5),
+        guide=lambda h: torch.full((h.shape[0], vocab), 0.7),
+    )[0]
+    assert torch.equal(plain, flat)
+    assert not torch.equal(plain, runs[True])  # the guide does move the samples
+
+
+def test_guided_logits_are_the_reweighted_reference() -> None:
+    ref = torch.tensor([[0.0, 1.0, 2.0]])
+    log_v = torch.tensor([[0.0, -1.0, -5.0]])
+    p = guided_logits(ref, log_v).softmax(-1)
+    want = ref.softmax(-1) * log_v.exp()
+    torch.testing.assert_close(p, want / want.sum())
+
+
+def test_both_methods_share_the_loop_as_one_piece_of_code() -> None:
+    """Data order, RNG streams, the guard, the checkpoint state, resume, the step and the
+    optimizer step: the same functions for PPO and the guided method."""
+    shared = (
+        "next_batch",
+        "sampling_stream",
+        "train",
+        "train_step",
+        "optimizer_step",
+        "state_dict",
+        "load_state_dict",
+        "resume",
+        "_maybe_checkpoint",
+        "_stop_requested",
+        "_snapshot",
+        "_restore",
+    )
+    for name in shared:
+        base = getattr(TrainingLoop, name)
+        assert getattr(PPOTrainer, name) is base, name
+        assert getattr(GuidedTrainer, name) is base, name
+    assert GuidedTrainer.update is not TrainingLoop.update
+
+
+def guided_overrides(standins: dict[str, Path], run_dir: Path) -> list[str]:
+    return local_overrides(standins, run_dir) + [
+        "algorithm=guided",
+        "algorithm.steps=6",
+        "algorithm.batch_size=8",
+        "algorithm.samples_per_prompt=4",
+        "algorithm.prefix_scorer.rollout_prompts=16",
+        "algorithm.prefix_scorer.rollout_samples=4",
+        "checkpoint.every=1",
+        "stages.evaluate_before=false",
+    ]
+
+
+def steps_of(run_dir: Path) -> dict[int, dict]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line for line in lines}
+
+
+@pytest.mark.slow
+def test_guided_resumes_exactly_after_sigkill(standins, tmp_path: Path) -> None:
+    """Steps after a kill -9 and resume=auto equal an uninterrupted run's; the resumed run
+    reuses the prefix scorer it fitted."""
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    result = run_cli(*guided_overrides(standins, full), cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed = run_cli(
+        *guided_overrides(standins, crashed), "+algorithm.debug.kill_after_step=3", cwd=ROOT
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(steps_of(crashed)) == [1, 2, 3]
+    scorer_file = crashed / "guided" / "prefix_scorer.pt"
+    fitted = scorer_file.stat().st_mtime_ns
+    resumed = run_cli(*guided_overrides(standins, crashed), "resume=auto", cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert scorer_file.stat().st_mtime_ns == fitted
+    a, b = steps_of(full), steps_of(crashed)
+    assert sorted(b) == list(range(1, 7))
+    for step in range(4, 7):
+        for key, value in a[step].items():
+            if key.startswith(("time/", "perf/")) or value is None:
+                continue
+            assert b[step][key] == pytest.approx(value, abs=1e-6), (step, key)
+
+
+@pytest.mark.slow
+def test_guided_demo_end_to_end(demo_cache: Path, tmp_path: Path) -> None:
+    """experiment=demo_small algorithm=guided: the scorer beats the constant predictor on
+    held-out prompts, the teacher is evaluated like a policy and read against the optimum,
+    the policy is saved with its card and the scorer, and the teacher samples from it."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "experiment=demo_small",
+        "algorithm=guided",
+        "debug=quick",
+        "logger=none",
+        f"paths.cache_dir={demo_cache}",
+        f"hydra.run.dir={run_dir}",
+        "algorithm.steps=8",
+        "algorithm.prefix_scorer.rollout_prompts=128",
+        "eval.num_prompts=32",
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (
+        summary["guided/scorer/heldout_cross_entropy"]
+        < summary["guided/scorer/constant_cross_entropy"]
+    )
+    assert summary["guided/scorer/value_correlation"] > 0
+    for key in ("toxicity_mean", "kl_to_reference", "rouge_l", "distinct_2"):
+        assert f"eval/teacher/{key}" in summary
+    assert summary["eval/teacher/kl_to_reference"] > 0
+    assert "eval/vs_optimum/teacher_toxicity_drop_achieved" in summary
+    assert "the teacher against the optimum" in result.stdout
+    assert "| metric | before | after | teacher | optimum |" in result.stdout
+    policy = run_dir / "policy"
+    assert (policy / "prefix_scorer.pt").is_file()
+    card = (policy / "merged" / "README.md").read_text()
+    assert "# detox_exp value-guided policy" in card and "guided" in card
+    from detox_exp.guided.teacher import load_teacher
+
+    teacher = load_teacher(policy)
+    prompt = json.loads(
+        (run_dir / "eval" / "before" / "generations.jsonl").read_text().splitlines()[0]
+    )["prompt"]
+    texts = teacher.generate([prompt], samples_per_prompt=2, generation={"max_new_tokens": 16})
+    assert len(texts) == 1 and len(texts[0]) == 2
