@@ -26,6 +26,28 @@ EXIT_TRAINING_FAILED = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
+def _registry_choice(field: str) -> str:
+    """``${registry_choice:ppo.advantage_estimator}``: a sweep over every registered name."""
+    from detox_exp.ppo.checks import sweep_choice  # torch: only when a config asks
+
+    return sweep_choice(field)
+
+
+def register_config() -> None:
+    """What composing conf/ needs beyond its files: the typed PPO schema in Hydra's
+    ConfigStore (``ppo_schema``, composed by conf/ppo/default.yaml as /ppo_schema@_here_) and
+    the ``registry_choice`` resolver. Runs when this module is imported (the entrypoint;
+    tests that compose import it too)."""
+    from omegaconf import OmegaConf
+
+    import detox_exp.ppo.settings  # noqa: F401 - stores the schema node on import
+
+    OmegaConf.register_new_resolver("registry_choice", _registry_choice, replace=True)
+
+
+register_config()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
     from detox_exp.pipeline import run_task

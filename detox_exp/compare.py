@@ -61,8 +61,13 @@ DEFAULT_METRICS = tuple(
         ("after", "kl_to_reference"),
         (OPT, "kl_to_reference"),
         ("after", "response_len_mean"),
+        # algorithm=guided: its teacher, the guided reference the policy was distilled from
+        (M.TEACHER_PHASE, "toxicity_mean"),
+        (M.TEACHER_PHASE, "rouge_l"),
+        (M.TEACHER_PHASE, "distinct_2"),
+        (M.TEACHER_PHASE, "kl_to_reference"),
     )
-)
+) + (M.OPTIMUM_DROP_ACHIEVED, M.OPTIMUM_KL_RATIO, M.TEACHER_DROP_ACHIEVED, M.TEACHER_KL_RATIO)
 DELTA = re.compile(re.escape(M.eval_key(DELTA_PHASE, "")) + r"(?P<name>.+?)(?P<rel>_rel)?")
 CURVES = (M.REWARD_MEAN, M.KL)
 SKIP_PREFIXES = ("paths.", "hydra.", "_wandb")
@@ -413,8 +418,9 @@ def plot_pareto(
     max_kl: float | None = None,
 ) -> Path:
     """Toxicity (x, lower is better) vs ``y_metric`` (higher is better) after PPO; Pareto
-    runs marked. Each run's reference (before PPO) and, with ``eval/optimum/*``, the
-    objective's optimum are small markers joined to its point. Where the runs' baselines
+    runs marked. Each run's reference (before PPO), with ``eval/optimum/*`` the objective's
+    optimum and, for ``algorithm=guided``, its teacher (``eval/teacher/*``) are small markers
+    joined to its point. Where the runs' baselines
     differ, both axes are the change from each run's own baseline (after / before - 1).
     With ``max_kl``, runs whose eval/after/kl_to_reference exceeds it are drawn as crosses and
     kept out of the front."""
@@ -440,6 +446,13 @@ def plot_pareto(
     _plot_reference_and_optimum(
         ax, [(point(r, "before"), p, point(r, OPT)) for r, p in zip(shown, points)]
     )
+    teachers = [(point(r, M.TEACHER_PHASE), p) for r, p in zip(shown, points)]
+    for teacher, after in teachers:
+        if teacher is not None:
+            ax.plot(*zip(teacher, after), ls="--", c="tab:purple", lw=0.8, alpha=0.6, zorder=1)
+    if any(t is not None for t, _ in teachers):
+        xy = [t for t, _ in teachers if t is not None]
+        ax.scatter(*zip(*xy), s=40, marker="D", c="tab:purple", zorder=2, label="guided teacher")
     for on, label, colour in ((True, "Pareto-optimal", "tab:red"), (False, "dominated", "gray")):
         xy = [p for i, p in enumerate(points) if (i in front) == on and i not in over]
         if xy:

@@ -7,6 +7,7 @@ module only orders the stages and hands results from one to the next.
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 import signal
 import time
@@ -210,6 +211,25 @@ def training_node(cfg: DictConfig) -> tuple[str, Any]:
     return name, node
 
 
+def check_rollouts(node: dict[str, Any], frontier_kl: float | None) -> None:
+    """Warn when the prefix scorer's reference samples per prompt are fewer than 4 x
+    exp(KL(pi* || ref)), the frontier's measured KL at the run's beta: importance sampling
+    from ref to pi* needs about exp(KL) samples (Chatterjee & Diaconis 2018), so fewer leave
+    the scorer without the completions the optimum keeps (docs/guided.md)."""
+    if frontier_kl is None:
+        return
+    need = 4 * math.exp(frontier_kl)
+    have = node["prefix_scorer"]["rollout_samples"]
+    if have < need:
+        log.warning(
+            "algorithm.prefix_scorer.rollout_samples=%d is under 4 x exp(KL) = %.1f (the "
+            "frontier's KL %.3f nats at this beta): raise it for a calibrated scorer",
+            have,
+            need,
+            frontier_kl,
+        )
+
+
 def run_task(cfg: DictConfig) -> float | None:
     """Hydra task: run the pipeline and return the optimised value (see sweeps.objective).
 
@@ -400,7 +420,9 @@ def _run_stages(
     if stages.ppo:
         start = begin("ppo")
         frontier_beta = {} if configured_beta(controller) is not None else {"kl_coef": beta}
-        _, node = training_node(cfg)
+        name, node = training_node(cfg)
+        if name == "guided":
+            check_rollouts(node, tracker.summary.get(M.FRONTIER_KL))
         trainer = build(node)(
             model=model,
             tokenizer=tokenizer,

@@ -40,6 +40,7 @@ def preload() -> None:
     import detox_exp.demo.assets  # noqa: F401
     import detox_exp.evaluation.report  # noqa: F401
     import detox_exp.frontier.stage  # noqa: F401
+    import detox_exp.guided.trainer  # noqa: F401
     import detox_exp.pipeline  # noqa: F401
     import detox_exp.ppo.trainer  # noqa: F401
     import detox_exp.reward.training  # noqa: F401

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import detox_exp.cli  # noqa: F401 - registers what composing conf/ needs (register_config)
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
 CLI_ENV = {"CI": "true", "WANDB_SILENT": "true"}  # added to every CLI run's environment

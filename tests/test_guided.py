@@ -191,13 +191,13 @@ def test_guided_demo_end_to_end(demo_cache: Path, tmp_path: Path) -> None:
     result = run_cli(
         "experiment=demo_small",
         "algorithm=guided",
-        "debug=quick",
+        "debug=fast",
         "logger=none",
         f"paths.cache_dir={demo_cache}",
         f"hydra.run.dir={run_dir}",
-        "algorithm.steps=8",
-        "algorithm.prefix_scorer.rollout_prompts=128",
-        "eval.num_prompts=32",
+        "algorithm.steps=4",
+        "algorithm.prefix_scorer.rollout_prompts=64",
+        "algorithm.prefix_scorer.epochs=4",
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]

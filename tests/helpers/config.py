@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-import detox_exp  # noqa: F401 - registers the PPO schema (ppo_schema) that ppo/ composes
+import detox_exp.cli  # noqa: F401 - registers what composing conf/ needs (register_config)
 from tests.conftest import CONF_DIR
 
 
