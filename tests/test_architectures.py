@@ -14,8 +14,8 @@ from peft import LoraConfig
 
 from detox_exp.errors import ConfigError
 from detox_exp.models import AUTO_TARGETS, load_policy, resolve_targets
-from tests.conftest import ROOT, local_overrides, run_cli
 from tests.helpers.cli import check_one_line_error
+from tests.helpers.run import ROOT, local_overrides, run_cli
 
 
 @pytest.fixture(scope="module")

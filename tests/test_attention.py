@@ -13,7 +13,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from detox_exp.fast.attention import ATTENTION
 from detox_exp.generation import pad_queries, sample_responses
 from detox_exp.models import load_policy
-from tests.conftest import trained_lora
+from tests.helpers.run import trained_lora
 
 
 def _inputs(tiny_t5: Path):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, local_overrides, run_cli
 from tests.helpers.cli import check_error_line, check_one_line_error
 from tests.helpers.config import compose_cfg
+from tests.helpers.run import ROOT, local_overrides, run_cli
 
 
 def bad_jsonl(tmp_path: Path, records: list, raw: str | None = None) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.helpers.run import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from detox_exp.compare import (
     markdown_table,
     pareto_front,
 )
-from tests.conftest import ROOT, local_overrides, run_cli
+from tests.helpers.run import ROOT, local_overrides, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -420,3 +420,46 @@ def test_table_and_plots_show_the_optimum(
     bare = [RunRecord("x", {"eval/after/toxicity_mean": 0.1, "eval/after/rouge_l": 0.3}, {}, [])]
     points, _ = capture_pareto(monkeypatch, bare, tmp_path)
     assert set(points) == {"Pareto-optimal"}
+
+
+def test_a_ppo_run_and_a_guided_run_on_one_table_and_plot(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The optimum, the guided teacher, the distilled policy and RLOO side by side."""
+    optimum = {
+        "eval/optimum/toxicity_mean": 0.01,
+        "eval/optimum/rouge_l": 0.30,
+        "eval/optimum/kl_to_reference": 0.25,
+        "eval/vs_optimum/toxicity_drop_achieved": 0.6,
+    }
+    teacher = {
+        "eval/teacher/toxicity_mean": 0.05,
+        "eval/teacher/rouge_l": 0.299,
+        "eval/teacher/kl_to_reference": 0.13,
+        "eval/vs_optimum/teacher_toxicity_drop_achieved": 0.77,
+    }
+    rloo = {"algorithm": {"name": "ppo"}, "seed": 1}
+    guided = {"algorithm": {"name": "guided"}, "seed": 1}
+    write_run(tmp_path / "rloo", rloo, evaluation(0.2, 0.09, (0.3, 0.29), **optimum))
+    write_run(tmp_path / "guided", guided, evaluation(0.2, 0.08, (0.3, 0.3), **optimum, **teacher))
+    assert main([str(tmp_path / "rloo"), str(tmp_path / "guided"), "--no-plots"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    header = rows[0]
+    for key in (
+        "algorithm.name",
+        "eval/optimum/toxicity_mean",
+        "eval/teacher/toxicity_mean",
+        "eval/teacher/kl_to_reference",
+        "eval/vs_optimum/toxicity_drop_achieved",
+        "eval/vs_optimum/teacher_toxicity_drop_achieved",
+    ):
+        assert key in header, key
+    cells = {r[0]: dict(zip(header, r)) for r in rows[2:]}
+    assert cells["guided"]["eval/teacher/toxicity_mean"] == "0.050"
+    assert cells["rloo"]["eval/teacher/toxicity_mean"] == "-"
+    runs = load_runs([str(tmp_path / "rloo"), str(tmp_path / "guided")])
+    points, ax = capture_pareto(monkeypatch, runs, tmp_path)
+    assert points["guided teacher"] == [(0.05, 0.299)]
+    assert points["optimum at the run's beta"] == [(0.01, 0.30)]
+    lines = [list(zip(*line.get_data())) for line in ax.lines]
+    assert [(0.05, 0.299), (0.08, 0.3)] in lines  # the teacher joined to its policy

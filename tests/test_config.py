@@ -8,8 +8,8 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from tests.conftest import CONF_DIR
 from tests.helpers.config import compose_cfg
+from tests.helpers.run import CONF_DIR
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("local",))
 

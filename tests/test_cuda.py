@@ -15,7 +15,6 @@ import torch
 
 from detox_exp import metric_names as M
 from detox_exp.models import load_policy
-from tests.conftest import ROOT, run_cli, trained_lora
 from tests.helpers.decoding import (
     assert_bf16_error_within_bf16_rounding,
     assert_greedy_with_adapter_equals_generate,
@@ -23,6 +22,7 @@ from tests.helpers.decoding import (
     step_logits,
     teacher_tokens,
 )
+from tests.helpers.run import ROOT, run_cli, trained_lora
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from detox_exp.training.loop import sampling_stream
-from tests.conftest import ROOT, local_overrides, run_ranks
+from tests.helpers.run import ROOT, local_overrides, run_ranks
 
 pytestmark = pytest.mark.slow
 

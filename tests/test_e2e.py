@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from detox_exp.pipeline import STAGES
-from tests.conftest import ROOT, run_cli
+from tests.helpers.run import ROOT, run_cli
 from tests.wandb_file import read_wandb_records
 
 pytestmark = pytest.mark.slow

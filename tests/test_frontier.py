@@ -10,8 +10,8 @@ import pytest
 
 from detox_exp import metric_names as M
 from detox_exp.frontier.stage import ROW_KEYS
-from tests.conftest import ROOT, run_cli
 from tests.helpers.cli import check_one_line_error
+from tests.helpers.run import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -154,7 +154,7 @@ def test_frontier_controller_needs_the_frontier_stage(tmp_path) -> None:
 
     from detox_exp.errors import ConfigError
     from detox_exp.pipeline import check_run_config
-    from tests.conftest import CONF_DIR
+    from tests.helpers.run import CONF_DIR
 
     overrides = ["experiment=demo", "ppo/kl_controller=frontier"]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
@@ -177,7 +177,7 @@ def test_the_frontier_controller_is_recognised_by_its_class(option: str) -> None
 
     from detox_exp.frontier.stage import configured_beta
     from detox_exp.kl_control import FrontierKLController
-    from tests.conftest import CONF_DIR
+    from tests.helpers.run import CONF_DIR
 
     node = OmegaConf.to_container(
         OmegaConf.load(CONF_DIR / "ppo" / "kl_controller" / f"{option}.yaml")

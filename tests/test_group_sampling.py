@@ -18,7 +18,7 @@ from detox_exp.ppo import core
 from detox_exp.reward.scorer import Scores
 from detox_exp.seq2seq import base_model, cross_attention_projections
 from detox_exp.training.policy import ActorCritic
-from tests.conftest import trained_lora
+from tests.helpers.run import trained_lora
 from tests.helpers.trainers import (
     CharSumReward,
     ContainsReward,

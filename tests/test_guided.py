@@ -16,8 +16,8 @@ from detox_exp.guided.scorer import PrefixScorer
 from detox_exp.guided.trainer import GuidedTrainer
 from detox_exp.ppo.trainer import PPOTrainer
 from detox_exp.training.loop import TrainingLoop
-from tests.conftest import ROOT, local_overrides, run_cli
 from tests.helpers.decoding import prompt_batch
+from tests.helpers.run import ROOT, local_overrides, run_cli
 
 
 def random_scorer(vocab: int, d: int, seed: int = 0, hidden_size: int = 0) -> PrefixScorer:
@@ -225,3 +225,32 @@ def test_guided_demo_end_to_end(demo_cache: Path, tmp_path: Path) -> None:
     )["prompt"]
     texts = teacher.generate([prompt], samples_per_prompt=2, generation={"max_new_tokens": 16})
     assert len(texts) == 1 and len(texts[0]) == 2
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("algorithm.distill.direction=sideways", "algorithm.distill.direction"),
+        ("algorithm.distill.prefixes=nobody", "algorithm.distill.prefixes"),
+        ("+algorithm.stepz=3", "algorithm.stepz"),
+        ("algorithm.batch_size=30", "algorithm.batch_size"),
+        ("algorithm.prefix_scorer.n_atoms=1", "algorithm.prefix_scorer.n_atoms"),
+        ("+algorithm.prefix_scorer.atoms=4", "algorithm.prefix_scorer.atoms"),
+        (
+            "algorithm.prefix_scorer.heldout_fraction=1.5",
+            "algorithm.prefix_scorer.heldout_fraction",
+        ),
+    ],
+)
+def test_bad_guided_settings_stop_before_any_stage(
+    override: str, field: str, tmp_path: Path
+) -> None:
+    from detox_exp.errors import bad_input_message
+    from detox_exp.pipeline import check_run_config
+    from tests.helpers.config import compose_cfg
+
+    cfg = compose_cfg(["experiment=demo", "algorithm=guided", override], tmp_path)
+    with pytest.raises(Exception) as err:
+        check_run_config(cfg)
+    message = bad_input_message(err.value)
+    assert message is not None and message.startswith(field), message

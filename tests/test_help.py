@@ -14,9 +14,9 @@ from hydra.errors import ConfigCompositionException
 
 from detox_exp.config_keys import config_keys, similar_keys, with_suggestions
 from detox_exp.errors import UnknownKeyError, bad_input_message
-from tests.conftest import CONF_DIR, ROOT, run_cli
 from tests.helpers.cli import check_one_line_error
 from tests.helpers.config import compose_cfg
+from tests.helpers.run import CONF_DIR, ROOT, run_cli
 
 PPO_OPTIONS = "default, dr_grpo, grpo, rloo"
 

@@ -12,9 +12,9 @@ import pytest
 
 from detox_exp import hub
 from detox_exp.errors import DataError
-from tests.conftest import ROOT, run_cli
 from tests.helpers.cli import check_one_line_error
 from tests.helpers.config import compose_cfg
+from tests.helpers.run import ROOT, run_cli
 from tests.test_hub_loading import plant
 
 REAL_IDS = [

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from detox_exp import metric_names as M
-from tests.conftest import ROOT, run_cli
+from tests.helpers.run import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ from detox_exp.models import (
     check_precision,
     load_policy,
 )
-from tests.conftest import ROOT, local_overrides, run_cli, run_ranks
 from tests.helpers.cli import check_one_line_error
+from tests.helpers.run import ROOT, local_overrides, run_cli, run_ranks
 
 
 def lora(targets="auto", dropout: float = 0.0) -> LoraConfig:

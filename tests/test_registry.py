@@ -13,7 +13,7 @@ from detox_exp.kl import KL_ESTIMATORS
 from detox_exp.ppo import core
 from detox_exp.ppo.checks import settings_from, sweep_choice
 from detox_exp.registry import Registry
-from tests.conftest import ROOT
+from tests.helpers.run import ROOT
 
 
 def test_register_look_up_and_filter() -> None:

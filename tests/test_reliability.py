@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from detox_exp import checkpoint
-from tests.conftest import ROOT, local_overrides, run_cli
 from tests.helpers.cli import check_one_line_error
+from tests.helpers.run import ROOT, local_overrides, run_cli
 from tests.wandb_file import read_history, read_wandb_records, replay_history
 
 pytestmark = pytest.mark.slow

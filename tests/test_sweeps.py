@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, run_cli
+from tests.helpers.run import ROOT, run_cli
 from tests.wandb_file import read_wandb_records
 
 pytestmark = pytest.mark.slow

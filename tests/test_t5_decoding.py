@@ -27,7 +27,6 @@ from detox_exp.fast.lora_fold import folded_adapter
 from detox_exp.generation import sample_responses
 from detox_exp.models import load_policy
 from detox_exp.seq2seq import encode
-from tests.conftest import trained_lora
 from tests.helpers.decoding import (
     STEPS,
     assert_bf16_error_within_bf16_rounding,
@@ -35,6 +34,7 @@ from tests.helpers.decoding import (
     step_logits,
     teacher_tokens,
 )
+from tests.helpers.run import trained_lora
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from detox_exp.tracking import (
     run_name,
     wandb_logged_in,
 )
-from tests.conftest import CONF_DIR
+from tests.helpers.run import CONF_DIR
 from tests.wandb_file import (
     read_artifacts,
     read_history,

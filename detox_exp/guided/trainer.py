@@ -55,8 +55,8 @@ SCORER_DEFAULTS = {
     "batch_tokens": 4096,
     "n_atoms": 16,
     "hidden_size": 0,
-    "epochs": 4,
-    "lr": 1e-3,
+    "epochs": 8,
+    "lr": 3e-3,
     "heldout_fraction": 0.1,
 }
 DISTILL_DEFAULTS = {"direction": "forward", "prefixes": "teacher"}
@@ -74,6 +74,8 @@ def check_settings(
     samples_per_prompt: int = 4,
     prefix_scorer: Mapping[str, Any] | None = None,
     distill: Mapping[str, Any] | None = None,
+    on_nonfinite: str = "error",
+    max_consecutive_skips: int = 3,
     **_: Any,
 ) -> None:
     """The ranges of ``algorithm.*`` (the pipeline checks them before any stage runs)."""
@@ -92,6 +94,13 @@ def check_settings(
                 f"algorithm.distill.{key}", "unknown key", f"use one of {list(DISTILL_DEFAULTS)}"
             )
     _check(steps >= 1, "steps", f"must be >= 1, got {steps}", "raise it")
+    _check(
+        on_nonfinite in ("error", "skip"),
+        "on_nonfinite",
+        f"unknown {on_nonfinite!r}",
+        "use one of ('error', 'skip')",
+    )
+    _check(max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1", "raise it")
     _check(samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", "raise it")
     _check(
         batch_size >= samples_per_prompt and batch_size % samples_per_prompt == 0,
@@ -99,13 +108,23 @@ def check_settings(
         f"must be a multiple of samples_per_prompt={samples_per_prompt}, got {batch_size}",
         f"use e.g. {4 * samples_per_prompt}",
     )
-    _check(scorer["rollout_prompts"] >= 4, "scorer.rollout_prompts", "must be >= 4", "raise it")
-    _check(scorer["rollout_samples"] >= 1, "scorer.rollout_samples", "must be >= 1", "raise it")
-    _check(scorer["n_atoms"] >= 2, "scorer.n_atoms", "must be >= 2", "use e.g. 16")
-    _check(scorer["epochs"] >= 1, "scorer.epochs", "must be >= 1", "raise it")
+    _check(
+        scorer["rollout_prompts"] >= 4, "prefix_scorer.rollout_prompts", "must be >= 4", "raise it"
+    )
+    _check(
+        scorer["rollout_samples"] >= 1, "prefix_scorer.rollout_samples", "must be >= 1", "raise it"
+    )
+    _check(scorer["n_atoms"] >= 2, "prefix_scorer.n_atoms", "must be >= 2", "use e.g. 16")
+    _check(scorer["epochs"] >= 1, "prefix_scorer.epochs", "must be >= 1", "raise it")
+    for key in ("batch_prompts", "batch_tokens"):
+        _check(scorer[key] >= 1, f"prefix_scorer.{key}", "must be >= 1", "raise it")
+    _check(scorer["hidden_size"] >= 0, "prefix_scorer.hidden_size", "must be >= 0", "use 0: linear")
+    _check(
+        scorer["lr"] > 0, "prefix_scorer.lr", f"must be > 0, got {scorer['lr']}", "use e.g. 3e-3"
+    )
     _check(
         0 < scorer["heldout_fraction"] < 1,
-        "scorer.heldout_fraction",
+        "prefix_scorer.heldout_fraction",
         f"must be in (0, 1), got {scorer['heldout_fraction']}",
         "use e.g. 0.1",
     )

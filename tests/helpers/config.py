@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 import detox_exp.cli  # noqa: F401 - registers what composing conf/ needs (register_config)
-from tests.conftest import CONF_DIR
+from tests.helpers.run import CONF_DIR
 
 
 def compose_cfg(overrides: list[str], tmp_path: Path):

@@ -18,7 +18,7 @@ from detox_exp.fast.lora_fold import folded_adapter
 from detox_exp.generation import pad_queries, sample_responses
 from detox_exp.models import load_policy
 from detox_exp.seq2seq import encode, expand_groups
-from tests.conftest import trained_lora
+from tests.helpers.run import trained_lora
 
 STEPS = 9
 
