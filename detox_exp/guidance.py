@@ -56,10 +56,15 @@ def scorer_loss(atom_logits: Tensor, target: Tensor, weight: Tensor | None = Non
     return (per_row * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
-def log_value(atom_logits: Tensor, atoms: Tensor, beta: float) -> Tensor:
-    """``log V(s, a) = log sum_b p_b exp(atom_b / beta)`` from atom logits [..., K] (stable
-    in log space: exp(r / beta) spans many orders of magnitude at small beta)."""
-    return torch.logsumexp(atom_logits.log_softmax(-1) + atoms / beta, dim=-1)
+def log_value(atom_logits: Tensor, atoms: Tensor, beta: float, dim: int = -1) -> Tensor:
+    """``log V(s, a) = log sum_b p_b exp(atom_b / beta)`` from atom logits (atoms along
+    ``dim``), as ``logsumexp(z + atoms / beta) - logsumexp(z)``: stable in log space
+    (exp(r / beta) spans many orders of magnitude at small beta) and without materialising
+    the log-probabilities."""
+    shape = [1] * atom_logits.dim()
+    shape[dim] = len(atoms)
+    tilt = (atoms / beta).view(shape)
+    return torch.logsumexp(atom_logits + tilt, dim=dim) - torch.logsumexp(atom_logits, dim=dim)
 
 
 def guided_logits(ref_logits: Tensor, log_values: Tensor) -> Tensor:

@@ -447,7 +447,7 @@ def _run_stages(
         evaluate("after", model)
     if "before" in results and beta is not None:  # the held-out optimum at the run's beta
         tracker.log_summary(
-            heldout.optimum_metrics(results["before"], beta, evaluator.threshold, cfg.seed)
+            heldout.heldout_optimum(results["before"], beta, evaluator.threshold, cfg.seed)
         )
     if "before" in results and "after" in results:
         report.log_comparison(

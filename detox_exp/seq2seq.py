@@ -7,7 +7,7 @@ mixed precision around LoRA layers. A leaf: it imports nothing from the package.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -140,3 +140,12 @@ def shared_cross_attention(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def reference(model: nn.Module) -> AbstractContextManager:
+    """The context in which ``model`` computes the reference distribution of the KL penalty:
+    its LoRA adapter disabled (peft's ``disable_adapter``); for a model without one, the
+    model itself (a full fine-tune keeps a frozen copy instead: ``ActorCritic``). The one
+    way every stage enters the reference."""
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if disable is not None else nullcontext()

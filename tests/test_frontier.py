@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from detox_exp import metric_names as M
-from detox_exp.frontier.stage import ROW_KEYS
+from detox_exp.frontier.stage import BETAS, ROW_KEYS
 from tests.helpers.cli import check_one_line_error
 from tests.helpers.run import ROOT, run_cli
 
@@ -45,7 +45,7 @@ def frontier_run(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_frontier_files_and_summary(frontier_run: Path) -> None:
     out = frontier_run / "frontier"
     rows = [json.loads(line) for line in (out / "frontier.jsonl").read_text().splitlines()]
-    assert [r["beta"] for r in rows] == [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
+    assert [r["beta"] for r in rows] == list(BETAS)  # conf/frontier/default.yaml's grid
     for row in rows:
         assert set(ROW_KEYS) <= set(row)
     changes = [r["toxicity_change"] for r in rows]

@@ -184,3 +184,14 @@ def test_the_frontier_controller_is_recognised_by_its_class(option: str) -> None
     )
     assert FrontierKLController.configured_by(node) == (option == "frontier")
     assert (configured_beta(node) is None) == (option == "frontier")
+
+
+def test_the_default_beta_grid_is_written_once() -> None:
+    """conf/frontier/default.yaml's betas are the stage's default grid."""
+    from omegaconf import OmegaConf
+
+    from detox_exp.frontier.stage import BETAS
+    from tests.helpers.run import CONF_DIR
+
+    node = OmegaConf.load(CONF_DIR / "frontier" / "default.yaml")
+    assert tuple(node.betas) == BETAS

@@ -38,7 +38,7 @@ def test_the_scorer_scores_a_realised_token_as_it_scores_the_whole_vocabulary() 
     h = torch.randn(7, 8, generator=torch.Generator().manual_seed(1))
     tokens = torch.tensor([0, 3, 49, 7, 7, 12, 30])
     whole = scorer.all_atom_logits(h)
-    torch.testing.assert_close(scorer.atom_logits(h, tokens), whole[torch.arange(7), tokens])
+    torch.testing.assert_close(scorer.atom_logits(h, tokens), whole[torch.arange(7), :, tokens])
     one = scorer.log_values(h, beta=0.5)
     chunked = scorer.log_values(h, beta=0.5, chunk_elements=50 * 6 * 2)  # two rows a chunk
     # the same sums; a matmul's blocking depends on the rows, so float32 round-off (~1e-7 of
@@ -254,3 +254,35 @@ def test_bad_guided_settings_stop_before_any_stage(
         check_run_config(cfg)
     message = bad_input_message(err.value)
     assert message is not None and message.startswith(field), message
+
+
+def test_every_stage_enters_the_reference_one_way(tiny_t5: Path) -> None:
+    """seq2seq.reference: a LoRA model's adapter off (the base model's logits, not the
+    adapted ones); a plain model unchanged. ActorCritic, the evaluator, the frontier and the
+    guided teacher all enter the reference through it."""
+    import inspect
+
+    from detox_exp.evaluation import evaluator
+    from detox_exp.frontier import stage
+    from detox_exp.guided import teacher
+    from detox_exp.seq2seq import reference
+    from detox_exp.training import policy
+    from tests.helpers.decoding import lora_model
+
+    base, _, ids, mask = prompt_batch(tiny_t5)
+    dec = torch.zeros(ids.shape[0], 3, dtype=torch.long)
+    with torch.no_grad():
+        plain = base(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        with reference(base):
+            assert torch.equal(
+                base(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, plain
+            )
+        lora, *_ = lora_model(tiny_t5)
+        adapted = lora(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        with reference(lora):
+            ref = lora(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    torch.testing.assert_close(ref, plain)
+    assert not torch.allclose(adapted, plain)
+    for module in (evaluator, stage, teacher, policy):
+        source = inspect.getsource(module)
+        assert "disable_adapter()" not in source.replace("``disable_adapter()``", ""), module

@@ -41,7 +41,7 @@ from detox_exp.generation import (
 from detox_exp.guidance import guided_logits
 from detox_exp.kl import kl_penalty
 from detox_exp.reward.scorer import ToxicityScorer
-from detox_exp.seq2seq import base_config
+from detox_exp.seq2seq import base_config, reference
 from detox_exp.utils import progress, read_jsonl, resolve_device, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,10 @@ def sequence_kl(
     kwargs = dict(input_ids=query_ids, attention_mask=query_mask, decoder_input_ids=dec)
     if guide is None:
         logits = model(**kwargs).logits.float()
-        with model.disable_adapter():
+        with reference(model):
             ref_logits = model(**kwargs).logits.float()
     else:
-        with model.disable_adapter():
+        with reference(model):
             out = model(**kwargs, output_hidden_states=True)
         ref_logits = out.logits.float()
         logits = guided_logits(ref_logits, guide(out.decoder_hidden_states[-1]))
@@ -198,7 +198,7 @@ class Evaluator:
             ids, mask = pad_queries(
                 [prompts[i]["input_ids"] for i, _ in chunk], tokenizer.pad_token_id, device
             )
-            with model.disable_adapter() if guide is not None else contextlib.nullcontext():
+            with reference(model) if guide is not None else contextlib.nullcontext():
                 response_ids, response_mask = sample_responses(
                     model, tokenizer, ids, mask, gen, guide=guide
                 )

@@ -14,7 +14,7 @@ from detox_exp.evaluation.evaluator import EvalResult
 from detox_exp.frontier import core
 
 
-def optimum_metrics(
+def heldout_optimum(
     before: EvalResult, beta: float, threshold: float, seed: int = 0, repeats: int = 4
 ) -> dict[str, float]:
     """``eval/optimum/*``: the optimum ``pi* ~ ref * exp(r / beta)`` on the held-out prompts,

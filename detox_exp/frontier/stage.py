@@ -18,7 +18,6 @@ import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from detox_exp.evaluation.metrics import rouge_l_per_example
 from detox_exp.frontier import core
 from detox_exp.generation import decode, generation_kwargs, pad_queries, sample_responses
 from detox_exp.kl_control import FrontierKLController
+from detox_exp.seq2seq import reference as seq2seq_reference
 from detox_exp.utils import progress, resolve_device, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,10 @@ ROW_KEYS = (
     "unique_fraction",
     "rouge_l",
 )
+
+# the default beta grid (conf/frontier/default.yaml writes the same; tests/test_frontier.py
+# pins that they agree)
+BETAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 @dataclass
@@ -168,7 +172,7 @@ class Frontier:
         self,
         num_prompts: int = 64,
         samples_per_prompt: int = 16,
-        betas: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+        betas: Sequence[float] = BETAS,
         min_drop: float = 0.1,
         batch_size: int = 256,
         repeats: int = 4,
@@ -221,7 +225,7 @@ class Frontier:
         was_training = model.training
         model.eval()
         # the reference: the same network with its adapter disabled
-        reference = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+        reference = seq2seq_reference(model)
         bar = progress(total=len(rows) * self.k, desc="frontier", unit="sample")
         try:
             with reference:
@@ -389,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cfg = OmegaConf.load(config)
     node = cfg.get("frontier") or {}
-    betas = args.betas or list(node.get("betas", (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)))
+    betas = args.betas or list(node.get("betas", BETAS))
     threshold = float(cfg.eval.get("toxic_threshold", 0.5))
     saved = args.run_dir / "frontier" / "draws.jsonl"
     if saved.is_file():

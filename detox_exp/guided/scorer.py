@@ -69,23 +69,25 @@ class PrefixScorer(nn.Module):
         )
 
     def all_atom_logits(self, hidden: Tensor) -> Tensor:
-        """Atom logits [N, V, K] of every token after states [N, d]."""
+        """Atom logits [N, K, V] of every token after states [N, d] (atoms before tokens:
+        the layout of the one matrix product below; :meth:`atom_logits` computes the same
+        numbers term by term, tests/test_guided.py)."""
         h, q = self._features(hidden)  # [N, d], [N, K, d]
-        direction = h @ self.token_dir.T  # [N, V]
-        return (
-            torch.einsum("nkd,vd->nvk", q, self.embedding)
-            + direction[..., None] * self.atom_gain
-            + self.token_bias
-            + self.prior
-        )
+        n = h.shape[0]
+        # both state-dependent terms in one product: [q_b, g_b h] . [e_a, u_a]
+        left = torch.cat([q, self.atom_gain[:, None] * h[:, None, :]], dim=-1)  # [N, K, 2d]
+        right = torch.cat([self.embedding, self.token_dir], dim=-1)  # [V, 2d]
+        bias = (self.token_bias + self.prior).T  # [K, V]
+        out = torch.matmul(left.reshape(n * self.k, -1), right.T).view(n, self.k, -1)
+        return out.add_(bias)
 
     def log_values(self, hidden: Tensor, beta: float, chunk_elements: int = 2**25) -> Tensor:
         """``log V_beta(s, a)`` [..., V] for states [..., d], in chunks of rows so that the
-        [rows, V, K] intermediate stays under ``chunk_elements`` floats."""
+        [rows, K, V] intermediate stays under ``chunk_elements`` floats."""
         flat = hidden.reshape(-1, hidden.shape[-1])
         rows = max(1, chunk_elements // (self.embedding.shape[0] * self.k))
         parts = [
-            log_value(self.all_atom_logits(flat[i : i + rows]), self.atoms, beta)
+            log_value(self.all_atom_logits(flat[i : i + rows]), self.atoms, beta, dim=1)
             for i in range(0, len(flat), rows)
         ]
         return torch.cat(parts).view(*hidden.shape[:-1], -1)

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from detox_exp.generation import decode, pad_queries, sample_responses
 from detox_exp.guided.trainer import load_prefix_scorer
-from detox_exp.seq2seq import encode
+from detox_exp.seq2seq import encode, reference
 
 
 class Teacher:
@@ -46,7 +46,7 @@ class Teacher:
         ids = self.tokenizer(list(prompts), truncation=True)["input_ids"]
         query, mask = pad_queries(ids, self.tokenizer.pad_token_id, device)
         generator = torch.Generator(device=device).manual_seed(seed)
-        with self.model.disable_adapter():
+        with reference(self.model):
             hidden = encode(self.model, query, mask)
             response, _ = sample_responses(
                 self.model,

@@ -54,6 +54,8 @@ class PPOTrainer(TrainingLoop):
     responses of ``batch_size / k`` prompts; the encoder runs once per prompt everywhere.
     """
 
+    name = "ppo"
+
     def __init__(
         self,
         model: torch.nn.Module,

@@ -7,7 +7,7 @@ The reference model for the KL penalty is the same network with the LoRA adapter
 from __future__ import annotations
 
 import copy
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +15,13 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
-from detox_exp.seq2seq import base_config, encode, expand_groups, shared_cross_attention
+from detox_exp.seq2seq import (
+    base_config,
+    encode,
+    expand_groups,
+    reference,
+    shared_cross_attention,
+)
 
 
 @dataclass
@@ -63,7 +69,7 @@ class ActorCritic(nn.Module):
 
     def reference(self) -> AbstractContextManager:
         """Context in which ``self.model`` computes the reference distribution (peft only)."""
-        return self.model.disable_adapter() if self.is_peft else nullcontext()
+        return reference(self.model)
 
     @staticmethod
     def _run(
