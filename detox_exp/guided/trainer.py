@@ -394,7 +394,7 @@ class GuidedTrainer(TrainingLoop):
         student = out.logits.float()
         loss = distill_loss(student, teacher, mask, self.distill["direction"])
         self.guard.check("loss", loss, self.step + 1)
-        (loss * self.dist.world_size).backward()
+        loss.backward()  # DDP averages the processes' gradients: the global mean
         norm = self.optimizer_step()
         t2 = self._clock()
         scores = self.reward.score(texts)
