@@ -45,15 +45,12 @@ def two_hot(rewards: Tensor, atoms: Tensor) -> Tensor:
     return target
 
 
-def scorer_loss(atom_logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+def scorer_loss(atom_logits: Tensor, target: Tensor) -> Tensor:
     """Cross-entropy of predicted atom distributions [N, K] (logits) against targets [N, K]
-    (two-hot), weighted mean over rows. Its minimiser, per (prefix, token), is the
+    (two-hot), mean over rows. Its minimiser, per (prefix, token), is the
     conditional expectation of the target, i.e. the reward's conditional distribution on
     the atoms."""
-    per_row = -(target * atom_logits.log_softmax(-1)).sum(-1)
-    if weight is None:
-        return per_row.mean()
-    return (per_row * weight).sum() / weight.sum().clamp_min(1e-12)
+    return -(target * atom_logits.log_softmax(-1)).sum(-1).mean()
 
 
 def log_value(atom_logits: Tensor, atoms: Tensor, beta: float, dim: int = -1) -> Tensor:

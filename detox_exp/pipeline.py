@@ -37,7 +37,7 @@ from detox_exp.perf import perf_summary
 from detox_exp.ppo.checks import PRECISIONS, check_ppo_config
 from detox_exp.schema import check_node, check_value
 from detox_exp.tracking import Tracker
-from detox_exp.training.saving import model_identity
+from detox_exp.training.saving import model_identity, training_settings
 from detox_exp.utils import (
     check_utf8,
     is_local_path,
@@ -198,15 +198,15 @@ ALGORITHMS = ("ppo", "guided")
 
 
 def training_node(cfg: DictConfig) -> tuple[str, Any]:
-    """The training stage's method (``algorithm.name``) and the node that builds its trainer:
-    ``ppo`` (its settings stay in the ``ppo`` node), or the algorithm's own node (resolved,
-    without ``name``)."""
-    name = cfg.algorithm.get("name")
+    """The training stage's method (``algorithm.name``) and the node that builds its trainer
+    (:func:`~detox_exp.training.saving.training_settings`; another algorithm's own node
+    resolved, without ``name``)."""
+    name, node = training_settings(cfg)
     if name not in ALGORITHMS:
         raise ConfigError("algorithm", f"unknown algorithm {name!r}", f"use one of {ALGORITHMS}")
     if name == "ppo":
-        return name, cfg.ppo
-    node = OmegaConf.to_container(cfg.algorithm, resolve=True)
+        return name, node
+    node = OmegaConf.to_container(node, resolve=True)
     node.pop("name")
     return name, node
 

@@ -18,6 +18,8 @@ c = 0, prior = the data's atom frequencies), so an untrained scorer guides nothi
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -91,3 +93,26 @@ class PrefixScorer(nn.Module):
             for i in range(0, len(flat), rows)
         ]
         return torch.cat(parts).view(*hidden.shape[:-1], -1)
+
+
+def save_prefix_scorer(scorer: PrefixScorer, beta: float, path: Path) -> None:
+    """Write ``scorer`` and the beta it guides at to ``path`` (atomically: a crash leaves
+    the previous file or none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hidden = 0 if scorer.mlp is None else scorer.mlp[0].out_features
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state": scorer.state_dict(), "hidden_size": hidden, "beta": beta}, tmp)
+    os.replace(tmp, path)
+
+
+def load_prefix_scorer(
+    path: Path, device: torch.device | str = "cpu"
+) -> tuple[PrefixScorer, float]:
+    """A :class:`PrefixScorer` written by :func:`save_prefix_scorer`, frozen, and its beta."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    state = saved["state"]
+    scorer = PrefixScorer(
+        state["embedding"], state["atoms"], state["prior"].exp(), int(saved["hidden_size"])
+    )
+    scorer.load_state_dict(state)
+    return scorer.to(device).eval().requires_grad_(False), float(saved["beta"])

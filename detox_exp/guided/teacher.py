@@ -18,8 +18,8 @@ import torch
 from transformers import AutoTokenizer
 
 from detox_exp.generation import decode, pad_queries, sample_responses
-from detox_exp.guided.trainer import load_prefix_scorer
-from detox_exp.seq2seq import encode, reference
+from detox_exp.guided.scorer import load_prefix_scorer
+from detox_exp.seq2seq import reference
 
 
 class Teacher:
@@ -47,14 +47,12 @@ class Teacher:
         query, mask = pad_queries(ids, self.tokenizer.pad_token_id, device)
         generator = torch.Generator(device=device).manual_seed(seed)
         with reference(self.model):
-            hidden = encode(self.model, query, mask)
             response, _ = sample_responses(
                 self.model,
                 self.tokenizer,
                 query,
                 mask,
                 dict(generation or {}),
-                hidden,
                 samples_per_prompt=samples_per_prompt,
                 generator=generator,
                 guide=self.guide,
@@ -72,6 +70,5 @@ def load_teacher(policy_dir: str | Path, device: str = "cpu") -> Teacher:
     policy_dir = Path(policy_dir)
     model = AutoPeftModelForSeq2SeqLM.from_pretrained(policy_dir / "adapter").to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(policy_dir / "merged")
-    saved = torch.load(policy_dir / "prefix_scorer.pt", map_location="cpu", weights_only=True)
-    scorer = load_prefix_scorer(policy_dir / "prefix_scorer.pt", device)
-    return Teacher(model, tokenizer, scorer, float(saved["beta"]))
+    scorer, beta = load_prefix_scorer(policy_dir / "prefix_scorer.pt", device)
+    return Teacher(model, tokenizer, scorer, beta)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,10 @@ from detox_exp.checkpoint import CheckpointManager
 from detox_exp.errors import ConfigError
 from detox_exp.generation import decode, decoder_inputs, pad_queries, sample_responses
 from detox_exp.guidance import distill_loss, guided_logits, reward_atoms, scorer_loss, two_hot
-from detox_exp.guided.scorer import PrefixScorer
+from detox_exp.guided.scorer import PrefixScorer, load_prefix_scorer, save_prefix_scorer
 from detox_exp.reward.scorer import ToxicityScorer
-from detox_exp.seq2seq import encode
 from detox_exp.tracking import Tracker
-from detox_exp.training.loop import LoopDebug, TrainingLoop, sampling_stream
+from detox_exp.training.loop import LoopDebug, StepSamples, TrainingLoop, sampling_stream
 from detox_exp.training.policy import ActorCritic
 from detox_exp.utils import progress
 
@@ -235,24 +233,23 @@ class GuidedTrainer(TrainingLoop):
 
     @torch.no_grad()
     def sample(
-        self, indices: list[int], generator: torch.Generator, guided: bool
+        self, indices: list[int], generator: torch.Generator, k: int, source: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(query, query mask, responses, response mask): k samples of each prompt from the
-        teacher (``guided``, adapter disabled) or from the policy."""
+        """(query, query mask, responses, response mask): k samples of each prompt from
+        ``source``: ``teacher`` (the guided reference), ``reference`` (adapter disabled,
+        unguided: the scorer's rollouts) or ``policy``."""
         query, query_mask = self._queries(indices)
-        context = self.policy.reference() if guided else contextlib.nullcontext()
+        context = contextlib.nullcontext() if source == "policy" else self.policy.reference()
         with context, self._autocast():
-            hidden = encode(self.model, query, query_mask)
             response, mask = sample_responses(
                 self.model,
                 self.tokenizer,
                 query,
                 query_mask,
                 self.generation,
-                hidden,
-                samples_per_prompt=self.k,
+                samples_per_prompt=k,
                 generator=generator,
-                guide=self.guide if guided else None,
+                guide=self.guide if source == "teacher" else None,
             )
         return query, query_mask, response, mask
 
@@ -261,18 +258,15 @@ class GuidedTrainer(TrainingLoop):
         """Fit the prefix scorer (or, resumed, load the one this run fitted)."""
         path = self.work_dir / "prefix_scorer.pt"
         if self.step > 0 and path.is_file():
-            self.prefix_scorer = load_prefix_scorer(path, self.device)
+            self.prefix_scorer, _ = load_prefix_scorer(path, self.device)
             log.info("guided: reusing the prefix scorer %s", path)
             return
         if self.dist.is_main:
             scorer, stats = self._fit_scorer()
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save({"state": scorer.state_dict(), "hidden_size": _hidden_size(scorer)}, tmp)
-            os.replace(tmp, path)
+            save_prefix_scorer(scorer, self.beta, path)
             self.tracker.log_summary(stats)
         self.dist.wait()
-        self.prefix_scorer = load_prefix_scorer(path, self.device)
+        self.prefix_scorer, _ = load_prefix_scorer(path, self.device)
 
     def _token_data(self, indices: list[int], generator: torch.Generator) -> dict[str, Tensor]:
         """Reference samples of ``indices`` (``rollout_samples`` each), scored, as one row per
@@ -285,19 +279,7 @@ class GuidedTrainer(TrainingLoop):
         bar = progress(total=len(indices), desc="scorer rollouts", unit="prompt")
         for start in range(0, len(indices), per):
             chunk = indices[start : start + per]
-            query, query_mask = self._queries(chunk)
-            with self.policy.reference(), self._autocast():
-                hidden = encode(self.model, query, query_mask)
-                response, mask = sample_responses(
-                    self.model,
-                    self.tokenizer,
-                    query,
-                    query_mask,
-                    self.generation,
-                    hidden,
-                    samples_per_prompt=k,
-                    generator=generator,
-                )
+            query, query_mask, response, mask = self.sample(chunk, generator, k, "reference")
             reward = self.reward.score(decode(self.tokenizer, response)).reward.to(self.device)
             _, states = self._reference_pass(query, query_mask, response, k)
             keep = mask.bool()
@@ -377,12 +359,13 @@ class GuidedTrainer(TrainingLoop):
         }
 
     # ------------------------------------------------------------------ one step
-    def update(self) -> tuple[dict[str, float], dict[str, Any]]:
+    def update(self) -> tuple[dict[str, float], StepSamples]:
         """Sample, read the teacher's and the policy's distributions, one optimizer step."""
         t0 = self._clock()
         indices = self.next_batch()
-        guided = self.distill["prefixes"] == "teacher"
-        query, query_mask, response, mask = self.sample(indices, self.sampling_stream(), guided)
+        query, query_mask, response, mask = self.sample(
+            indices, self.sampling_stream(), self.k, self.distill["prefixes"]
+        )
         texts = decode(self.tokenizer, response)
         t1 = self._clock()
         ref_logits, states = self._reference_pass(query, query_mask, response, self.k)
@@ -424,25 +407,7 @@ class GuidedTrainer(TrainingLoop):
             M.RESPONSE_LEN_MEAN: self.dist.gather(mask.sum(1)).mean().item(),
             **local,
         }
-        batch = {
-            "indices": indices,
-            "texts": texts,
-            "scores": scores.reward,
-            "toxicity": scores.toxicity,
-        }
-        return metrics, batch
-
-    def sample_rows(self, batch: dict[str, Any]) -> list[list[Any]]:
-        return [
-            [
-                self.step,
-                self.prompts[batch["indices"][j // self.k]]["prompt"][-300:],
-                batch["texts"][j],
-                float(batch["scores"][j]),
-                float(batch["toxicity"][j]),
-            ]
-            for j in range(min(self.num_table_samples, len(batch["texts"])))
-        ]
+        return metrics, StepSamples(indices, texts, scores.reward, scores.toxicity)
 
     def postfix(self, metrics: Mapping[str, float]) -> dict[str, str]:
         return {
@@ -457,26 +422,5 @@ class GuidedTrainer(TrainingLoop):
         from the teacher of a saved run."""
         saved = super().save(summary, config, eval_table, reward_model)
         if saved is not None and self.prefix_scorer is not None:
-            torch.save(
-                {
-                    "state": self.prefix_scorer.state_dict(),
-                    "hidden_size": _hidden_size(self.prefix_scorer),
-                    "beta": self.beta,
-                },
-                saved / "prefix_scorer.pt",
-            )
+            save_prefix_scorer(self.prefix_scorer, self.beta, saved / "prefix_scorer.pt")
         return saved
-
-
-def _hidden_size(scorer: PrefixScorer) -> int:
-    return 0 if scorer.mlp is None else scorer.mlp[0].out_features
-
-
-def load_prefix_scorer(path: Path, device: torch.device | str = "cpu") -> PrefixScorer:
-    """A :class:`PrefixScorer` saved by :class:`GuidedTrainer` (``prefix_scorer.pt``)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    state = saved["state"]
-    prior = state["prior"].exp()
-    scorer = PrefixScorer(state["embedding"], state["atoms"], prior, int(saved["hidden_size"]))
-    scorer.load_state_dict(state)
-    return scorer.to(device).eval().requires_grad_(False)

@@ -467,19 +467,6 @@ class PPOTrainer(TrainingLoop):
             metrics[M.GROUP_REWARD_STD] = groups.std(1).mean().item()
         return metrics
 
-    def sample_rows(self, roll: Experience) -> list[list[Any]]:
-        """The W&B sample table's rows: the step's responses with prompt, reward, toxicity."""
-        return [
-            [
-                self.step,
-                self.prompts[roll.indices[j // self.k]]["prompt"][-300:],
-                roll.texts[j],
-                float(roll.scores[j]),
-                float(roll.toxicity[j]),
-            ]
-            for j in range(min(self.num_table_samples, len(roll.texts)))
-        ]
-
     # ------------------------------------------------ what PPO adds to the loop's state
     def extra_state(self) -> dict[str, Any]:
         """The KL controller and the score statistics."""

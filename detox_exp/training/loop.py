@@ -59,6 +59,16 @@ def sampling_stream(seed: int, rank: int, step: int, device: torch.device) -> to
     return torch.Generator(device=device).manual_seed(int(mixed))
 
 
+@dataclass
+class StepSamples:
+    """A step's samples, as the sample table and the parameter digest read them."""
+
+    indices: list[int]  # this process's prompts (k samples each)
+    texts: list[str]
+    scores: torch.Tensor  # the reward classifier's score per sample
+    toxicity: torch.Tensor
+
+
 class TrainingLoop:
     """``steps`` steps of a method over ``prompts``, each on ``batch_size`` samples (global,
     over processes): ``samples_per_prompt`` k responses of ``batch_size / k`` prompts.
@@ -185,8 +195,19 @@ class TrainingLoop:
         """A method's work after a logged step (e.g. an adaptive KL controller's update)."""
 
     def sample_rows(self, batch: Any) -> list[list[Any]]:
-        """Rows ``[step, prompt, response, reward, toxicity]`` of the W&B sample table."""
-        return []
+        """Rows ``[step, prompt, response, reward, toxicity]`` of the W&B sample table, from
+        the step's ``batch`` (its ``indices`` of prompts, ``texts``, ``scores`` and
+        ``toxicity`` per sample: a PPO rollout, or :class:`StepSamples`)."""
+        return [
+            [
+                self.step,
+                self.prompts[batch.indices[j // self.k]]["prompt"][-300:],
+                batch.texts[j],
+                float(batch.scores[j]),
+                float(batch.toxicity[j]),
+            ]
+            for j in range(min(self.num_table_samples, len(batch.texts)))
+        ]
 
     def extra_state(self) -> dict[str, Any]:
         """A method's checkpoint state beyond the weights, optimizer and data position."""
@@ -261,7 +282,7 @@ class TrainingLoop:
             self.tracker.run_dir,
             self.dist.rank,
             self.step,
-            getattr(batch, "scores", torch.zeros(1)),
+            batch.scores,
             self.k,
             stream_probe=torch.rand(2, generator=stream).tolist(),
         )
