@@ -3,15 +3,16 @@
     .venv/bin/python benchmarks/micro.py [--threads 2] [--dir outputs/bench/small]
 
 Shapes are those of the small benchmark DIR (16 prompts of ~192 tokens, 4 heads of 64, 32
-response tokens, vocabulary 8192; minibatches of 4). Prints the best of 3 timings of 20 calls
-for T5 attention and row chunks. With ``--dir`` (a benchmark DIR from
-``scripts/make_bench_dir.py``) it also times, on that policy with LoRA r=32 on q, v and its
-first 16 prompts, 32 sampled tokens with the flat T5 step decoder vs the model's forward, and
-a forward (16 prompts) and forward + backward (4 prompts) with peft's LoRA input cast on vs
-off under bf16 autocast, and the rollout's and update's passes with the position bias + mask
-built once per pass or in every layer, and fp32 forward / forward + backward passes of 4
-prompts x 4 samples with the cross-attention keys / values projected per prompt or per
-sample; versions alternate, medians of 8 after 2 warm-ups.
+response tokens, vocabulary 8192; minibatches of 4). Prints the best of 3 timings of 20
+calls for T5 attention and row chunks, and medians of the prefix scorer's atom logits over
+the vocabulary (value guidance) at the demo's and FLAN-T5-base's shapes. With ``--dir`` (a
+benchmark DIR from ``scripts/make_bench_dir.py``) it also times, on that policy with LoRA
+r=32 on q, v and its first 16 prompts, 32 sampled tokens with the flat T5 step decoder vs
+the model's forward, and a forward (16 prompts) and forward + backward (4 prompts) with
+peft's LoRA input cast on vs off under bf16 autocast, and the rollout's and update's passes
+with the position bias + mask built once per pass or in every layer, and fp32 forward /
+forward + backward passes of 4 prompts x 4 samples with the cross-attention keys / values
+projected per prompt or per sample; versions alternate, medians of 8 after 2 warm-ups.
 """
 
 from __future__ import annotations
@@ -84,6 +85,33 @@ def row_chunks() -> dict[str, float]:
         core.in_row_chunks(core.entropy_from_logits, logits)
 
     return {"whole batch": best_ms(whole, 10), "two rows at a time": best_ms(chunked, 10)}
+
+
+def prefix_scorer(rows: int, vocab: int, d: int, atoms: int = 16) -> dict[str, float]:
+    """The guide's atom logits of every token for ``rows`` decoder states: the free
+    direction term as its own [rows, V] product (PrefixScorer.all_atom_logits) vs folded into
+    the per-atom product as K more columns of width d (its peer: the same numbers)."""
+    from detox_exp.guided.scorer import PrefixScorer
+
+    g = torch.Generator().manual_seed(0)
+    uniform = torch.full((atoms,), 1 / atoms)
+    scorer = PrefixScorer(torch.randn(vocab, d, generator=g), torch.linspace(-3, 0, atoms), uniform)
+    with torch.no_grad():
+        for p in scorer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    hidden = torch.randn(rows, d, generator=g)
+
+    @torch.no_grad()
+    def folded() -> torch.Tensor:
+        h, q = scorer._features(hidden)
+        left = torch.cat([q, scorer.atom_gain[:, None] * h[:, None, :]], dim=-1)
+        right = torch.cat([scorer.embedding, scorer.token_dir], dim=-1)
+        out = torch.matmul(left.reshape(rows * atoms, -1), right.T).view(rows, atoms, -1)
+        return out.add_((scorer.token_bias + scorer.prior).T)
+
+    split = torch.no_grad()(scorer.all_atom_logits)
+    torch.testing.assert_close(split(hidden), folded(), rtol=1e-4, atol=1e-4)
+    return alternating_ms({"folded": folded, "split": lambda: split(hidden)})
 
 
 def alternating_ms(versions: dict[str, Callable[[], object]], rounds: int = 10) -> dict:
@@ -258,6 +286,17 @@ def main() -> None:
         "log-probs + entropy of 16 x 32 x 8192 bf16 logits: "
         + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items())
     )
+    for rows, vocab, d, what in (
+        (32, 2000, 128, "demo, one decoding step of 32 samples"),
+        (640, 2000, 128, "demo, a pass over 32 responses of 20 tokens"),
+        (64, 32128, 768, "FLAN-T5-base, one decoding step of 64 samples"),
+    ):
+        times = prefix_scorer(rows, vocab, d)
+        print(
+            f"prefix scorer atom logits, {what}: "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items())
+            + f" ({times['folded'] / times['split']:.2f}x)"
+        )
     if args.dir is None:
         return
     for bf16 in (False, True):

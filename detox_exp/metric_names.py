@@ -84,6 +84,7 @@ SCORER_LOSS_CONSTANT = "guided/scorer/constant_cross_entropy"
 SCORER_VALUE_CORR = "guided/scorer/value_correlation"
 SCORER_ROLLOUTS = "guided/scorer/rollouts"
 SCORER_ATOMS = "guided/scorer/atoms"
+SCORER_REUSED = "guided/scorer/reused_rollouts"  # of them, the frontier stage's draws
 LOSS_DISTILL = "guided/loss"
 TEACHER_KL = "guided/teacher_kl"
 # the guided teacher evaluated like a policy (eval/teacher/*), and against the optimum

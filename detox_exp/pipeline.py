@@ -421,8 +421,10 @@ def _run_stages(
         start = begin("ppo")
         frontier_beta = {} if configured_beta(controller) is not None else {"kl_coef": beta}
         name, node = training_node(cfg)
+        extra = {}
         if name == "guided":
             check_rollouts(node, tracker.summary.get(M.FRONTIER_KL))
+            extra = _frontier_draws(run_dir)
         trainer = build(node)(
             model=model,
             tokenizer=tokenizer,
@@ -433,6 +435,7 @@ def _run_stages(
             checkpoints=build(cfg.checkpoint),
             wandb_id=tracker.run.id if tracker.run is not None else None,
             kl_controller=build(cfg.ppo.kl_controller, **frontier_beta),
+            **extra,
         )
         if resume is not None:
             trainer.resume(resume)
@@ -465,6 +468,18 @@ def _run_stages(
     dist.wait()
     objects["model"] = model
     return dict(tracker.summary), objects
+
+
+def _frontier_draws(run_dir: Path) -> dict[str, Any]:
+    """The frontier stage's scored reference draws of train prompts 0 .. P - 1, for the prefix
+    scorer of ``algorithm=guided`` (``reference_draws``; none when the stage did not run)."""
+    from detox_exp.frontier.stage import ReferenceDraws
+
+    saved = run_dir / "frontier" / "draws.jsonl"
+    if not saved.is_file():
+        return {}
+    draws = ReferenceDraws.load(saved)
+    return {"reference_draws": (draws.texts, torch.from_numpy(draws.rewards).float())}
 
 
 def _frontier_stage(

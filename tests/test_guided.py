@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detox_exp.generation import sample_responses
+from detox_exp.generation import decode, pad_queries, response_mask, sample_responses
 from detox_exp.guidance import guided_logits
 from detox_exp.guided.scorer import PrefixScorer
 from detox_exp.guided.trainer import GuidedTrainer
@@ -18,6 +18,7 @@ from detox_exp.ppo.trainer import PPOTrainer
 from detox_exp.training.loop import TrainingLoop
 from tests.helpers.decoding import prompt_batch
 from tests.helpers.run import ROOT, local_overrides, run_cli
+from tests.helpers.trainers import CharSumReward, guided_trainer
 
 
 def random_scorer(vocab: int, d: int, seed: int = 0, hidden_size: int = 0) -> PrefixScorer:
@@ -197,6 +198,7 @@ def test_guided_demo_end_to_end(demo_cache: Path, tmp_path: Path) -> None:
         f"hydra.run.dir={run_dir}",
         "algorithm.steps=4",
         "algorithm.prefix_scorer.rollout_prompts=64",
+        "algorithm.prefix_scorer.rollout_samples=16",
         "algorithm.prefix_scorer.epochs=4",
         cwd=ROOT,
     )
@@ -308,3 +310,57 @@ def test_on_policy_reverse_distillation_runs(standins, tmp_path: Path) -> None:
     # ~10 carries round-off of ~16 x 10 x 6e-8 = 1e-5 when the two distributions agree
     assert all(s["guided/loss"] >= -1e-5 and s["objective/kl"] >= -1e-5 for s in steps.values())
     assert steps[2]["objective/kl"] > 0  # the policy moved after its first update
+
+
+def test_the_frontier_draws_give_the_scorer_the_rows_fresh_rollouts_would(
+    tiny_t5: Path, tmp_path: Path
+) -> None:
+    """The prefix scorer's rows from reused draws (texts and rewards, tokenised again) equal
+    those of freshly sampled responses of the same tokens: states, tokens, rewards, in the
+    same order; a text longer than max_new_tokens is cut as sampling cuts
+    it (no EOS)."""
+    reward = CharSumReward()
+    trainer = guided_trainer(tiny_t5, tmp_path, reward)
+    tok = trainer.tokenizer
+    texts = [
+        ["the bank", "the bank the bank", "a", ""],
+        ["the weather and the bank and the weather", "bank", "weather", "the"],
+    ]
+    ids = [tok(t)["input_ids"][:8] for row in texts for t in row]  # max_new_tokens = 8
+    assert any(tok.eos_token_id not in row for row in ids)  # one is cut
+    response, _ = pad_queries(ids, tok.pad_token_id, "cpu")
+    sampled = (response, response_mask(response, tok.eos_token_id))
+    rewards = reward.score(decode(tok, response)).reward.view(2, 4)
+    trainer.reference_draws = (texts, rewards)
+
+    def sample(indices, generator, k, source):  # the sampler, returning those tokens
+        return (*trainer._queries(indices), *sampled)
+
+    trainer.sample = sample
+    fresh = trainer._token_data([0, 1], torch.Generator())
+    drawn = trainer._token_data([0, 1], torch.Generator(), drawn=True)
+    assert fresh.keys() == drawn.keys()
+    for key in fresh:
+        torch.testing.assert_close(drawn[key], fresh[key], rtol=0, atol=0)
+
+
+def test_the_teacher_logits_kept_from_sampling_equal_a_reference_pass(
+    tiny_t5: Path, tmp_path: Path
+) -> None:
+    """Distillation on the teacher's samples reuses the distributions it sampled from; they
+    equal one reference pass over the finished responses with the guide (states and token
+    counts of each prefix), up to float32 round-off between step and full decoding."""
+    trainer = guided_trainer(tiny_t5, tmp_path, CharSumReward())
+    config = trainer.model.config
+    trainer.prefix_scorer = random_scorer(config.vocab_size, config.d_model, seed=4)
+    record: list = []
+    query, query_mask, response, mask = trainer.sample(
+        list(range(3)), torch.Generator().manual_seed(0), trainer.k, "teacher", record
+    )
+    kept = trainer.teacher_logits(query, query_mask, response, record)
+    plain = trainer.teacher_logits(query, query_mask, response)
+    keep = mask.bool()
+    assert keep.sum() > 12 and response.shape[1] == len(record)
+    for got, want in zip(kept, plain):
+        torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(kept[0][keep], kept[1][keep].log_softmax(-1))  # guided

@@ -76,12 +76,12 @@ class PrefixScorer(nn.Module):
         numbers term by term, tests/test_guided.py)."""
         h, q = self._features(hidden)  # [N, d], [N, K, d]
         n = h.shape[0]
-        # both state-dependent terms in one product: [q_b, g_b h] . [e_a, u_a]
-        left = torch.cat([q, self.atom_gain[:, None] * h[:, None, :]], dim=-1)  # [N, K, 2d]
-        right = torch.cat([self.embedding, self.token_dir], dim=-1)  # [V, 2d]
-        bias = (self.token_bias + self.prior).T  # [K, V]
-        out = torch.matmul(left.reshape(n * self.k, -1), right.T).view(n, self.k, -1)
-        return out.add_(bias)
+        out = torch.matmul(q.reshape(n * self.k, self.d), self.embedding.T).view(n, self.k, -1)
+        # the free direction is one product for all atoms ([N, V], spread by g): K times
+        # cheaper than a K-row product, the product above's size
+        direction = torch.matmul(h, self.token_dir.T)  # [N, V]
+        out.addcmul_(self.atom_gain[None, :, None], direction[:, None, :])
+        return out.add_((self.token_bias + self.prior).T)  # [K, V] per-token biases
 
     def log_values(self, hidden: Tensor, beta: float, chunk_elements: int = 2**25) -> Tensor:
         """``log V_beta(s, a)`` [..., V] for states [..., d], in chunks of rows so that the

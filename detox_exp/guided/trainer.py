@@ -3,7 +3,8 @@ then distil the guided reference ``ref(a | s) V(s, a)`` (the objective's tokenwi
 :mod:`detox_exp.guidance`) into the LoRA policy with a per-token full-vocabulary divergence.
 
 1. ``prepare`` (before step 1): sample ``scorer.rollout_prompts`` train prompts x
-   ``scorer.rollout_samples`` responses from the reference, score them, and fit the
+   ``scorer.rollout_samples`` responses from the reference (the prompts the frontier stage
+   drew from come with its draws instead: ``reference_draws``), score them, and fit the
    :class:`~detox_exp.guided.scorer.PrefixScorer` by cross-entropy against each response's
    reward (two-hot on the atoms) at every (prefix, realised token); its calibration on
    held-out rollout prompts against the constant predictor goes to the summary
@@ -34,8 +35,20 @@ from transformers import PreTrainedTokenizerBase
 from detox_exp import metric_names as M
 from detox_exp.checkpoint import CheckpointManager
 from detox_exp.errors import ConfigError
-from detox_exp.generation import decode, decoder_inputs, pad_queries, sample_responses
-from detox_exp.guidance import distill_loss, guided_logits, reward_atoms, scorer_loss, two_hot
+from detox_exp.generation import (
+    decode,
+    decoder_inputs,
+    pad_queries,
+    response_mask,
+    sample_responses,
+)
+from detox_exp.guidance import (
+    distill_loss,
+    guided_logits,
+    reward_atoms,
+    scorer_loss,
+    two_hot,
+)
 from detox_exp.guided.scorer import PrefixScorer, load_prefix_scorer, save_prefix_scorer
 from detox_exp.reward.scorer import ToxicityScorer
 from detox_exp.tracking import Tracker
@@ -57,6 +70,7 @@ SCORER_DEFAULTS = {
     "lr": 3e-3,
     "heldout_fraction": 0.1,
 }
+ROW_KEYS = ("states", "tokens")  # the scorer's inputs per response token
 DISTILL_DEFAULTS = {"direction": "forward", "prefixes": "teacher"}
 PREFIXES = ("teacher", "policy")
 
@@ -174,7 +188,11 @@ class GuidedTrainer(TrainingLoop):
         checkpoints: CheckpointManager | None = None,
         wandb_id: str | None = None,
         debug: Mapping[str, Any] | None = None,
+        reference_draws: tuple[list[list[str]], Tensor] | None = None,
     ) -> None:
+        """``reference_draws``: (texts [P][K], rewards [P, K]) of train prompts 0 .. P - 1,
+        sampled from the reference with this run's generation settings and scored (the
+        frontier stage's): the scorer learns from them instead of sampling those prompts."""
         self.check_args(steps, batch_size, samples_per_prompt, prefix_scorer, distill)
         super().__init__(
             tokenizer=tokenizer,
@@ -204,6 +222,7 @@ class GuidedTrainer(TrainingLoop):
         self.sample_table_every, self.num_table_samples = sample_table_every, num_table_samples
         self.attach(ActorCritic(model, value_head=False), optimizer)
         self.prefix_scorer: PrefixScorer | None = None
+        self.reference_draws = reference_draws
 
     # --------------------------------------------------------------- the reference
     @property
@@ -211,7 +230,7 @@ class GuidedTrainer(TrainingLoop):
         return self.policy.model
 
     def guide(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``log V(s, a)`` [B, V] after decoder states [B, d] (the teacher's guidance)."""
+        """``log V(s, a)`` [..., V] after decoder states [..., d] (the teacher's guidance)."""
         return self.prefix_scorer.log_values(hidden, self.beta)
 
     def _reference_pass(
@@ -233,11 +252,17 @@ class GuidedTrainer(TrainingLoop):
 
     @torch.no_grad()
     def sample(
-        self, indices: list[int], generator: torch.Generator, k: int, source: str
+        self,
+        indices: list[int],
+        generator: torch.Generator,
+        k: int,
+        source: str,
+        record: list[tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(query, query mask, responses, response mask): k samples of each prompt from
         ``source``: ``teacher`` (the guided reference), ``reference`` (adapter disabled,
-        unguided: the scorer's rollouts) or ``policy``."""
+        unguided: the scorer's rollouts) or ``policy``; ``record``: see
+        :func:`~detox_exp.generation.sample_responses`."""
         query, query_mask = self._queries(indices)
         context = contextlib.nullcontext() if source == "policy" else self.policy.reference()
         with context, self._autocast():
@@ -250,6 +275,7 @@ class GuidedTrainer(TrainingLoop):
                 samples_per_prompt=k,
                 generator=generator,
                 guide=self.guide if source == "teacher" else None,
+                record=record,
             )
         return query, query_mask, response, mask
 
@@ -268,19 +294,47 @@ class GuidedTrainer(TrainingLoop):
         self.dist.wait()
         self.prefix_scorer, _ = load_prefix_scorer(path, self.device)
 
-    def _token_data(self, indices: list[int], generator: torch.Generator) -> dict[str, Tensor]:
-        """Reference samples of ``indices`` (``rollout_samples`` each), scored, as one row per
+    def _drawn(self, indices: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(query, query mask, responses, response mask, rewards) of ``indices`` from
+        ``reference_draws``: the texts tokenised again as the decoder reads them (EOS last;
+        one cut at ``max_new_tokens`` has none, as a sampled one)."""
+        texts, rewards = self.reference_draws
+        limit = int(self.generation.get("max_new_tokens", 64))
+        ids = self.tokenizer([t for i in indices for t in texts[i]])["input_ids"]
+        response, present = pad_queries(
+            [row[:limit] for row in ids], self.tokenizer.pad_token_id, self.device
+        )
+        mask = response_mask(response, self.tokenizer.eos_token_id) * present
+        query, query_mask = self._queries(indices)
+        return query, query_mask, response, mask, rewards[indices].flatten().to(self.device)
+
+    def _token_data(
+        self, indices: list[int], generator: torch.Generator, drawn: bool = False
+    ) -> dict[str, Tensor]:
+        """Reference samples of ``indices`` (``rollout_samples`` each; ``drawn``: those of
+        ``reference_draws``), scored, as one row per
         response token (EOS included): the reference decoder's state before it ``states``
         [N, d], the token ``tokens`` [N], and the response's reward ``rewards`` [N]; plus
         the responses' rewards ``sequence_rewards``."""
         s = self.scorer_settings
         k, per = s["rollout_samples"], max(1, s["batch_prompts"])
-        out: dict[str, list] = {"states": [], "tokens": [], "rewards": [], "sequence_rewards": []}
+        if drawn:
+            k = self.reference_draws[1].shape[1]
+        out: dict[str, list] = {
+            "states": [],
+            "tokens": [],
+            "rewards": [],
+            "sequence_rewards": [],
+        }
         bar = progress(total=len(indices), desc="scorer rollouts", unit="prompt")
         for start in range(0, len(indices), per):
             chunk = indices[start : start + per]
-            query, query_mask, response, mask = self.sample(chunk, generator, k, "reference")
-            reward = self.reward.score(decode(self.tokenizer, response)).reward.to(self.device)
+            if drawn:
+                query, query_mask, response, mask, reward = self._drawn(chunk)
+            else:
+                query, query_mask, response, mask = self.sample(chunk, generator, k, "reference")
+                reward = self.reward.score(decode(self.tokenizer, response)).reward
+                reward = reward.to(self.device)
             _, states = self._reference_pass(query, query_mask, response, k)
             keep = mask.bool()
             out["states"].append(states[keep])
@@ -292,17 +346,26 @@ class GuidedTrainer(TrainingLoop):
         return {key: torch.cat(value) for key, value in out.items()}
 
     def _fit_scorer(self) -> tuple[PrefixScorer, dict[str, float]]:
-        """Reference rollouts on ``rollout_prompts`` train prompts (a held-out share kept
-        for calibration), the reward atoms and prior from their rewards, then ``epochs``
+        """Reference rollouts on ``rollout_prompts`` train prompts (a held-out share of
+        freshly sampled ones kept for calibration; the prompts of ``reference_draws`` come
+        with their draws), the reward atoms and prior from their rewards, then ``epochs``
         passes of Adam over their tokens in shuffled batches of ``batch_tokens``."""
         s = self.scorer_settings
         gen = torch.Generator().manual_seed(self.seed + 7919)  # the scorer's own streams
         order = torch.randperm(len(self.prompts), generator=gen).tolist()
-        indices = order[: min(s["rollout_prompts"], len(self.prompts))]
-        n_heldout = max(1, int(len(indices) * s["heldout_fraction"]))
+        total = min(s["rollout_prompts"], len(self.prompts))
+        n_heldout = max(1, int(total * s["heldout_fraction"]))
+        n_drawn = 0 if self.reference_draws is None else len(self.reference_draws[0])
+        drawn = list(range(min(n_drawn, total - n_heldout, len(self.prompts))))
+        fresh = [i for i in order if i >= len(drawn)][: total - len(drawn)]
         stream = sampling_stream(self.seed, self.dist.rank, 0, self.device)
-        train = self._token_data(indices[:-n_heldout], stream)
-        held = self._token_data(indices[-n_heldout:], stream)
+        parts = [self._token_data(fresh[:-n_heldout], stream)] if len(fresh) > n_heldout else []
+        if drawn:
+            reused = self._token_data(drawn, stream, drawn=True)
+            parts.append(reused)
+            log.info("prefix scorer: the frontier's draws of %d prompts reused", len(drawn))
+        train = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        held = self._token_data(fresh[-n_heldout:], stream)
         atoms = reward_atoms(train["sequence_rewards"], s["n_atoms"]).to(self.device)
         prior = two_hot(train["sequence_rewards"], atoms).mean(0)
         embedding = self.model.get_output_embeddings().weight
@@ -315,7 +378,7 @@ class GuidedTrainer(TrainingLoop):
             perm = torch.randperm(n, generator=gen).to(self.device)
             for start in batches:
                 rows = perm[start : start + s["batch_tokens"]]
-                logits = scorer.atom_logits(train["states"][rows], train["tokens"][rows])
+                logits = scorer.atom_logits(*(train[key][rows] for key in ROW_KEYS))
                 loss = scorer_loss(logits, two_hot(train["rewards"][rows], atoms))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -326,6 +389,7 @@ class GuidedTrainer(TrainingLoop):
         stats = self._calibration(scorer, held, prior)
         stats[M.SCORER_ROLLOUTS] = float(len(train["sequence_rewards"]))
         stats[M.SCORER_ATOMS] = float(len(atoms))
+        stats[M.SCORER_REUSED] = float(len(reused["sequence_rewards"]) if drawn else 0)
         log.info(
             "prefix scorer: held-out cross-entropy %.4f (constant %.4f), value correlation %.3f",
             stats[M.SCORER_LOSS_HELDOUT],
@@ -344,7 +408,7 @@ class GuidedTrainer(TrainingLoop):
         target = two_hot(held["rewards"], scorer.atoms)
         logits = torch.cat(
             [
-                scorer.atom_logits(held["states"][i : i + 4096], held["tokens"][i : i + 4096])
+                scorer.atom_logits(*(held[key][i : i + 4096] for key in ROW_KEYS))
                 for i in range(0, len(held["tokens"]), 4096)
             ]
         )
@@ -359,18 +423,34 @@ class GuidedTrainer(TrainingLoop):
         }
 
     # ------------------------------------------------------------------ one step
+    def teacher_logits(
+        self,
+        query: Tensor,
+        query_mask: Tensor,
+        response: Tensor,
+        record: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The reference's and the teacher's logits [B, T, V] at every prefix of
+        ``response``: kept from sampling (``record``, when the teacher drew the responses),
+        else from one reference pass and the guide."""
+        if record is not None:
+            return torch.stack([r for r, _ in record], 1), torch.stack([t for _, t in record], 1)
+        ref_logits, states = self._reference_pass(query, query_mask, response, self.k)
+        with torch.no_grad():
+            return ref_logits, guided_logits(ref_logits, self.guide(states))
+
     def update(self) -> tuple[dict[str, float], StepSamples]:
         """Sample, read the teacher's and the policy's distributions, one optimizer step."""
         t0 = self._clock()
         indices = self.next_batch()
+        source = self.distill["prefixes"]
+        record = [] if source == "teacher" else None  # its distributions, as it sampled
         query, query_mask, response, mask = self.sample(
-            indices, self.sampling_stream(), self.k, self.distill["prefixes"]
+            indices, self.sampling_stream(), self.k, source, record
         )
         texts = decode(self.tokenizer, response)
         t1 = self._clock()
-        ref_logits, states = self._reference_pass(query, query_mask, response, self.k)
-        with torch.no_grad():
-            teacher = guided_logits(ref_logits, self.prefix_scorer.log_values(states, self.beta))
+        ref_logits, teacher = self.teacher_logits(query, query_mask, response, record)
         dec = decoder_inputs(response, self.policy.config.decoder_start_token_id)
         with self._autocast():
             out = self.ddp(query, query_mask, dec, with_values=False, samples_per_prompt=self.k)

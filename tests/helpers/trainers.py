@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 
+from detox_exp.guided.trainer import GuidedTrainer
 from detox_exp.kl_control import FixedKLController
 from detox_exp.models import load_policy, load_tokenizer
 from detox_exp.ppo.trainer import PPOTrainer
@@ -37,12 +38,11 @@ class CharSumReward:
         return Scores(reward=reward, toxicity=1.0 - reward)
 
 
-def make_trainer(
-    tiny_t5: Path, tmp_path: Path, scorer, lora_modules: tuple = ("q", "v"), **overrides
-) -> PPOTrainer:
-    """A trainer on 40 prompts: LoRA r=8, 8 new tokens sampled at temperature 1, AdamW
-    lr 1e-2, fixed KL coefficient 0.05, batch 16 in minibatches of 4, 2 epochs, 3 steps;
-    ``overrides`` replace any constructor argument."""
+def common_settings(
+    tiny_t5: Path, tmp_path: Path, scorer, lora_modules: tuple = ("q", "v")
+) -> dict:
+    """What every method's trainer is built with here: 40 prompts, LoRA r=8, 8 new tokens
+    sampled at temperature 1, AdamW lr 1e-2, fixed KL coefficient 0.05, batch 16, 3 steps."""
     tokenizer = load_tokenizer(str(tiny_t5))
     prompts = [f"Summarize: dialogue number {i} about the weather and the bank." for i in range(40)]
     ids = tokenizer(prompts)["input_ids"]
@@ -55,7 +55,7 @@ def make_trainer(
         task_type="SEQ_2_SEQ_LM",
     )
     model = load_policy(str(tiny_t5), lora=lora, seed=0)
-    kwargs = dict(
+    return dict(
         model=model,
         tokenizer=tokenizer,
         scorer=scorer,
@@ -72,14 +72,34 @@ def make_trainer(
         kl_controller=FixedKLController(0.05),
         steps=3,
         batch_size=16,
-        mini_batch_size=4,
-        ppo_epochs=2,
         sample_table_every=0,
         device="cpu",
     )
-    kwargs |= overrides
+
+
+def make_trainer(
+    tiny_t5: Path, tmp_path: Path, scorer, lora_modules: tuple = ("q", "v"), **overrides
+) -> PPOTrainer:
+    """A PPO trainer (:func:`common_settings`, minibatches of 4, 2 epochs); ``overrides``
+    replace any constructor argument."""
+    kwargs = common_settings(tiny_t5, tmp_path, scorer, lora_modules)
+    kwargs |= {"mini_batch_size": 4, "ppo_epochs": 2} | overrides
     torch.manual_seed(0)
     return PPOTrainer(**kwargs)
+
+
+def guided_trainer(tiny_t5: Path, tmp_path: Path, scorer, **overrides) -> GuidedTrainer:
+    """A value-guided trainer (:func:`common_settings`, 4 samples per prompt, a scorer
+    fitted on 16 prompts x 4 rollouts); ``overrides`` replace any constructor argument."""
+    kwargs = common_settings(tiny_t5, tmp_path, scorer)
+    kwargs |= {
+        "samples_per_prompt": 4,
+        "work_dir": str(tmp_path / "guided"),
+        "prefix_scorer": {"rollout_prompts": 16, "rollout_samples": 4, "epochs": 1},
+        "distill": {},
+    } | overrides
+    torch.manual_seed(0)
+    return GuidedTrainer(**kwargs)
 
 
 def group_trainer(tiny_t5: Path, tmp_path: Path, scorer, estimator: str = "rloo", **overrides):
