@@ -3,6 +3,7 @@ shares with PPO, and the method end to end (the math: tests/test_guidance.py).""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 from pathlib import Path
@@ -331,14 +332,13 @@ def test_the_frontier_draws_give_the_scorer_the_rows_fresh_rollouts_would(
     response, _ = pad_queries(ids, tok.pad_token_id, "cpu")
     sampled = (response, response_mask(response, tok.eos_token_id))
     rewards = reward.score(decode(tok, response)).reward.view(2, 4)
-    trainer.reference_draws = (texts, rewards)
 
     def sample(indices, generator, k, source):  # the sampler, returning those tokens
-        return (*trainer._queries(indices), *sampled)
+        return (*trainer.rollouts.queries(indices), *sampled)
 
-    trainer.sample = sample
-    fresh = trainer._token_data([0, 1], torch.Generator())
-    drawn = trainer._token_data([0, 1], torch.Generator(), drawn=True)
+    rollouts = dataclasses.replace(trainer.rollouts, sample=sample, draws=(texts, rewards))
+    fresh = rollouts.token_rows([0, 1], torch.Generator(), k=4, per_batch=2)
+    drawn = rollouts.token_rows([0, 1], torch.Generator(), k=4, per_batch=2, drawn=True)
     assert fresh.keys() == drawn.keys()
     for key in fresh:
         torch.testing.assert_close(drawn[key], fresh[key], rtol=0, atol=0)

@@ -2,13 +2,12 @@
 then distil the guided reference ``ref(a | s) V(s, a)`` (the objective's tokenwise optimum,
 :mod:`detox_exp.guidance`) into the LoRA policy with a per-token full-vocabulary divergence.
 
-1. ``prepare`` (before step 1): sample ``scorer.rollout_prompts`` train prompts x
-   ``scorer.rollout_samples`` responses from the reference (the prompts the frontier stage
-   drew from come with its draws instead: ``reference_draws``), score them, and fit the
-   :class:`~detox_exp.guided.scorer.PrefixScorer` by cross-entropy against each response's
-   reward (two-hot on the atoms) at every (prefix, realised token); its calibration on
-   held-out rollout prompts against the constant predictor goes to the summary
-   (``guided/scorer/*``). The fitted scorer is saved in ``work_dir``; a resumed run loads it.
+1. ``prepare`` (before step 1): fit the :class:`~detox_exp.guided.scorer.PrefixScorer` on
+   reference rollouts of ``prefix_scorer.rollout_prompts`` train prompts (the frontier
+   stage's draws, ``reference_draws``, stand in for its prompts' samples) by cross-entropy
+   against each response's reward at every (prefix, realised token)
+   (:mod:`detox_exp.guided.fit`); its calibration goes to the summary (``guided/scorer/*``).
+   The fitted scorer is saved in ``work_dir``; a resumed run loads it.
 2. each step: ``batch_size / k`` prompts x k responses from the teacher (``prefixes:
    teacher``) or the policy (``policy``), the teacher's and the policy's next-token
    distributions at every prefix, and one optimizer step on :func:`~detox_exp.guidance.
@@ -34,124 +33,17 @@ from transformers import PreTrainedTokenizerBase
 
 from detox_exp import metric_names as M
 from detox_exp.checkpoint import CheckpointManager
-from detox_exp.errors import ConfigError
-from detox_exp.generation import (
-    decode,
-    decoder_inputs,
-    pad_queries,
-    response_mask,
-    sample_responses,
-)
-from detox_exp.guidance import (
-    distill_loss,
-    guided_logits,
-    reward_atoms,
-    scorer_loss,
-    two_hot,
-)
+from detox_exp.generation import decode, decoder_inputs, pad_queries, sample_responses
+from detox_exp.guidance import distill_loss, guided_logits
+from detox_exp.guided.fit import Rollouts, fit_prefix_scorer
 from detox_exp.guided.scorer import PrefixScorer, load_prefix_scorer, save_prefix_scorer
+from detox_exp.guided.settings import DISTILL_DEFAULTS, SCORER_DEFAULTS, check_settings
 from detox_exp.reward.scorer import ToxicityScorer
 from detox_exp.tracking import Tracker
 from detox_exp.training.loop import LoopDebug, StepSamples, TrainingLoop, sampling_stream
 from detox_exp.training.policy import ActorCritic
-from detox_exp.utils import progress
 
 log = logging.getLogger(__name__)
-
-DIRECTIONS = ("forward", "reverse")
-SCORER_DEFAULTS = {
-    "rollout_prompts": 1024,
-    "rollout_samples": 8,
-    "batch_prompts": 32,
-    "batch_tokens": 4096,
-    "n_atoms": 16,
-    "hidden_size": 0,
-    "epochs": 8,
-    "lr": 3e-3,
-    "heldout_fraction": 0.1,
-}
-ROW_KEYS = ("states", "tokens")  # the scorer's inputs per response token
-DISTILL_DEFAULTS = {"direction": "forward", "prefixes": "teacher"}
-PREFIXES = ("teacher", "policy")
-
-
-def _check(ok: bool, key: str, problem: str, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"algorithm.{key}", problem, fix)
-
-
-def check_settings(
-    steps: int = 100,
-    batch_size: int = 64,
-    samples_per_prompt: int = 4,
-    prefix_scorer: Mapping[str, Any] | None = None,
-    distill: Mapping[str, Any] | None = None,
-    on_nonfinite: str = "error",
-    max_consecutive_skips: int = 3,
-    **_: Any,
-) -> None:
-    """The ranges of ``algorithm.*`` (the pipeline checks them before any stage runs)."""
-    scorer = {**SCORER_DEFAULTS, **(prefix_scorer or {})}
-    distill = {**DISTILL_DEFAULTS, **(distill or {})}
-    for key in scorer:
-        if key not in SCORER_DEFAULTS:
-            raise ConfigError(
-                f"algorithm.prefix_scorer.{key}",
-                "unknown key",
-                f"use one of {list(SCORER_DEFAULTS)}",
-            )
-    for key in distill:
-        if key not in DISTILL_DEFAULTS:
-            raise ConfigError(
-                f"algorithm.distill.{key}", "unknown key", f"use one of {list(DISTILL_DEFAULTS)}"
-            )
-    _check(steps >= 1, "steps", f"must be >= 1, got {steps}", "raise it")
-    _check(
-        on_nonfinite in ("error", "skip"),
-        "on_nonfinite",
-        f"unknown {on_nonfinite!r}",
-        "use one of ('error', 'skip')",
-    )
-    _check(max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1", "raise it")
-    _check(samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", "raise it")
-    _check(
-        batch_size >= samples_per_prompt and batch_size % samples_per_prompt == 0,
-        "batch_size",
-        f"must be a multiple of samples_per_prompt={samples_per_prompt}, got {batch_size}",
-        f"use e.g. {4 * samples_per_prompt}",
-    )
-    _check(
-        scorer["rollout_prompts"] >= 4, "prefix_scorer.rollout_prompts", "must be >= 4", "raise it"
-    )
-    _check(
-        scorer["rollout_samples"] >= 1, "prefix_scorer.rollout_samples", "must be >= 1", "raise it"
-    )
-    _check(scorer["n_atoms"] >= 2, "prefix_scorer.n_atoms", "must be >= 2", "use e.g. 16")
-    _check(scorer["epochs"] >= 1, "prefix_scorer.epochs", "must be >= 1", "raise it")
-    for key in ("batch_prompts", "batch_tokens"):
-        _check(scorer[key] >= 1, f"prefix_scorer.{key}", "must be >= 1", "raise it")
-    _check(scorer["hidden_size"] >= 0, "prefix_scorer.hidden_size", "must be >= 0", "use 0: linear")
-    _check(
-        scorer["lr"] > 0, "prefix_scorer.lr", f"must be > 0, got {scorer['lr']}", "use e.g. 3e-3"
-    )
-    _check(
-        0 < scorer["heldout_fraction"] < 1,
-        "prefix_scorer.heldout_fraction",
-        f"must be in (0, 1), got {scorer['heldout_fraction']}",
-        "use e.g. 0.1",
-    )
-    _check(
-        distill["direction"] in DIRECTIONS,
-        "distill.direction",
-        f"unknown direction {distill['direction']!r}",
-        f"use one of {DIRECTIONS}",
-    )
-    _check(
-        distill["prefixes"] in PREFIXES,
-        "distill.prefixes",
-        f"unknown prefixes {distill['prefixes']!r}",
-        f"use one of {PREFIXES}",
-    )
 
 
 class GuidedTrainer(TrainingLoop):
@@ -222,7 +114,16 @@ class GuidedTrainer(TrainingLoop):
         self.sample_table_every, self.num_table_samples = sample_table_every, num_table_samples
         self.attach(ActorCritic(model, value_head=False), optimizer)
         self.prefix_scorer: PrefixScorer | None = None
-        self.reference_draws = reference_draws
+        self.rollouts = Rollouts(
+            sample=self.sample,
+            reference_pass=self._reference_pass,
+            queries=self._queries,
+            reward=scorer,
+            tokenizer=tokenizer,
+            max_new_tokens=int(self.generation.get("max_new_tokens", 64)),
+            device=self.device,
+            draws=reference_draws,
+        )
 
     # --------------------------------------------------------------- the reference
     @property
@@ -288,139 +189,19 @@ class GuidedTrainer(TrainingLoop):
             log.info("guided: reusing the prefix scorer %s", path)
             return
         if self.dist.is_main:
-            scorer, stats = self._fit_scorer()
+            scorer, stats = fit_prefix_scorer(
+                self.rollouts,
+                self.scorer_settings,
+                len(self.prompts),
+                self.model.get_output_embeddings().weight,
+                self.beta,
+                self.seed,
+                sampling_stream(self.seed, self.dist.rank, 0, self.device),
+            )
             save_prefix_scorer(scorer, self.beta, path)
             self.tracker.log_summary(stats)
         self.dist.wait()
         self.prefix_scorer, _ = load_prefix_scorer(path, self.device)
-
-    def _drawn(self, indices: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(query, query mask, responses, response mask, rewards) of ``indices`` from
-        ``reference_draws``: the texts tokenised again as the decoder reads them (EOS last;
-        one cut at ``max_new_tokens`` has none, as a sampled one)."""
-        texts, rewards = self.reference_draws
-        limit = int(self.generation.get("max_new_tokens", 64))
-        ids = self.tokenizer([t for i in indices for t in texts[i]])["input_ids"]
-        response, present = pad_queries(
-            [row[:limit] for row in ids], self.tokenizer.pad_token_id, self.device
-        )
-        mask = response_mask(response, self.tokenizer.eos_token_id) * present
-        query, query_mask = self._queries(indices)
-        return query, query_mask, response, mask, rewards[indices].flatten().to(self.device)
-
-    def _token_data(
-        self, indices: list[int], generator: torch.Generator, drawn: bool = False
-    ) -> dict[str, Tensor]:
-        """Reference samples of ``indices`` (``rollout_samples`` each; ``drawn``: those of
-        ``reference_draws``), scored, as one row per
-        response token (EOS included): the reference decoder's state before it ``states``
-        [N, d], the token ``tokens`` [N], and the response's reward ``rewards`` [N]; plus
-        the responses' rewards ``sequence_rewards``."""
-        s = self.scorer_settings
-        k, per = s["rollout_samples"], max(1, s["batch_prompts"])
-        if drawn:
-            k = self.reference_draws[1].shape[1]
-        out: dict[str, list] = {
-            "states": [],
-            "tokens": [],
-            "rewards": [],
-            "sequence_rewards": [],
-        }
-        bar = progress(total=len(indices), desc="scorer rollouts", unit="prompt")
-        for start in range(0, len(indices), per):
-            chunk = indices[start : start + per]
-            if drawn:
-                query, query_mask, response, mask, reward = self._drawn(chunk)
-            else:
-                query, query_mask, response, mask = self.sample(chunk, generator, k, "reference")
-                reward = self.reward.score(decode(self.tokenizer, response)).reward
-                reward = reward.to(self.device)
-            _, states = self._reference_pass(query, query_mask, response, k)
-            keep = mask.bool()
-            out["states"].append(states[keep])
-            out["tokens"].append(response[keep])
-            out["rewards"].append(reward[:, None].expand_as(mask)[keep])
-            out["sequence_rewards"].append(reward)
-            bar.update(len(chunk))
-        bar.close()
-        return {key: torch.cat(value) for key, value in out.items()}
-
-    def _fit_scorer(self) -> tuple[PrefixScorer, dict[str, float]]:
-        """Reference rollouts on ``rollout_prompts`` train prompts (a held-out share of
-        freshly sampled ones kept for calibration; the prompts of ``reference_draws`` come
-        with their draws), the reward atoms and prior from their rewards, then ``epochs``
-        passes of Adam over their tokens in shuffled batches of ``batch_tokens``."""
-        s = self.scorer_settings
-        gen = torch.Generator().manual_seed(self.seed + 7919)  # the scorer's own streams
-        order = torch.randperm(len(self.prompts), generator=gen).tolist()
-        total = min(s["rollout_prompts"], len(self.prompts))
-        n_heldout = max(1, int(total * s["heldout_fraction"]))
-        n_drawn = 0 if self.reference_draws is None else len(self.reference_draws[0])
-        drawn = list(range(min(n_drawn, total - n_heldout, len(self.prompts))))
-        fresh = [i for i in order if i >= len(drawn)][: total - len(drawn)]
-        stream = sampling_stream(self.seed, self.dist.rank, 0, self.device)
-        parts = [self._token_data(fresh[:-n_heldout], stream)] if len(fresh) > n_heldout else []
-        if drawn:
-            reused = self._token_data(drawn, stream, drawn=True)
-            parts.append(reused)
-            log.info("prefix scorer: the frontier's draws of %d prompts reused", len(drawn))
-        train = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-        held = self._token_data(fresh[-n_heldout:], stream)
-        atoms = reward_atoms(train["sequence_rewards"], s["n_atoms"]).to(self.device)
-        prior = two_hot(train["sequence_rewards"], atoms).mean(0)
-        embedding = self.model.get_output_embeddings().weight
-        scorer = PrefixScorer(embedding, atoms, prior, s["hidden_size"]).to(self.device)
-        opt = torch.optim.Adam(scorer.parameters(), lr=s["lr"])
-        n = len(train["tokens"])
-        batches = range(0, n, s["batch_tokens"])
-        bar = progress(total=s["epochs"] * len(batches), desc="prefix scorer", unit="batch")
-        for _ in range(s["epochs"]):
-            perm = torch.randperm(n, generator=gen).to(self.device)
-            for start in batches:
-                rows = perm[start : start + s["batch_tokens"]]
-                logits = scorer.atom_logits(*(train[key][rows] for key in ROW_KEYS))
-                loss = scorer_loss(logits, two_hot(train["rewards"][rows], atoms))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                bar.update(1)
-        bar.close()
-        scorer = scorer.eval().requires_grad_(False)
-        stats = self._calibration(scorer, held, prior)
-        stats[M.SCORER_ROLLOUTS] = float(len(train["sequence_rewards"]))
-        stats[M.SCORER_ATOMS] = float(len(atoms))
-        stats[M.SCORER_REUSED] = float(len(reused["sequence_rewards"]) if drawn else 0)
-        log.info(
-            "prefix scorer: held-out cross-entropy %.4f (constant %.4f), value correlation %.3f",
-            stats[M.SCORER_LOSS_HELDOUT],
-            stats[M.SCORER_LOSS_CONSTANT],
-            stats[M.SCORER_VALUE_CORR],
-        )
-        return scorer, stats
-
-    @torch.no_grad()
-    def _calibration(
-        self, scorer: PrefixScorer, held: dict[str, Tensor], prior: Tensor
-    ) -> dict[str, float]:
-        """On held-out prompts' tokens: the cross-entropy per token against the constant
-        predictor (the training rewards' atom frequencies), and the correlation of the
-        predicted V(s, a) with the realised exp(r / beta)."""
-        target = two_hot(held["rewards"], scorer.atoms)
-        logits = torch.cat(
-            [
-                scorer.atom_logits(*(held[key][i : i + 4096] for key in ROW_KEYS))
-                for i in range(0, len(held["tokens"]), 4096)
-            ]
-        )
-        constant = prior.clamp_min(1e-6).log().to(logits.device).expand_as(logits)
-        value = logits.softmax(-1) @ torch.exp(scorer.atoms / self.beta)
-        realised = torch.exp(held["rewards"] / self.beta)
-        corr = torch.corrcoef(torch.stack([value, realised]))[0, 1].item()
-        return {
-            M.SCORER_LOSS_HELDOUT: scorer_loss(logits, target).item(),
-            M.SCORER_LOSS_CONSTANT: scorer_loss(constant, target).item(),
-            M.SCORER_VALUE_CORR: corr,
-        }
 
     # ------------------------------------------------------------------ one step
     def teacher_logits(

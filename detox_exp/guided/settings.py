@@ -1,0 +1,103 @@
+"""The ranges of ``algorithm.*`` for ``algorithm=guided`` (conf/algorithm/guided.yaml); the
+pipeline checks them before any stage runs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from detox_exp.errors import ConfigError
+
+DIRECTIONS = ("forward", "reverse")
+SCORER_DEFAULTS = {
+    "rollout_prompts": 1024,
+    "rollout_samples": 8,
+    "batch_prompts": 32,
+    "batch_tokens": 4096,
+    "n_atoms": 16,
+    "hidden_size": 0,
+    "epochs": 8,
+    "lr": 3e-3,
+    "heldout_fraction": 0.1,
+}
+DISTILL_DEFAULTS = {"direction": "forward", "prefixes": "teacher"}
+PREFIXES = ("teacher", "policy")
+
+
+def _check(ok: bool, key: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"algorithm.{key}", problem, fix)
+
+
+def check_settings(
+    steps: int = 100,
+    batch_size: int = 64,
+    samples_per_prompt: int = 4,
+    prefix_scorer: Mapping[str, Any] | None = None,
+    distill: Mapping[str, Any] | None = None,
+    on_nonfinite: str = "error",
+    max_consecutive_skips: int = 3,
+    **_: Any,
+) -> None:
+    """The ranges of ``algorithm.*`` (the pipeline checks them before any stage runs)."""
+    scorer = {**SCORER_DEFAULTS, **(prefix_scorer or {})}
+    distill = {**DISTILL_DEFAULTS, **(distill or {})}
+    for key in scorer:
+        if key not in SCORER_DEFAULTS:
+            raise ConfigError(
+                f"algorithm.prefix_scorer.{key}",
+                "unknown key",
+                f"use one of {list(SCORER_DEFAULTS)}",
+            )
+    for key in distill:
+        if key not in DISTILL_DEFAULTS:
+            raise ConfigError(
+                f"algorithm.distill.{key}", "unknown key", f"use one of {list(DISTILL_DEFAULTS)}"
+            )
+    _check(steps >= 1, "steps", f"must be >= 1, got {steps}", "raise it")
+    _check(
+        on_nonfinite in ("error", "skip"),
+        "on_nonfinite",
+        f"unknown {on_nonfinite!r}",
+        "use one of ('error', 'skip')",
+    )
+    _check(max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1", "raise it")
+    _check(samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", "raise it")
+    _check(
+        batch_size >= samples_per_prompt and batch_size % samples_per_prompt == 0,
+        "batch_size",
+        f"must be a multiple of samples_per_prompt={samples_per_prompt}, got {batch_size}",
+        f"use e.g. {4 * samples_per_prompt}",
+    )
+    _check(
+        scorer["rollout_prompts"] >= 4, "prefix_scorer.rollout_prompts", "must be >= 4", "raise it"
+    )
+    _check(
+        scorer["rollout_samples"] >= 1, "prefix_scorer.rollout_samples", "must be >= 1", "raise it"
+    )
+    _check(scorer["n_atoms"] >= 2, "prefix_scorer.n_atoms", "must be >= 2", "use e.g. 16")
+    _check(scorer["epochs"] >= 1, "prefix_scorer.epochs", "must be >= 1", "raise it")
+    for key in ("batch_prompts", "batch_tokens"):
+        _check(scorer[key] >= 1, f"prefix_scorer.{key}", "must be >= 1", "raise it")
+    _check(scorer["hidden_size"] >= 0, "prefix_scorer.hidden_size", "must be >= 0", "use 0: linear")
+    _check(
+        scorer["lr"] > 0, "prefix_scorer.lr", f"must be > 0, got {scorer['lr']}", "use e.g. 3e-3"
+    )
+    _check(
+        0 < scorer["heldout_fraction"] < 1,
+        "prefix_scorer.heldout_fraction",
+        f"must be in (0, 1), got {scorer['heldout_fraction']}",
+        "use e.g. 0.1",
+    )
+    _check(
+        distill["direction"] in DIRECTIONS,
+        "distill.direction",
+        f"unknown direction {distill['direction']!r}",
+        f"use one of {DIRECTIONS}",
+    )
+    _check(
+        distill["prefixes"] in PREFIXES,
+        "distill.prefixes",
+        f"unknown prefixes {distill['prefixes']!r}",
+        f"use one of {PREFIXES}",
+    )
