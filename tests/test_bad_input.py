@@ -40,7 +40,7 @@ def refusal(overrides: list[str], tmp_path: Path) -> BaseException:
     check_data_files); then what the stages build from the config, in the pipeline's order:
     the tokenizer, the prepared prompts, the reward scorer and the policy (no training,
     sampling or evaluation, no file written)."""
-    from detox_exp.pipeline import build, check_data_files, check_run_config
+    from detox_exp.run_config import build, check_data_files, check_run_config
 
     with pytest.raises(Exception) as info:  # noqa: B017 - whatever the CLI would see
         cfg = compose_cfg(overrides, tmp_path)
@@ -213,7 +213,7 @@ def test_types_and_ranges_of_every_group(tmp_path: Path, override: str, field: s
     """The checks the CLI runs before the first stage (check_run_config), in process: each
     bad value is a ConfigError naming its key, which the CLI prints as one line (exit 2)."""
     from detox_exp.errors import ConfigError
-    from detox_exp.pipeline import check_run_config
+    from detox_exp.run_config import check_run_config
 
     cfg = compose_cfg(["experiment=demo", *override.split()], tmp_path)
     with pytest.raises(ConfigError) as err:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from detox_exp.pipeline import STAGES
+from detox_exp.run_config import STAGES
 from tests.helpers.run import ROOT, run_cli
 from tests.wandb_file import read_wandb_records
 

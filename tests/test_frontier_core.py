@@ -153,7 +153,7 @@ def test_frontier_controller_needs_the_frontier_stage(tmp_path) -> None:
     from omegaconf import open_dict
 
     from detox_exp.errors import ConfigError
-    from detox_exp.pipeline import check_run_config
+    from detox_exp.run_config import check_run_config
     from tests.helpers.run import CONF_DIR
 
     overrides = ["experiment=demo", "ppo/kl_controller=frontier"]

@@ -249,7 +249,7 @@ def test_bad_guided_settings_stop_before_any_stage(
     override: str, field: str, tmp_path: Path
 ) -> None:
     from detox_exp.errors import bad_input_message
-    from detox_exp.pipeline import check_run_config
+    from detox_exp.run_config import check_run_config
     from tests.helpers.config import compose_cfg
 
     cfg = compose_cfg(["experiment=demo", "algorithm=guided", override], tmp_path)

@@ -124,7 +124,7 @@ def test_refused_key_names_the_closest_keys_not_plus() -> None:
 def test_plus_is_advised_only_where_the_target_takes_the_key(tmp_path: Path) -> None:
     """``model.lora.use_rslora`` is no key of the yaml, but peft.LoraConfig takes it: adding
     it is the fix, and the run's checks accept the added key."""
-    from detox_exp.pipeline import check_run_config
+    from detox_exp.run_config import check_run_config
 
     argv = ["experiment=demo", "model.lora.use_rslora=true"]
     err = with_suggestions(composition_error(argv), str(CONF_DIR), argv)
@@ -140,7 +140,7 @@ def test_plus_is_advised_only_where_the_target_takes_the_key(tmp_path: Path) -> 
 def test_following_the_advice_gives_a_run(bad: str, meant: str, tmp_path: Path) -> None:
     """The added key is refused before any stage with the same suggestions; the key
     suggested passes every check."""
-    from detox_exp.pipeline import check_run_config
+    from detox_exp.run_config import check_run_config
 
     with pytest.raises(UnknownKeyError) as info:
         check_run_config(compose_cfg(["experiment=demo", f"+{bad}=4"], tmp_path))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from detox_exp.errors import ConfigError
-from detox_exp.pipeline import check_run_config
+from detox_exp.run_config import check_run_config
 from detox_exp.ppo.checks import check_ppo_config, local_sizes, settings_from
 from detox_exp.ppo.settings import PPOSettings
 from tests.helpers.config import compose_cfg

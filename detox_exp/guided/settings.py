@@ -3,10 +3,14 @@ pipeline checks them before any stage runs."""
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from detox_exp.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DIRECTIONS = ("forward", "reverse")
 SCORER_DEFAULTS = {
@@ -101,3 +105,22 @@ def check_settings(
         f"unknown prefixes {distill['prefixes']!r}",
         f"use one of {PREFIXES}",
     )
+
+
+def check_rollouts(prefix_scorer: Mapping[str, Any], frontier_kl: float | None) -> None:
+    """Warn when the prefix scorer's reference samples per prompt are fewer than 4 x
+    exp(KL(pi* || ref)), the frontier's measured KL at the run's beta: importance sampling
+    from ref to pi* needs about exp(KL) samples (Chatterjee & Diaconis 2018), so fewer leave
+    the scorer without the completions the optimum keeps (docs/guided.md)."""
+    if frontier_kl is None:
+        return
+    need = 4 * math.exp(frontier_kl)
+    have = prefix_scorer["rollout_samples"]
+    if have < need:
+        log.warning(
+            "algorithm.prefix_scorer.rollout_samples=%d is under 4 x exp(KL) = %.1f (the "
+            "frontier's KL %.3f nats at this beta): raise it for a calibrated scorer",
+            have,
+            need,
+            frontier_kl,
+        )
