@@ -6,10 +6,12 @@ module only orders the stages and hands results from one to the next.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,13 @@ from detox_exp import metric_names as M
 from detox_exp.console import configure as configure_console
 from detox_exp.data.dialogues import PromptSplits
 from detox_exp.distributed import Dist
-from detox_exp.errors import ConfigError, bad_input_message
+from detox_exp.errors import bad_input_message
 from detox_exp.evaluation import report
 from detox_exp.evaluation.evaluator import EvalResult
 from detox_exp.fast import configure as configure_fast
 from detox_exp.fast.memory import keep_freed_memory
 from detox_exp.frontier import heldout
+from detox_exp.frontier.runner import frontier_draws, frontier_stage
 from detox_exp.frontier.stage import configured_beta
 from detox_exp.guided.settings import check_rollouts
 from detox_exp.perf import perf_summary
@@ -39,6 +42,7 @@ from detox_exp.run_config import (
     training_node,
 )
 from detox_exp.tracking import Tracker
+from detox_exp.training.loop import TrainingLoop
 from detox_exp.training.saving import model_identity
 from detox_exp.utils import (
     resolve_device,
@@ -110,7 +114,7 @@ def run(
     current: dict[str, str] = {}  # the stage running (for the line of a stopped run)
     try:
         with interrupt.handling():
-            summary, objects = _run_stages(cfg, tracker, run_dir, dist, resume, current)
+            summary, objects = _Stages(cfg, tracker, run_dir, dist, resume, current).run()
         exit_code = 0
     except interrupt.Interrupted as stop:  # SIGINT / SIGTERM: the line and the way back
         exit_code = stop.exit_code
@@ -135,236 +139,225 @@ def resume_command(run_dir: Path) -> str:
     return shlex.join(["detox-exp", *kept, f"hydra.run.dir={run_dir}", "resume=auto"])
 
 
-def _run_stages(
-    cfg: DictConfig,
-    tracker: Tracker,
-    run_dir: Path,
-    dist: Dist,
-    resume: Path | None,
-    current: dict[str, str],
-):
-    stages = cfg.stages
-    timings: dict[str, float] = {}
-    objects: dict[str, Any] = {}
-    # continuing a run (from a checkpoint, or resume=auto after a stop before the first one):
-    # what the run dir already holds is reused (classifier, evaluations, frontier)
-    reuse = resume is not None or cfg.get("resume") == "auto"
+class _Stages:
+    """The run's stages: one method per name of :data:`~detox_exp.run_config.STAGES`, run in
+    that order when ``stages.<name>`` is true (adding a stage: a name there, a switch in
+    conf/config.yaml, a method here). The data, classifier and policy are loaded on first
+    use, so a stage that is off costs nothing. A continued run (from a checkpoint, or
+    ``resume=auto`` after a stop before the first one) reuses what the run dir holds:
+    classifier, evaluations, frontier."""
 
-    enabled = [name for name in STAGES if stages.get(name)]
+    def __init__(
+        self,
+        cfg: DictConfig,
+        tracker: Tracker,
+        run_dir: Path,
+        dist: Dist,
+        resume: Path | None,
+        current: dict[str, str],
+    ) -> None:
+        self.cfg, self.tracker, self.run_dir, self.dist = cfg, tracker, run_dir, dist
+        self.resume, self.current = resume, current
+        self.reuse = resume is not None or cfg.get("resume") == "auto"
+        self.enabled = [name for name in STAGES if cfg.stages.get(name)]
+        self.timings: dict[str, float] = {}
+        self.objects: dict[str, Any] = {}
+        self.results: dict[str, EvalResult] = {}
+        self.reward_path = str(cfg.reward.name_or_path)
+        self.controller = OmegaConf.to_container(cfg.ppo.kl_controller, resolve=True)
+        self.beta = configured_beta(self.controller)  # None: taken from the frontier
+        # the training stage's: the pipeline uses what every method's loop has (train, resume,
+        # save, save_dir, batch_size, device) and, if there is one, its ``guide``
+        self.trainer: TrainingLoop | None = None
+        self._data: tuple[Any, PromptSplits] | None = None
+        self._policy: torch.nn.Module | None = None
 
-    def begin(name: str) -> float:
-        """Announce a stage on the console; its start time."""
-        current["stage"] = name
-        if dist.is_main:
-            if name in enabled:
-                log.info("stage %d/%d: %s", enabled.index(name) + 1, len(enabled), name)
-            else:  # part of a stage (the guided teacher's evaluation, in the training stage)
+    def run(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        for name in self.enabled:
+            getattr(self, name)()
+        return self.finish()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Announce a stage on the console (a part of one, e.g. the guided teacher's
+        evaluation, without a number) and time it (``time/stage/<name>_s``)."""
+        self.current["stage"] = name
+        if self.dist.is_main:
+            if name in self.enabled:
+                log.info("stage %d/%d: %s", self.enabled.index(name) + 1, len(self.enabled), name)
+            else:
                 log.info("stage %s", name)
-        return time.perf_counter()
+        start = time.perf_counter()
+        yield
+        self.timings[f"time/stage/{name}_s"] = time.perf_counter() - start
 
-    def timed(name: str, start: float) -> None:
-        timings[f"time/stage/{name}_s"] = time.perf_counter() - start
+    # ------------------------------------------------------------ loaded on first use
+    @property
+    def data(self) -> tuple[Any, PromptSplits]:
+        """(tokenizer, prompt splits): those prepare_data made, or the saved ones."""
+        if self._data is None:
+            tokenizer = build(self.cfg.model.tokenizer)
+            self._data = (tokenizer, PromptSplits.load(self.cfg.paths.data_dir))
+        return self._data
 
-    start = begin("prepare_data") if stages.prepare_data else time.perf_counter()
-    if stages.prepare_data and cfg.get("assets") is not None:
-        if dist.is_main:
-            build(cfg.assets).build()
-        dist.wait()
-    tokenizer = build(cfg.model.tokenizer)
-    if stages.prepare_data:
-        splits = build(cfg.dataset).prepare(tokenizer)  # deterministic on every process
-        if dist.is_main:
-            splits.save(cfg.paths.data_dir)
-        tracker.log_summary(
-            {M.DATA_TRAIN_PROMPTS: len(splits.train), M.DATA_EVAL_PROMPTS: len(splits.eval)}
-        )
-        timed("prepare_data", start)
-    else:
-        splits = PromptSplits.load(cfg.paths.data_dir)
+    @property
+    def policy(self) -> torch.nn.Module:
+        """The policy (the scorer, evaluator and generation settings with it), seeded."""
+        if self._policy is None:
+            cfg = self.cfg
+            self.scorer = build(cfg.reward.scorer, name_or_path=self.reward_path)
+            seed_everything(cfg.seed)
+            # bf16 with LoRA: the frozen base weights are stored in bf16 (half the memory and
+            # memory traffic); the adapters and the value head stay fp32 and the passes run
+            # under autocast
+            bf16 = cfg.precision == "bf16" and not cfg.model.full_finetune
+            model = build(cfg.model.policy, **({"torch_dtype": torch.bfloat16} if bf16 else {}))
+            self._policy = model.to(resolve_device(cfg.device))
+            self.evaluator = build(cfg.eval)
+            self.generation = OmegaConf.to_container(cfg.model.generation, resolve=True)
+            tokenizer, splits = self.data
+            self.objects |= {"tokenizer": tokenizer, "scorer": self.scorer, "splits": splits}
+        return self._policy
 
-    reward_path = cfg.reward.name_or_path
-    if stages.train_reward:
-        start = begin("train_reward")
-        trainer = build(cfg.reward.training)
-        done = reuse and (trainer.output_dir / "metrics.json").is_file()
-        if dist.is_main and not done:  # on resume the trained classifier is reused
-            trainer.train(tracker)
-        dist.wait()
-        reward_path = str(trainer.output_dir)
-        timed("train_reward", start)
+    # ------------------------------------------------------------------- the stages
+    def prepare_data(self) -> None:
+        with self.stage("prepare_data"):
+            if self.cfg.get("assets") is not None:
+                if self.dist.is_main:
+                    build(self.cfg.assets).build()
+                self.dist.wait()
+            tokenizer = build(self.cfg.model.tokenizer)
+            splits = build(self.cfg.dataset).prepare(tokenizer)  # the same on every process
+            if self.dist.is_main:
+                splits.save(self.cfg.paths.data_dir)
+            self._data = (tokenizer, splits)
+            self.tracker.log_summary(
+                {M.DATA_TRAIN_PROMPTS: len(splits.train), M.DATA_EVAL_PROMPTS: len(splits.eval)}
+            )
 
-    need_policy = stages.evaluate_before or stages.ppo or stages.evaluate_after
-    if not need_policy:
-        tracker.log_summary(timings)
-        return dict(tracker.summary), objects
-    device = resolve_device(cfg.device)
-    scorer = build(cfg.reward.scorer, name_or_path=str(reward_path))
-    seed_everything(cfg.seed)
-    # bf16 with LoRA: the frozen base weights are stored in bf16 (half the memory and memory
-    # traffic); the adapters and the value head stay fp32 and the passes run under autocast
-    bf16_base = cfg.precision == "bf16" and not cfg.model.full_finetune
-    model = build(cfg.model.policy, **({"torch_dtype": torch.bfloat16} if bf16_base else {}))
-    model = model.to(device)
-    evaluator = build(cfg.eval)
-    generation = OmegaConf.to_container(cfg.model.generation, resolve=True)
-    results = {}
-    objects |= {"tokenizer": tokenizer, "scorer": scorer, "splits": splits}
+    def train_reward(self) -> None:
+        with self.stage("train_reward"):
+            trainer = build(self.cfg.reward.training)
+            done = self.reuse and (trainer.output_dir / "metrics.json").is_file()
+            if self.dist.is_main and not done:  # on resume the trained classifier is reused
+                trainer.train(self.tracker)
+            self.dist.wait()
+            self.reward_path = str(trainer.output_dir)
 
-    def evaluate(phase: str, policy: torch.nn.Module, guide: Any = None) -> None:
-        if not dist.is_main:  # evaluation runs on the main process; the others wait
-            dist.wait()
+    def evaluate_before(self) -> None:
+        self._evaluate("before")
+
+    def frontier(self) -> None:
+        policy = self.policy
+        with self.stage("frontier"):
+            tokenizer, splits = self.data
+            self.beta = frontier_stage(
+                build(self.cfg.frontier),
+                self.controller,
+                self.generation,
+                self.tracker,
+                self.run_dir / "frontier",
+                self.dist,
+                policy,
+                tokenizer,
+                self.scorer,
+                splits.train,
+                self.reuse,
+            )
+
+    def ppo(self) -> None:
+        """The training stage, by the configured method (``algorithm``)."""
+        policy = self.policy
+        with self.stage("ppo"):
+            tokenizer, splits = self.data
+            frontier = (
+                {} if configured_beta(self.controller) is not None else {"kl_coef": self.beta}
+            )
+            name, node = training_node(self.cfg)
+            extra = {}
+            if name == "guided":
+                check_rollouts(node["prefix_scorer"], self.tracker.summary.get(M.FRONTIER_KL))
+                extra = frontier_draws(self.run_dir / "frontier")
+            self.trainer = build(node)(
+                model=policy,
+                tokenizer=tokenizer,
+                scorer=self.scorer,
+                prompts=splits.train,
+                tracker=self.tracker,
+                generation=self.generation,
+                checkpoints=build(self.cfg.checkpoint),
+                wandb_id=self.tracker.run.id if self.tracker.run is not None else None,
+                kl_controller=build(self.cfg.ppo.kl_controller, **frontier),
+                **extra,
+            )
+            if self.resume is not None:
+                self.trainer.resume(self.resume)
+            history = self.trainer.train()
+            self.tracker.log_summary(
+                perf_summary(history, self.trainer.batch_size, self.trainer.device)
+            )
+            self.objects["ppo"] = self.trainer
+
+    def evaluate_after(self) -> None:
+        guide = getattr(self.trainer, "guide", None)
+        if guide is not None:  # the guided teacher, evaluated as a policy
+            self._evaluate(M.TEACHER_PHASE, guide)
+        self._evaluate("after")
+
+    def _evaluate(self, phase: str, guide: Any = None) -> None:
+        policy = self.policy
+        if not self.dist.is_main:  # evaluation runs on the main process; the others wait
+            self.dist.wait()
             return
-        start = begin(f"evaluate_{phase}")
-        if reuse and (run_dir / "eval" / phase / "metrics.json").is_file():
-            results[phase] = EvalResult.load(run_dir, phase)  # done before the crash
-        else:
-            results[phase] = evaluator.evaluate(
-                policy, tokenizer, scorer, splits.eval, phase, run_dir, generation, guide
-            )
-        tracker.log_summary(results[phase].metrics)
-        timed(f"evaluate_{phase}", start)
-        dist.wait()
-
-    if stages.evaluate_before:
-        evaluate("before", model)
-    controller = OmegaConf.to_container(cfg.ppo.kl_controller, resolve=True)
-    beta = configured_beta(controller)  # None: taken from the frontier
-    if stages.get("frontier"):
-        start = begin("frontier")
-        beta = _frontier_stage(
-            cfg, controller, tracker, run_dir, dist, model, tokenizer, scorer, splits, reuse
-        )
-        timed("frontier", start)
-    if stages.ppo:
-        start = begin("ppo")
-        frontier_beta = {} if configured_beta(controller) is not None else {"kl_coef": beta}
-        name, node = training_node(cfg)
-        extra = {}
-        if name == "guided":
-            check_rollouts(node["prefix_scorer"], tracker.summary.get(M.FRONTIER_KL))
-            extra = _frontier_draws(run_dir)
-        trainer = build(node)(
-            model=model,
-            tokenizer=tokenizer,
-            scorer=scorer,
-            prompts=splits.train,
-            tracker=tracker,
-            generation=generation,
-            checkpoints=build(cfg.checkpoint),
-            wandb_id=tracker.run.id if tracker.run is not None else None,
-            kl_controller=build(cfg.ppo.kl_controller, **frontier_beta),
-            **extra,
-        )
-        if resume is not None:
-            trainer.resume(resume)
-        history = trainer.train()
-        tracker.log_summary(perf_summary(history, trainer.batch_size, trainer.device))
-        timed("ppo", start)
-        objects["ppo"] = trainer
-        guide = getattr(trainer, "guide", None)
-        if guide is not None and stages.evaluate_after:  # the guided teacher, as a policy
-            evaluate(M.TEACHER_PHASE, model, guide)
-    if stages.evaluate_after:
-        evaluate("after", model)
-    if "before" in results and beta is not None:  # the held-out optimum at the run's beta
-        tracker.log_summary(
-            heldout.heldout_optimum(results["before"], beta, evaluator.threshold, cfg.seed)
-        )
-    if "before" in results and "after" in results:
-        report.log_comparison(
-            tracker, results["before"], results["after"], evaluator.bootstrap, evaluator.threshold
-        )
-        tracker.log_summary(heldout.against_optimum(tracker.summary))
-        tracker.log_summary(heldout.against_optimum(tracker.summary, M.TEACHER_PHASE))
-    tracker.log_summary(timings)
-    if stages.ppo and dist.is_main and objects["ppo"].save_dir is not None:
-        summary = dict(tracker.summary)
-        table = report.card_table(summary)
-        saved = objects["ppo"].save(summary, cfg, table, str(reward_path))
-        config = OmegaConf.to_container(cfg, resolve=True)
-        tracker.log_model(saved / "merged", model_identity(config, str(reward_path)))
-    dist.wait()
-    objects["model"] = model
-    return dict(tracker.summary), objects
-
-
-def _frontier_draws(run_dir: Path) -> dict[str, Any]:
-    """The frontier stage's scored reference draws of train prompts 0 .. P - 1, for the prefix
-    scorer of ``algorithm=guided`` (``reference_draws``; none when the stage did not run)."""
-    from detox_exp.frontier.stage import ReferenceDraws
-
-    saved = run_dir / "frontier" / "draws.jsonl"
-    if not saved.is_file():
-        return {}
-    draws = ReferenceDraws.load(saved)
-    return {"reference_draws": (draws.texts, torch.from_numpy(draws.rewards).float())}
-
-
-def _frontier_stage(
-    cfg: DictConfig,
-    controller: dict[str, Any],
-    tracker: Tracker,
-    run_dir: Path,
-    dist: Dist,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    scorer: Any,
-    splits: PromptSplits,
-    reuse: bool = False,
-) -> float:
-    """Sample the reference on train prompts, write the frontier and choose the run's beta
-    (main process; the others wait and receive the beta, or the same one-line error).
-    ``reuse``: a continued run reads the draws it saved (``frontier/draws.jsonl``) instead of
-    sampling again, and logs nothing W&B already has."""
-    from detox_exp.frontier import stage as frontier
-
-    decision: dict[str, Any] = {}
-    out = run_dir / "frontier"
-    saved = out / "draws.jsonl"
-    if dist.is_main and reuse and saved.is_file():
-        runner = build(cfg.frontier)
-        try:
-            decision = {
-                "beta": frontier.choose_beta(
-                    runner.read(frontier.ReferenceDraws.load(saved)), controller, runner.min_drop
+        with self.stage(f"evaluate_{phase}"):
+            tokenizer, splits = self.data
+            if self.reuse and (self.run_dir / "eval" / phase / "metrics.json").is_file():
+                self.results[phase] = EvalResult.load(self.run_dir, phase)  # done before a stop
+            else:
+                self.results[phase] = self.evaluator.evaluate(
+                    policy,
+                    tokenizer,
+                    self.scorer,
+                    splits.eval,
+                    phase,
+                    self.run_dir,
+                    self.generation,
+                    guide,
                 )
-            }
-        except ConfigError as err:
-            decision = {"error": [err.field, err.problem, err.fix]}
-        log.info("frontier: reusing %s", saved)
-    elif dist.is_main:
-        runner = build(cfg.frontier)
-        generation = OmegaConf.to_container(cfg.model.generation, resolve=True)
-        draws = runner.sample(model, tokenizer, scorer, splits.train, generation)
-        result = runner.read(draws)
-        beta = None
-        try:
-            beta = frontier.choose_beta(result, controller, runner.min_drop)
-            decision = {"beta": beta}
-        except ConfigError as err:
-            decision = {"error": [err.field, err.problem, err.fix]}
-        print(f"\n{frontier.write_frontier(result, out, beta)}", flush=True)
-        tracker.log_table(
-            M.FRONTIER_TABLE,
-            frontier.ROW_KEYS,
-            [[row[key] for key in frontier.ROW_KEYS] for row in result.rows],
-            step=None,
-        )
-        tracker.log_image(M.FRONTIER_PLOT, out / "frontier.png")
-        if beta is not None:
-            row = result.at(beta)
+            self.tracker.log_summary(self.results[phase].metrics)
+        self.dist.wait()
+
+    def finish(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The comparisons of the evaluations (before/after, against the held-out optimum),
+        the stages' times, and the trained policy saved and logged."""
+        tracker, results = self.tracker, self.results
+        if "before" in results and self.beta is not None:  # the held-out optimum at beta
+            threshold = self.evaluator.threshold
             tracker.log_summary(
-                {
-                    M.FRONTIER_BETA: beta,
-                    M.FRONTIER_TOXICITY_CHANGE: row["toxicity_change"],
-                    M.FRONTIER_KL: row["kl"],
-                }
+                heldout.heldout_optimum(results["before"], self.beta, threshold, self.cfg.seed)
             )
-    dist.wait()
-    decision = dist.broadcast(decision)
-    if "error" in decision:
-        raise ConfigError(*decision["error"])
-    return float(decision["beta"])
+        if "before" in results and "after" in results:
+            report.log_comparison(
+                tracker,
+                results["before"],
+                results["after"],
+                self.evaluator.bootstrap,
+                self.evaluator.threshold,
+            )
+            tracker.log_summary(heldout.against_optimum(tracker.summary))
+            tracker.log_summary(heldout.against_optimum(tracker.summary, M.TEACHER_PHASE))
+        tracker.log_summary(self.timings)
+        if self.trainer is not None and self.dist.is_main and self.trainer.save_dir is not None:
+            summary = dict(tracker.summary)
+            saved = self.trainer.save(
+                summary, self.cfg, report.card_table(summary), self.reward_path
+            )
+            config = OmegaConf.to_container(self.cfg, resolve=True)
+            tracker.log_model(saved / "merged", model_identity(config, self.reward_path))
+        self.dist.wait()
+        if self._policy is not None:
+            self.objects["model"] = self._policy
+        return dict(tracker.summary), self.objects
 
 
 def print_report(

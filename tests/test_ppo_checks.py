@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from detox_exp.errors import ConfigError
-from detox_exp.run_config import check_run_config
 from detox_exp.ppo.checks import check_ppo_config, local_sizes, settings_from
 from detox_exp.ppo.settings import PPOSettings
+from detox_exp.run_config import check_run_config
 from tests.helpers.config import compose_cfg
 
 
