@@ -19,20 +19,16 @@ curves.png (PPO reward and KL per step) to --out; ``--max-kl 1`` keeps runs furt
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from detox_exp import metric_names as M
+from detox_exp.compare_runs import CURVES, CompareError, RunRecord, load_runs
 
 PROG = "detox-exp-compare"
 OPT, DELTA_PHASE = M.OPTIMUM_PHASE, M.DELTA_PHASE
@@ -69,138 +65,8 @@ DEFAULT_METRICS = tuple(
     )
 ) + (M.OPTIMUM_DROP_ACHIEVED, M.OPTIMUM_KL_RATIO, M.TEACHER_DROP_ACHIEVED, M.TEACHER_KL_RATIO)
 DELTA = re.compile(re.escape(M.eval_key(DELTA_PHASE, "")) + r"(?P<name>.+?)(?P<rel>_rel)?")
-CURVES = (M.REWARD_MEAN, M.KL)
 SKIP_PREFIXES = ("paths.", "hydra.", "_wandb")
 SKIP = frozenset({"logger.wandb.dir"})
-WANDB_PATH = re.compile(r"^(?:https?://[^/]+/)?([\w.-]+)/([\w.-]+)/(?:runs/)?([\w-]+)/?$")
-
-
-class CompareError(Exception):
-    """Bad input: printed as one line, exit code 2."""
-
-
-@dataclass
-class RunRecord:
-    """One run: short name, final metrics, flat (dotted) config and per-step history."""
-
-    name: str
-    summary: dict[str, Any]
-    config: dict[str, Any]
-    history: list[dict[str, Any]]
-    source: str = ""
-    run_dirs: tuple[str, ...] = field(default_factory=tuple)  # strings meaning "this run dir"
-    choices: dict[str, Any] = field(default_factory=dict)  # Hydra's group -> option, if known
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {"a.b.c": value}; lists and scalars are leaves."""
-    if not isinstance(node, Mapping) or (not node and prefix):
-        return {prefix: node} if prefix else {}
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        flat |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
-    return flat
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    """The composed Hydra config, flattened WITHOUT resolving (``${...}`` stay as text)."""
-    try:
-        return flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
-    except Exception as err:  # a malformed or half-written file
-        raise CompareError(f"{path}: cannot read ({_first_line(err)}); fix: check it") from None
-
-
-def _read_choices(path: Path) -> dict[str, Any]:
-    """Hydra's config group choices (``ppo`` -> ``rloo``) from ``.hydra/hydra.yaml``, or {}
-    (they only name a difference that the config shows anyway)."""
-    try:
-        hydra = OmegaConf.to_container(OmegaConf.load(path), resolve=False)["hydra"]
-        return dict(hydra["runtime"]["choices"])
-    except Exception:
-        return {}
-
-
-def _first_line(err: Exception) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
-
-
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl records; skips a torn last line of a run that is still writing."""
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
-    return [r for r in records if isinstance(r, dict)]
-
-
-def load_run(path: str | Path, name: str | None = None) -> RunRecord:
-    """Read a local run dir (summary.json, metrics.jsonl, .hydra/config.yaml)."""
-    run_dir, summary_path = Path(path), Path(path) / "summary.json"
-    try:
-        summary = json.loads(summary_path.read_text("utf-8")) if summary_path.is_file() else {}
-    except json.JSONDecodeError as err:
-        raise CompareError(f"{summary_path}: not valid JSON ({err}); fix: rerun") from None
-    dirs = tuple(sorted({str(run_dir.resolve()), os.path.abspath(run_dir)}))  # absolute only
-    config_path, history = run_dir / ".hydra/config.yaml", _read_history(run_dir / "metrics.jsonl")
-    config = _read_config(config_path) if config_path.is_file() else {}
-    choices = _read_choices(run_dir / ".hydra/hydra.yaml")
-    name = name or run_dir.resolve().name
-    return RunRecord(name, summary, config, history, str(run_dir), dirs, choices)
-
-
-def load_wandb_run(run_path: str) -> RunRecord:
-    """Fetch summary, config and reward / KL history of ``entity/project/run_id`` from W&B."""
-    try:
-        import wandb
-
-        run = wandb.Api(timeout=30).run(run_path)
-        summary = {k: v for k, v in dict(run.summary).items() if isinstance(v, (int, float))}
-        config = flatten(dict(run.config))
-        rows = run.history(keys=list(CURVES), pandas=False)
-    except Exception as err:
-        raise CompareError(
-            f"{run_path}: W&B run could not be fetched ({_first_line(err)}); fix: check the run "
-            "path (entity/project/run_id), network access and WANDB_API_KEY, or the local path"
-        ) from None
-    history = [r | {"step": r.get("step", r.get("_step"))} for r in rows]
-    output_dir = config.get("paths.output_dir")
-    dirs = (output_dir,) if isinstance(output_dir, str) and "${" not in output_dir else ()
-    return RunRecord(run_path, summary, config, history, f"wandb:{run_path}", dirs)
-
-
-def _job_dirs(path: Path) -> list[Path]:
-    """Job dirs of a sweep dir (or any dir of run dirs) that have a summary.json."""
-    jobs = [p for p in path.iterdir() if p.is_dir() and (p / "summary.json").is_file()]
-    return sorted(jobs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
-
-
-def expand_paths(paths: Sequence[str]) -> list[Path | str]:
-    """Run dirs stay, sweep dirs become their job dirs, the rest must be W&B run paths."""
-    out: list[Path | str] = []
-    for raw in paths:
-        path = Path(raw)
-        if (path / "summary.json").is_file() or (path / ".hydra" / "config.yaml").is_file():
-            out.append(path)
-        elif path.is_dir() and _job_dirs(path):
-            out.extend(_job_dirs(path))
-        elif not path.exists() and WANDB_PATH.match(raw):
-            out.append("/".join(WANDB_PATH.match(raw).groups()))  # type: ignore[union-attr]
-        else:
-            raise CompareError(
-                f"{raw}: not a run dir, sweep dir or W&B run path; fix: pass a Hydra run dir (with "
-                "summary.json), a sweep dir (job dirs with summary.json) or entity/project/run_id"
-            )
-    keys = [str(i.resolve()) if isinstance(i, Path) else i for i in out]
-    return [item for n, (key, item) in enumerate(zip(keys, out)) if key not in keys[:n]]
-
-
-def load_runs(paths: Sequence[str]) -> list[RunRecord]:
-    """Expand and load every PATH; local runs are named relative to their common parent."""
-    items = expand_paths(paths)
-    local = [p.resolve() for p in items if isinstance(p, Path)]
-    parent = Path(os.path.commonpath([str(p.parent) for p in local])) if local else None
-    name = {p: os.path.relpath(p.resolve(), parent) for p in items if isinstance(p, Path)}
-    return [load_wandb_run(i) if isinstance(i, str) else load_run(i, name[i]) for i in items]
 
 
 def _normalise(value: Any, run_dirs: Sequence[str]) -> str:

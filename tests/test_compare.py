@@ -11,16 +11,14 @@ from pathlib import Path
 import pytest
 
 from detox_exp.compare import (
-    RunRecord,
     config_cell,
     differing_keys,
-    flatten,
     format_metric,
-    load_runs,
     main,
     markdown_table,
     pareto_front,
 )
+from detox_exp.compare_runs import RunRecord, flatten, load_runs
 from tests.helpers.run import ROOT, local_overrides, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
