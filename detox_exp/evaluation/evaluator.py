@@ -182,58 +182,15 @@ class Evaluator:
         """Generate k samples per prompt, score responses, write files, return metrics.
         With ``guide``, the policy evaluated is the guided reference ``ref(a | s) V(s, a)``
         (value guidance: :func:`detox_exp.generation.sample_responses`)."""
-        device = resolve_device(self.device)
         gen = generation_kwargs({**generation_defaults, **self.generation})
         prompts = self.prompts(data)
-        was_training = model.training
-        model.eval()
-        torch.manual_seed(self.seed)  # same samples' randomness before and after PPO
         rows = [(i, s) for i in range(len(prompts)) for s in range(self.k)]
-        responses: list[str] = [""] * len(rows)
-        lengths = np.zeros(len(rows))
-        kl = np.full(len(rows), np.nan)
-        bar = progress(total=len(rows), desc=f"eval {phase}", unit="sample")
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
-            ids, mask = pad_queries(
-                [prompts[i]["input_ids"] for i, _ in chunk], tokenizer.pad_token_id, device
-            )
-            with reference(model) if guide is not None else contextlib.nullcontext():
-                response_ids, response_mask = sample_responses(
-                    model, tokenizer, ids, mask, gen, guide=guide
-                )
-            # length in tokens, EOS excluded
-            eos = (response_ids == tokenizer.eos_token_id).float() * response_mask
-            lengths[start : start + len(chunk)] = (response_mask.sum(1) - eos.sum(1)).cpu().numpy()
-            responses[start : start + len(chunk)] = decode(tokenizer, response_ids)
-            kl[start : start + len(chunk)] = sequence_kl(
-                model, ids, mask, response_ids, response_mask, guide
-            )
-            bar.update(len(chunk))
-        bar.close()
-        model.train(was_training)
+        responses, lengths, kl = self._sample(model, tokenizer, prompts, rows, gen, phase, guide)
         scores = scorer.score(responses)
         toxicity = scores.toxicity.numpy().reshape(len(prompts), self.k)
         references = [references_of(prompts[i]) for i, _ in rows]
         rouge_l = rouge_l_per_example(responses, references).reshape(len(prompts), self.k)
-        metrics = toxicity_stats(toxicity.ravel(), self.threshold)
-        metrics |= {
-            "expected_max_toxicity": expected_max_toxicity(toxicity),
-            "toxicity_probability": toxicity_probability(toxicity, self.threshold),
-            "reward_mean": float(scores.reward.mean()),
-        }
-        metrics |= rouge_scores(responses, references)
-        metrics |= {
-            "distinct_1": distinct_n(responses, 1),
-            "distinct_2": distinct_n(responses, 2),
-            **response_collapse(responses),
-            "response_len_mean": float(lengths.mean()),
-            "empty_fraction": float(np.mean([not r for r in responses])),
-            # exact KL(policy || reference) summed over each response's tokens
-            "kl_to_reference": float(np.mean(kl)),
-            "num_prompts": len(prompts),
-            "samples_per_prompt": self.k,
-        }
+        metrics = self._metrics(responses, references, toxicity, scores.reward, lengths, kl)
         judged = {"reward": toxicity.ravel()}
         for name, judge in self.judges.items():
             judged[name] = judge.score(responses).toxicity.numpy()
@@ -275,3 +232,76 @@ class Evaluator:
             lengths=lengths.reshape(len(prompts), self.k),
             records=records,
         )
+
+    def _sample(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: Dataset,
+        rows: list[tuple[int, int]],
+        gen: Mapping[str, Any],
+        phase: str,
+        guide: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The responses of ``rows`` (prompt, sample), their lengths in tokens (EOS excluded)
+        and exact KL to the reference, from torch's stream seeded with ``seed`` (the same
+        randomness before and after training)."""
+        device = resolve_device(self.device)
+        was_training = model.training
+        model.eval()
+        torch.manual_seed(self.seed)
+        responses: list[str] = [""] * len(rows)
+        lengths = np.zeros(len(rows))
+        kl = np.full(len(rows), np.nan)
+        bar = progress(total=len(rows), desc=f"eval {phase}", unit="sample")
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            ids, mask = pad_queries(
+                [prompts[i]["input_ids"] for i, _ in chunk], tokenizer.pad_token_id, device
+            )
+            with reference(model) if guide is not None else contextlib.nullcontext():
+                response_ids, response_mask = sample_responses(
+                    model, tokenizer, ids, mask, gen, guide=guide
+                )
+            eos = (response_ids == tokenizer.eos_token_id).float() * response_mask
+            lengths[start : start + len(chunk)] = (response_mask.sum(1) - eos.sum(1)).cpu().numpy()
+            responses[start : start + len(chunk)] = decode(tokenizer, response_ids)
+            kl[start : start + len(chunk)] = sequence_kl(
+                model, ids, mask, response_ids, response_mask, guide
+            )
+            bar.update(len(chunk))
+        bar.close()
+        model.train(was_training)
+        return responses, lengths, kl
+
+    def _metrics(
+        self,
+        responses: list[str],
+        references: list[list[str]],
+        toxicity: np.ndarray,
+        reward: torch.Tensor,
+        lengths: np.ndarray,
+        kl: np.ndarray,
+    ) -> dict[str, float]:
+        """The phase's metrics (``eval/<phase>/*``, before the judges') of scored responses:
+        toxicity [P, k], the reward, and the corpus, reference, length and KL statistics."""
+        p, k = toxicity.shape
+        metrics = toxicity_stats(toxicity.ravel(), self.threshold)
+        metrics |= {
+            "expected_max_toxicity": expected_max_toxicity(toxicity),
+            "toxicity_probability": toxicity_probability(toxicity, self.threshold),
+            "reward_mean": float(reward.mean()),
+        }
+        metrics |= rouge_scores(responses, references)
+        metrics |= {
+            "distinct_1": distinct_n(responses, 1),
+            "distinct_2": distinct_n(responses, 2),
+            **response_collapse(responses),
+            "response_len_mean": float(lengths.mean()),
+            "empty_fraction": float(np.mean([not r for r in responses])),
+            # exact KL(policy || reference) summed over each response's tokens
+            "kl_to_reference": float(np.mean(kl)),
+            "num_prompts": p,
+            "samples_per_prompt": k,
+        }
+        return metrics
