@@ -291,6 +291,42 @@ def rouge_l_per_example(predictions: Sequence[str], references: References) -> n
     return _rouge_matrix(predictions, references)[:, _ROUGE_TYPES.index("rougeL")].copy()
 
 
+def _paired_arrays(
+    before: np.ndarray, after: np.ndarray, n_resamples: int, confidence: float, statistic: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``before`` and ``after`` as float64 arrays, once every argument of
+    :func:`paired_bootstrap_ci` is checked (its ``Raises``)."""
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)):
+        raise ValueError(f"eval.bootstrap.n_resamples must be an integer, got {n_resamples!r}")
+    if n_resamples < 1:
+        raise ValueError(f"eval.bootstrap.n_resamples must be >= 1, got {n_resamples}")
+    if not isinstance(confidence, (int, float, np.floating)) or not 0.0 < confidence < 1.0:
+        raise ValueError(
+            f"eval.bootstrap.confidence must be strictly between 0 and 1, got {confidence!r}"
+        )
+    if statistic not in _BOOTSTRAP_STATISTICS:
+        raise ValueError(
+            f"eval.bootstrap.statistic must be one of {_BOOTSTRAP_STATISTICS}, got {statistic!r}"
+        )
+
+    b = np.asarray(before, dtype=np.float64)
+    a = np.asarray(after, dtype=np.float64)
+    if b.ndim != 1 or a.ndim != 1:
+        raise ValueError(
+            f"before and after must be 1-D per-prompt arrays, got shapes {b.shape} and {a.shape}"
+        )
+    if b.shape[0] != a.shape[0]:
+        raise ValueError(
+            "before and after must be paired (same prompts, same length), got lengths "
+            f"{b.shape[0]} and {a.shape[0]}"
+        )
+    if b.shape[0] < 2:
+        raise ValueError(f"paired bootstrap needs at least 2 paired values, got {b.shape[0]}")
+    if not (np.all(np.isfinite(b)) and np.all(np.isfinite(a))):
+        raise ValueError("before and after must contain only finite values")
+    return b, a
+
+
 def paired_bootstrap_ci(
     before: np.ndarray,
     after: np.ndarray,
@@ -337,36 +373,8 @@ def paired_bootstrap_ci(
             elements or contain non-finite values, or if ``n_resamples``, ``confidence``
             or ``statistic`` are invalid.
     """
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)):
-        raise ValueError(f"eval.bootstrap.n_resamples must be an integer, got {n_resamples!r}")
-    if n_resamples < 1:
-        raise ValueError(f"eval.bootstrap.n_resamples must be >= 1, got {n_resamples}")
-    if not isinstance(confidence, (int, float, np.floating)) or not 0.0 < confidence < 1.0:
-        raise ValueError(
-            f"eval.bootstrap.confidence must be strictly between 0 and 1, got {confidence!r}"
-        )
-    if statistic not in _BOOTSTRAP_STATISTICS:
-        raise ValueError(
-            f"eval.bootstrap.statistic must be one of {_BOOTSTRAP_STATISTICS}, got {statistic!r}"
-        )
-
-    b = np.asarray(before, dtype=np.float64)
-    a = np.asarray(after, dtype=np.float64)
-    if b.ndim != 1 or a.ndim != 1:
-        raise ValueError(
-            f"before and after must be 1-D per-prompt arrays, got shapes {b.shape} and {a.shape}"
-        )
-    if b.shape[0] != a.shape[0]:
-        raise ValueError(
-            "before and after must be paired (same prompts, same length), got lengths "
-            f"{b.shape[0]} and {a.shape[0]}"
-        )
+    b, a = _paired_arrays(before, after, n_resamples, confidence, statistic)
     n = b.shape[0]
-    if n < 2:
-        raise ValueError(f"paired bootstrap needs at least 2 paired values, got {n}")
-    if not (np.all(np.isfinite(b)) and np.all(np.isfinite(a))):
-        raise ValueError("before and after must contain only finite values")
-
     stat = np.mean if statistic == "mean" else np.median
     diff = a - b
     rng = np.random.default_rng(seed)

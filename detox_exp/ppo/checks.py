@@ -73,7 +73,16 @@ def check_choice(s: PPOSettings, name: str, choices: tuple[str, ...]) -> None:
 
 
 def check_settings(s: PPOSettings) -> None:
-    """Every rule on the ``ppo.*`` settings that needs no process count (see local_sizes)."""
+    """Every rule on the ``ppo.*`` settings that needs no process count (see local_sizes):
+    the batch sizes, the estimators, then the ranges of the rest (the first broken rule is
+    the one reported)."""
+    _check_sizes(s)
+    _check_estimators(s)
+    _check_ranges(s)
+
+
+def _check_sizes(s: PPOSettings) -> None:
+    """Steps, batch, minibatch, accumulation, epochs and groups of samples per prompt."""
     check(s.steps >= 0, "steps", f"must be >= 0, got {s.steps}", "set ppo.steps=20")
     check(s.batch_size >= 1, "batch_size", f"must be >= 1, got {s.batch_size}", "raise it")
     check(s.mini_batch_size >= 1, "mini_batch_size", "must be >= 1", "raise it")
@@ -108,6 +117,12 @@ def check_settings(s: PPOSettings) -> None:
         f"a micro-batch of {s.mini_batch_size // accum} samples would split a group of {k}",
         f"make ppo.mini_batch_size / ppo.gradient_accumulation_steps a multiple of {k}",
     )
+
+
+def _check_estimators(s: PPOSettings) -> None:
+    """The registered advantage estimator, loss aggregation and KL estimators, and what
+    each needs (a group, a value model)."""
+    k = s.samples_per_prompt
     check_choice(s, "advantage_estimator", registered_names("advantage_estimator"))
     check(
         s.uses_critic or k >= 2,
@@ -122,6 +137,12 @@ def check_settings(s: PPOSettings) -> None:
         "set it to false, or use ppo.advantage_estimator=gae",
     )
     check_choice(s, "loss_agg_mode", registered_names("loss_agg_mode"))
+    for name in ("kl_estimator", "kl_log_estimator", "kl_loss_estimator"):
+        check_choice(s, name, registered_names(name))
+
+
+def _check_ranges(s: PPOSettings) -> None:
+    """The ranges of the numbers and switches left."""
     for name, example in (("gamma", "1.0"), ("lam", "0.95")):
         value = getattr(s, name)
         check(0 <= value <= 1, name, f"must be in [0, 1], got {value}", f"use e.g. {example}")
@@ -129,8 +150,6 @@ def check_settings(s: PPOSettings) -> None:
         value = getattr(s, name)
         check(value > 0, name, f"must be > 0, got {value}", "use e.g. 0.2")
     check(s.group_eps > 0, "group_eps", f"must be > 0, got {s.group_eps}", "use e.g. 1e-6")
-    for name in ("kl_estimator", "kl_log_estimator", "kl_loss_estimator"):
-        check_choice(s, name, registered_names(name))
     check(
         s.kl_loss_coef >= 0,
         "kl_loss_coef",
