@@ -88,17 +88,9 @@ def check_data_files(cfg: DictConfig) -> None:
     check_hub_access(cfg)  # a hub id neither cached nor reachable: one line, no retries
 
 
-def check_run_config(cfg: DictConfig) -> None:
-    """Types and ranges of the whole config, before any stage runs: the top-level keys, every
-    component node against its target's signature (:mod:`detox_exp.schema`), the PPO
-    settings against their schema, and the rules that need several groups."""
-    check_value(cfg.seed, int, "seed")
-    threads = cfg.torch_threads
-    check_value(threads, int | None, "torch_threads")
-    if threads is not None and threads < 1:
-        raise ConfigError(
-            "torch_threads", f"must be >= 1 or null, got {threads}", "use e.g. 2, or null"
-        )
+def _check_nodes(cfg: DictConfig) -> None:
+    """Every component node the run builds against its target's signature
+    (:mod:`detox_exp.schema`), and the LoRA settings."""
     nodes = {
         "model.tokenizer": cfg.model.tokenizer,
         "model.policy": cfg.model.policy,
@@ -121,6 +113,20 @@ def check_run_config(cfg: DictConfig) -> None:
         check_node(plain, field)
         if field == "model.lora":
             check_lora(plain)
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Types and ranges of the whole config, before any stage runs: the top-level keys, every
+    component node against its target's signature (:mod:`detox_exp.schema`), the PPO
+    settings against their schema, and the rules that need several groups."""
+    check_value(cfg.seed, int, "seed")
+    threads = cfg.torch_threads
+    check_value(threads, int | None, "torch_threads")
+    if threads is not None and threads < 1:
+        raise ConfigError(
+            "torch_threads", f"must be >= 1 or null, got {threads}", "use e.g. 2, or null"
+        )
+    _check_nodes(cfg)
     resolve_device(cfg.device)
     if cfg.precision not in PRECISIONS:
         raise ConfigError("precision", f"unknown {cfg.precision!r}", f"use one of {PRECISIONS}")

@@ -114,6 +114,53 @@ class RewardModelTrainer:
             "auroc": auroc,
         }
 
+    def _fit(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        texts: list[str],
+        labels: torch.Tensor,
+        device: torch.device,
+    ) -> list[float]:
+        """``epochs`` passes of AdamW over ``texts`` in shuffled batches (the order from
+        ``seed``), linear warm-up then decay, each step clipped to norm 1; the last epoch's
+        batch losses."""
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=self.lr, weight_decay=self.weight_decay
+        )
+        n = len(texts)
+        total = math.ceil(n / self.batch_size) * self.epochs
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, int(self.warmup_ratio * total), total
+        )
+        generator = torch.Generator().manual_seed(self.seed)
+        bar = progress(total=total, desc="reward model", unit="batch")
+        for epoch in range(self.epochs):
+            model.train()
+            order = torch.randperm(n, generator=generator).tolist()
+            losses = []
+            for start in range(0, n, self.batch_size):
+                idx = order[start : start + self.batch_size]
+                enc = tokenizer(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(device)
+                out = model(**enc, labels=labels[idx].to(device))
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(out.loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            log.info("reward model epoch %d: loss %.4f", epoch + 1, float(np.mean(losses)))
+        bar.close()
+        return losses
+
     def train(self, tracker: Tracker | None = None) -> dict[str, float]:
         """Train, evaluate, save; returns held-out metrics (``reward_model/eval/*``)."""
         seed_everything(self.seed)
@@ -137,44 +184,9 @@ class RewardModelTrainer:
         # never join. ``cuda`` (no index) is the current device, set per process by Dist.
         device = resolve_device(self.device)
         model.to(device)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=self.lr, weight_decay=self.weight_decay
-        )
         n_train = len(splits.train_texts)
-        steps_per_epoch = math.ceil(n_train / self.batch_size)
-        total = steps_per_epoch * self.epochs
-        scheduler = get_linear_schedule_with_warmup(
-            optimizer, int(self.warmup_ratio * total), total
-        )
         before = self.evaluate(model, tokenizer, splits.eval_texts, eval_labels, device)
-        generator = torch.Generator().manual_seed(self.seed)
-        step = 0
-        bar = progress(total=total, desc="reward model", unit="batch")
-        for epoch in range(self.epochs):
-            model.train()
-            order = torch.randperm(n_train, generator=generator).tolist()
-            losses = []
-            for start in range(0, n_train, self.batch_size):
-                idx = order[start : start + self.batch_size]
-                enc = tokenizer(
-                    [splits.train_texts[i] for i in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                ).to(device)
-                out = model(**enc, labels=train_labels[idx].to(device))
-                out.loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(out.loss.item())
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            log.info("reward model epoch %d: loss %.4f", epoch + 1, float(np.mean(losses)))
-        bar.close()
+        losses = self._fit(model, tokenizer, splits.train_texts, train_labels, device)
         after = self.evaluate(model, tokenizer, splits.eval_texts, eval_labels, device)
         metrics = {f"reward_model/eval_before/{k}": v for k, v in before.items()}
         metrics |= {f"reward_model/eval/{k}": v for k, v in after.items()}
