@@ -115,7 +115,7 @@ def fit_prefix_scorer(
     total = min(s["rollout_prompts"], num_prompts)
     n_heldout = max(1, int(total * s["heldout_fraction"]))
     n_drawn = 0 if rollouts.draws is None else len(rollouts.draws[0])
-    drawn = list(range(min(n_drawn, total - n_heldout, num_prompts)))
+    drawn = list(range(min(n_drawn, total - n_heldout)))
     fresh = [i for i in order if i >= len(drawn)][: total - len(drawn)]
     k, per = s["rollout_samples"], max(1, s["batch_prompts"])
     parts = (

@@ -33,7 +33,13 @@ from transformers import PreTrainedTokenizerBase
 
 from detox_exp import metric_names as M
 from detox_exp.checkpoint import CheckpointManager
-from detox_exp.generation import decode, decoder_inputs, pad_queries, sample_responses
+from detox_exp.generation import (
+    decode,
+    decoder_inputs,
+    make_sampling,
+    pad_queries,
+    sample_responses,
+)
 from detox_exp.guidance import distill_loss, guided_logits
 from detox_exp.guided.fit import Rollouts, fit_prefix_scorer
 from detox_exp.guided.scorer import PrefixScorer, load_prefix_scorer, save_prefix_scorer
@@ -120,7 +126,7 @@ class GuidedTrainer(TrainingLoop):
             queries=self._queries,
             reward=scorer,
             tokenizer=tokenizer,
-            max_new_tokens=int(self.generation.get("max_new_tokens", 64)),
+            max_new_tokens=make_sampling(self.generation).max_new_tokens,
             device=self.device,
             draws=reference_draws,
         )
