@@ -155,7 +155,7 @@ def sample_responses(
     step_decoder: bool | None = None,
     samples_per_prompt: int = 1,
     generator: torch.Generator | None = None,
-    guide: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    guide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched sampling with a KV cache. Returns (response_ids, mask), both [P * k, T].
@@ -172,8 +172,9 @@ def sample_responses(
     ``generator``: the random stream to sample from (on the queries' device); None: torch's
     global one.
     ``guide``: value guidance (:mod:`detox_exp.guidance`): maps the decoder's last state
-    [B, d] to ``log V(s, a)`` [B, V]; tokens are drawn from ``model(a | s) V(s, a)`` (then
-    warped as configured). Call it on the reference (adapter disabled).
+    [B, d] and the model's logits [B, V] to ``log V(s, a)`` [B, V]; tokens are drawn from
+    ``model(a | s) V(s, a)`` (then warped as configured). Call it on the reference (adapter
+    disabled).
     ``record``: a list that receives each step's (model logits, logits after the guide)
     [B, V], before warping: the distributions the samples were drawn from, for a caller
     that needs them at every response position (value-guided distillation).
@@ -218,7 +219,7 @@ def sample_responses(
                     hidden_state = out.decoder_hidden_states[-1][:, -1]
             model_logits = logits
             if guide is not None:
-                logits = guided_logits(logits, guide(hidden_state))
+                logits = guided_logits(logits, guide(hidden_state, logits))
             if record is not None:
                 record.append((model_logits, logits))
             logits = sampling.warp(logits, step, eos_id)

@@ -64,6 +64,24 @@ def log_value(atom_logits: Tensor, atoms: Tensor, beta: float, dim: int = -1) ->
     return torch.logsumexp(atom_logits + tilt, dim=dim) - torch.logsumexp(atom_logits, dim=dim)
 
 
+def fill_tail(
+    candidate_values: Tensor, candidate_log_ref: Tensor, index: Tensor, vocab: int
+) -> Tensor:
+    """``log V`` [N, V] from its values at C candidate tokens: ``candidate_values`` [N, C] at
+    the token ids ``index`` [N, C], whose reference log-probabilities are
+    ``candidate_log_ref`` [N, C]. Every other token gets the candidates' reference-weighted
+    mean value, ``log(sum_c ref(c) V(c) / sum_c ref(c))``: the guide reweights the candidates
+    among themselves exactly and leaves the rest of the vocabulary its reference share. With
+    every token a candidate this is the full ``log V``; the error is confined to the
+    reference's mass outside the candidates (FUDGE's preconditioning on the base model's top
+    tokens, Yang & Klein 2021, without cutting the tail)."""
+    tail = torch.logsumexp(candidate_log_ref + candidate_values, -1) - torch.logsumexp(
+        candidate_log_ref, -1
+    )
+    out = tail.unsqueeze(-1).repeat(1, vocab)
+    return out.scatter_(1, index, candidate_values)
+
+
 def guided_logits(ref_logits: Tensor, log_values: Tensor) -> Tensor:
     """Unnormalised log-probabilities of ``pi_g(a | s) ∝ ref(a | s) V(s, a)`` [..., V] (a
     constant per prefix, e.g. the max of log V, does not change the distribution)."""

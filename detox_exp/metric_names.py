@@ -87,6 +87,8 @@ SCORER_ATOMS = "guided/scorer/atoms"
 SCORER_REUSED = "guided/scorer/reused_rollouts"  # of them, the frontier stage's draws
 LOSS_DISTILL = "guided/loss"
 TEACHER_KL = "guided/teacher_kl"
+# the reference probability of the tokens the guide scores (algorithm.guide_candidates > 0)
+GUIDE_CANDIDATE_MASS = "guided/candidate_mass"
 # the guided teacher evaluated like a policy (eval/teacher/*), and against the optimum
 TEACHER_PHASE = "teacher"
 TEACHER_DROP_ACHIEVED = "eval/vs_optimum/teacher_toxicity_drop_achieved"

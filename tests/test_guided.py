@@ -13,7 +13,7 @@ import torch
 
 from detox_exp.generation import decode, pad_queries, response_mask, sample_responses
 from detox_exp.guidance import guided_logits
-from detox_exp.guided.scorer import PrefixScorer
+from detox_exp.guided.scorer import Guide, PrefixScorer, load_guide, save_guide
 from detox_exp.guided.trainer import GuidedTrainer
 from detox_exp.ppo.trainer import PPOTrainer
 from detox_exp.training.loop import TrainingLoop
@@ -66,8 +66,7 @@ def test_guided_sampling_is_the_same_on_the_fast_and_the_plain_decoder(
     d, vocab = model.config.d_model, model.config.vocab_size
     scorer = random_scorer(vocab, d, seed=2)
 
-    def guide(hidden: torch.Tensor) -> torch.Tensor:
-        return scorer.log_values(hidden, beta=0.3)
+    guide = Guide(scorer, beta=0.3)
 
     gen = {"max_new_tokens": 12}
     runs = {}
@@ -102,10 +101,54 @@ def test_guided_sampling_is_the_same_on_the_fast_and_the_plain_decoder(
         gen,
         samples_per_prompt=k,
         generator=torch.Generator().manual_seed(5),
-        guide=lambda h: torch.full((h.shape[0], vocab), 0.7),
+        guide=lambda h, logits: torch.full((h.shape[0], vocab), 0.7),
     )[0]
     assert torch.equal(plain, flat)
     assert not torch.equal(plain, runs[True])  # the guide does move the samples
+
+
+def test_a_guide_over_every_token_as_candidate_is_the_exact_guide() -> None:
+    """candidate_log_values scores the same numbers as log_values when every token is a
+    candidate (a [K, d] x [d, C] product per state instead of one [N K, d] x [d, V]), and a
+    saved guide loads with its beta and candidates."""
+    scorer = random_scorer(50, 8, hidden_size=16)
+    g = torch.Generator().manual_seed(3)
+    h, logits = torch.randn(2, 7, 8, generator=g), torch.randn(2, 7, 50, generator=g) * 3
+    exact = Guide(scorer, 0.5)(h, logits)
+    torch.testing.assert_close(scorer.candidate_log_values(h, logits, 0.5, 50), exact)
+    torch.testing.assert_close(Guide(scorer, 0.5, candidates=80)(h, logits), exact)
+    assert exact.shape == (2, 7, 50)
+
+
+def test_a_candidate_guide_reweights_its_candidates_exactly_and_keeps_the_tail_share(
+    tmp_path: Path,
+) -> None:
+    """With C < V candidates (the reference's most likely tokens): among the candidates the
+    guided distribution is the exact guide's; outside them it is the reference's shape; and
+    the candidates keep the reference's total share (the tail's value is the candidates'
+    reference-weighted mean)."""
+    scorer = random_scorer(50, 8, seed=1)
+    g = torch.Generator().manual_seed(4)
+    h, logits = torch.randn(5, 8, generator=g), torch.randn(5, 50, generator=g) * 3
+    exact = guided_logits(logits, Guide(scorer, 0.5)(h, logits)).softmax(-1)
+    save_guide(Guide(scorer, 0.5, candidates=12), tmp_path / "guide.pt")
+    guide = load_guide(tmp_path / "guide.pt")
+    assert (guide.beta, guide.candidates) == (0.5, 12)
+    approx = guided_logits(logits, guide(h, logits)).softmax(-1)
+    ref = logits.softmax(-1)
+    top = ref.topk(12).indices
+    inside = torch.zeros_like(ref, dtype=torch.bool).scatter_(1, top, True)
+    for p in (approx, exact, ref):
+        assert p.shape == (5, 50)
+
+    def within(p: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        q = p * where
+        return q / q.sum(-1, keepdim=True)
+
+    torch.testing.assert_close(within(approx, inside), within(exact, inside))
+    torch.testing.assert_close(within(approx, ~inside), within(ref, ~inside))
+    torch.testing.assert_close((approx * inside).sum(-1), (ref * inside).sum(-1))
+    assert not torch.allclose(approx, exact, atol=1e-3)  # C < V: an approximation
 
 
 def test_guided_logits_are_the_reweighted_reference() -> None:
@@ -238,6 +281,7 @@ def test_guided_demo_end_to_end(demo_cache: Path, tmp_path: Path) -> None:
         ("+algorithm.stepz=3", "algorithm.stepz"),
         ("algorithm.batch_size=30", "algorithm.batch_size"),
         ("algorithm.prefix_scorer.n_atoms=1", "algorithm.prefix_scorer.n_atoms"),
+        ("algorithm.guide_candidates=-1", "algorithm.guide_candidates"),
         ("+algorithm.prefix_scorer.atoms=4", "algorithm.prefix_scorer.atoms"),
         (
             "algorithm.prefix_scorer.heldout_fraction=1.5",
@@ -352,7 +396,7 @@ def test_the_teacher_logits_kept_from_sampling_equal_a_reference_pass(
     counts of each prefix), up to float32 round-off between step and full decoding."""
     trainer = guided_trainer(tiny_t5, tmp_path, CharSumReward())
     config = trainer.model.config
-    trainer.prefix_scorer = random_scorer(config.vocab_size, config.d_model, seed=4)
+    trainer.guide = Guide(random_scorer(config.vocab_size, config.d_model, seed=4), 1.0)
     record: list = []
     query, query_mask, response, mask = trainer.sample(
         list(range(3)), torch.Generator().manual_seed(0), trainer.k, "teacher", record

@@ -89,7 +89,7 @@ def sequence_kl(
     query_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
-    guide: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    guide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Exact KL(policy || reference) over the vocabulary, summed over response tokens [B].
 
@@ -110,7 +110,7 @@ def sequence_kl(
         with reference(model):
             out = model(**kwargs, output_hidden_states=True)
         ref_logits = out.logits.float()
-        logits = guided_logits(ref_logits, guide(out.decoder_hidden_states[-1]))
+        logits = guided_logits(ref_logits, guide(out.decoder_hidden_states[-1], ref_logits))
     kl = kl_penalty(None, None, "full", logits=logits, ref_logits=ref_logits)
     return (kl * response_mask).sum(1).cpu().numpy()
 
@@ -177,7 +177,7 @@ class Evaluator:
         phase: str,
         run_dir: str | Path,
         generation_defaults: Mapping[str, Any],
-        guide: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        guide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> EvalResult:
         """Generate k samples per prompt, score responses, write files, return metrics.
         With ``guide``, the policy evaluated is the guided reference ``ref(a | s) V(s, a)``
@@ -241,7 +241,7 @@ class Evaluator:
         rows: list[tuple[int, int]],
         gen: Mapping[str, Any],
         phase: str,
-        guide: Callable[[torch.Tensor], torch.Tensor] | None,
+        guide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     ) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The responses of ``rows`` (prompt, sample), their lengths in tokens (EOS excluded)
         and exact KL to the reference, from torch's stream seeded with ``seed`` (the same

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from detox_exp.guidance import log_value
+from detox_exp.guidance import fill_tail, log_value
 
 
 class PrefixScorer(nn.Module):
@@ -94,25 +94,68 @@ class PrefixScorer(nn.Module):
         ]
         return torch.cat(parts).view(*hidden.shape[:-1], -1)
 
+    def candidate_log_values(
+        self, hidden: Tensor, ref_logits: Tensor, beta: float, candidates: int
+    ) -> Tensor:
+        """``log V_beta(s, a)`` [..., V] scored at the reference's ``candidates`` most likely
+        next tokens only (the others: :func:`~detox_exp.guidance.fill_tail`), for states
+        [..., d] and the reference's logits [..., V]: a [K, d] x [d, C] product per state
+        instead of [K, d] x [d, V]."""
+        vocab = ref_logits.shape[-1]
+        h, q = self._features(hidden.reshape(-1, hidden.shape[-1]))  # [N, d], [N, K, d]
+        log_ref, index = ref_logits.reshape(-1, vocab).float().log_softmax(-1).topk(candidates)
+        flat = index.flatten()  # index_select: a plain gather, far cheaper than x[index]
 
-def save_prefix_scorer(scorer: PrefixScorer, beta: float, path: Path) -> None:
-    """Write ``scorer`` and the beta it guides at to ``path`` (atomically: a crash leaves
-    the previous file or none)."""
+        def rows(table: Tensor) -> Tensor:
+            return table.index_select(0, flat).view(*index.shape, -1)
+
+        z = torch.einsum("nkd,ncd->nkc", q, rows(self.embedding))
+        direction = torch.einsum("nd,ncd->nc", h, rows(self.token_dir))
+        z = z + self.atom_gain[None, :, None] * direction[:, None, :]
+        z = z + (rows(self.token_bias) + self.prior).transpose(1, 2)  # [N, K, C]
+        values = fill_tail(log_value(z, self.atoms, beta, dim=1), log_ref, index, vocab)
+        return values.view(*ref_logits.shape)
+
+
+class Guide:
+    """The teacher's guidance, ``log V_beta(s, a)`` [..., V] of a frozen :class:`PrefixScorer`
+    for decoder states [..., d] and the reference's logits [..., V] (the callable that
+    :func:`detox_exp.generation.sample_responses` takes): over the whole vocabulary
+    (``candidates`` 0, exact) or the reference's ``candidates`` most likely tokens."""
+
+    def __init__(self, scorer: PrefixScorer, beta: float, candidates: int = 0) -> None:
+        self.scorer, self.beta, self.candidates = scorer, beta, candidates
+
+    def __call__(self, hidden: Tensor, ref_logits: Tensor) -> Tensor:
+        if 0 < self.candidates < ref_logits.shape[-1]:
+            return self.scorer.candidate_log_values(hidden, ref_logits, self.beta, self.candidates)
+        return self.scorer.log_values(hidden, self.beta)
+
+
+def save_guide(guide: Guide, path: Path) -> None:
+    """Write ``guide`` (its scorer, beta and candidates) to ``path`` (atomically: a crash
+    leaves the previous file or none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    scorer = guide.scorer
     hidden = 0 if scorer.mlp is None else scorer.mlp[0].out_features
+    saved = {
+        "state": scorer.state_dict(),
+        "hidden_size": hidden,
+        "beta": guide.beta,
+        "candidates": guide.candidates,
+    }
     tmp = path.with_suffix(".tmp")
-    torch.save({"state": scorer.state_dict(), "hidden_size": hidden, "beta": beta}, tmp)
+    torch.save(saved, tmp)
     os.replace(tmp, path)
 
 
-def load_prefix_scorer(
-    path: Path, device: torch.device | str = "cpu"
-) -> tuple[PrefixScorer, float]:
-    """A :class:`PrefixScorer` written by :func:`save_prefix_scorer`, frozen, and its beta."""
+def load_guide(path: Path, device: torch.device | str = "cpu") -> Guide:
+    """The :class:`Guide` written by :func:`save_guide`, its scorer frozen."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     state = saved["state"]
     scorer = PrefixScorer(
         state["embedding"], state["atoms"], state["prior"].exp(), int(saved["hidden_size"])
     )
     scorer.load_state_dict(state)
-    return scorer.to(device).eval().requires_grad_(False), float(saved["beta"])
+    scorer = scorer.to(device).eval().requires_grad_(False)
+    return Guide(scorer, float(saved["beta"]), int(saved["candidates"]))

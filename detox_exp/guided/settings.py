@@ -39,6 +39,7 @@ def check_settings(
     samples_per_prompt: int = 4,
     prefix_scorer: Mapping[str, Any] | None = None,
     distill: Mapping[str, Any] | None = None,
+    guide_candidates: int = 0,
     on_nonfinite: str = "error",
     max_consecutive_skips: int = 3,
     **_: Any,
@@ -59,6 +60,12 @@ def check_settings(
                 f"algorithm.distill.{key}", "unknown key", f"use one of {list(DISTILL_DEFAULTS)}"
             )
     _check(steps >= 1, "steps", f"must be >= 1, got {steps}", "raise it")
+    _check(
+        guide_candidates >= 0,
+        "guide_candidates",
+        f"must be >= 0, got {guide_candidates}",
+        "use 0 (the whole vocabulary) or e.g. 200",
+    )
     _check(
         on_nonfinite in ("error", "skip"),
         "on_nonfinite",

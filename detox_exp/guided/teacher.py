@@ -18,19 +18,15 @@ import torch
 from transformers import AutoTokenizer
 
 from detox_exp.generation import decode, pad_queries, sample_responses
-from detox_exp.guided.scorer import load_prefix_scorer
+from detox_exp.guided.scorer import Guide, load_guide
 from detox_exp.seq2seq import reference
 
 
 class Teacher:
-    """A peft model (its adapter is disabled to sample) and a prefix scorer at ``beta``."""
+    """A peft model (its adapter is disabled to sample) and the run's :class:`Guide`."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, scorer: Any, beta: float) -> None:
-        self.model, self.tokenizer, self.scorer, self.beta = model, tokenizer, scorer, beta
-
-    def guide(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``log V(s, a)`` [B, V] after decoder states [B, d]."""
-        return self.scorer.log_values(hidden, self.beta)
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, guide: Guide) -> None:
+        self.model, self.tokenizer, self.guide = model, tokenizer, guide
 
     @torch.no_grad()
     def generate(
@@ -70,5 +66,4 @@ def load_teacher(policy_dir: str | Path, device: str = "cpu") -> Teacher:
     policy_dir = Path(policy_dir)
     model = AutoPeftModelForSeq2SeqLM.from_pretrained(policy_dir / "adapter").to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(policy_dir / "merged")
-    scorer, beta = load_prefix_scorer(policy_dir / "prefix_scorer.pt", device)
-    return Teacher(model, tokenizer, scorer, beta)
+    return Teacher(model, tokenizer, load_guide(policy_dir / "prefix_scorer.pt", device))

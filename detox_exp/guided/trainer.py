@@ -42,7 +42,7 @@ from detox_exp.generation import (
 )
 from detox_exp.guidance import distill_loss, guided_logits
 from detox_exp.guided.fit import Rollouts, fit_prefix_scorer
-from detox_exp.guided.scorer import PrefixScorer, load_prefix_scorer, save_prefix_scorer
+from detox_exp.guided.scorer import Guide, load_guide, save_guide
 from detox_exp.guided.settings import DISTILL_DEFAULTS, SCORER_DEFAULTS, check_settings
 from detox_exp.reward.scorer import ToxicityScorer
 from detox_exp.tracking import Tracker
@@ -71,6 +71,7 @@ class GuidedTrainer(TrainingLoop):
         work_dir: str,
         prefix_scorer: Mapping[str, Any],
         distill: Mapping[str, Any],
+        guide_candidates: int = 0,
         steps: int = 100,
         batch_size: int = 32,
         samples_per_prompt: int = 4,
@@ -91,7 +92,14 @@ class GuidedTrainer(TrainingLoop):
         """``reference_draws``: (texts [P][K], rewards [P, K]) of train prompts 0 .. P - 1,
         sampled from the reference with this run's generation settings and scored (the
         frontier stage's): the scorer learns from them instead of sampling those prompts."""
-        self.check_args(steps, batch_size, samples_per_prompt, prefix_scorer, distill)
+        self.check_args(
+            steps,
+            batch_size,
+            samples_per_prompt,
+            prefix_scorer,
+            distill,
+            guide_candidates=guide_candidates,
+        )
         super().__init__(
             tokenizer=tokenizer,
             prompts=prompts,
@@ -119,7 +127,8 @@ class GuidedTrainer(TrainingLoop):
         self.distill = {**DISTILL_DEFAULTS, **distill}
         self.sample_table_every, self.num_table_samples = sample_table_every, num_table_samples
         self.attach(ActorCritic(model, value_head=False), optimizer)
-        self.prefix_scorer: PrefixScorer | None = None
+        self.candidates = guide_candidates
+        self.guide: Guide | None = None  # the teacher's guidance, once prepare fitted it
         self.rollouts = Rollouts(
             sample=self.sample,
             reference_pass=self._reference_pass,
@@ -135,10 +144,6 @@ class GuidedTrainer(TrainingLoop):
     @property
     def model(self) -> torch.nn.Module:
         return self.policy.model
-
-    def guide(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``log V(s, a)`` [..., V] after decoder states [..., d] (the teacher's guidance)."""
-        return self.prefix_scorer.log_values(hidden, self.beta)
 
     def _reference_pass(
         self, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor, k: int
@@ -191,7 +196,7 @@ class GuidedTrainer(TrainingLoop):
         """Fit the prefix scorer (or, resumed, load the one this run fitted)."""
         path = self.work_dir / "prefix_scorer.pt"
         if self.step > 0 and path.is_file():
-            self.prefix_scorer, _ = load_prefix_scorer(path, self.device)
+            self.guide = load_guide(path, self.device)
             log.info("guided: reusing the prefix scorer %s", path)
             return
         if self.dist.is_main:
@@ -204,10 +209,10 @@ class GuidedTrainer(TrainingLoop):
                 self.seed,
                 sampling_stream(self.seed, self.dist.rank, 0, self.device),
             )
-            save_prefix_scorer(scorer, self.beta, path)
+            save_guide(Guide(scorer, self.beta, self.candidates), path)
             self.tracker.log_summary(stats)
         self.dist.wait()
-        self.prefix_scorer, _ = load_prefix_scorer(path, self.device)
+        self.guide = load_guide(path, self.device)
 
     # ------------------------------------------------------------------ one step
     def teacher_logits(
@@ -224,7 +229,7 @@ class GuidedTrainer(TrainingLoop):
             return torch.stack([r for r, _ in record], 1), torch.stack([t for _, t in record], 1)
         ref_logits, states = self._reference_pass(query, query_mask, response, self.k)
         with torch.no_grad():
-            return ref_logits, guided_logits(ref_logits, self.guide(states))
+            return ref_logits, guided_logits(ref_logits, self.guide(states, ref_logits))
 
     def update(self) -> tuple[dict[str, float], StepSamples]:
         """Sample, read the teacher's and the policy's distributions, one optimizer step."""
@@ -249,13 +254,6 @@ class GuidedTrainer(TrainingLoop):
         t2 = self._clock()
         scores = self.reward.score(texts)
         t3 = self._clock()
-        with torch.no_grad():
-            log_ref = ref_logits.log_softmax(-1)
-            log_pi, log_t = student.detach().log_softmax(-1), teacher.log_softmax(-1)
-            kl_policy = ((log_pi.exp() * (log_pi - log_ref)).sum(-1) * mask).sum(1)
-            kl_teacher = ((log_t.exp() * (log_t - log_ref)).sum(-1) * mask).sum(1)
-        reward = self.dist.gather(scores.reward.to(self.device))
-        toxicity = self.dist.gather(scores.toxicity.to(self.device))
         local = {
             M.LOSS_DISTILL: loss.item(),
             M.GRAD_NORM: norm,
@@ -263,6 +261,17 @@ class GuidedTrainer(TrainingLoop):
             M.TIME_OPTIMIZE: t2 - t1,
             M.TIME_SCORE: t3 - t2,
         }
+        with torch.no_grad():
+            log_ref = ref_logits.log_softmax(-1)
+            log_pi, log_t = student.detach().log_softmax(-1), teacher.log_softmax(-1)
+            kl_policy = ((log_pi.exp() * (log_pi - log_ref)).sum(-1) * mask).sum(1)
+            kl_teacher = ((log_t.exp() * (log_t - log_ref)).sum(-1) * mask).sum(1)
+            if self.candidates:  # the reference's mass on the tokens the guide scored
+                covered = log_ref.exp().topk(min(self.candidates, log_ref.shape[-1]))
+                covered = covered.values.sum(-1)
+                local[M.GUIDE_CANDIDATE_MASS] = ((covered * mask).sum() / mask.sum()).item()
+        reward = self.dist.gather(scores.reward.to(self.device))
+        toxicity = self.dist.gather(scores.toxicity.to(self.device))
         local = self.dist.mean_dict(local, sorted(local))
         metrics = {
             M.KL: self.dist.gather(kl_policy).mean().item(),
@@ -288,6 +297,6 @@ class GuidedTrainer(TrainingLoop):
         beta it guides at, so that :func:`detox_exp.guided.teacher.load_teacher` can sample
         from the teacher of a saved run."""
         saved = super().save(summary, config, eval_table, reward_model)
-        if saved is not None and self.prefix_scorer is not None:
-            save_prefix_scorer(self.prefix_scorer, self.beta, saved / "prefix_scorer.pt")
+        if saved is not None and self.guide is not None:
+            save_guide(self.guide, saved / "prefix_scorer.pt")
         return saved
