@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
+from detox_exp.evaluation.bootstrap import paired_bootstrap_ci
 from detox_exp.evaluation.metrics import (
     distinct_n,
     expected_max_toxicity,
-    paired_bootstrap_ci,
     rouge_l_per_example,
     rouge_scores,
     toxicity_probability,
@@ -227,7 +227,8 @@ def test_response_collapse_hand_computed() -> None:
 def test_corpus_bootstrap_of_distinct_n() -> None:
     """Prompts resampled, distinct-2 recomputed: a collapse gives a CI below 0, no change a
     CI around 0, and the (bias-corrected) CI holds the observed change."""
-    from detox_exp.evaluation.metrics import distinct_of_grams, ngrams, paired_bootstrap_corpus
+    from detox_exp.evaluation.bootstrap import paired_bootstrap_corpus
+    from detox_exp.evaluation.metrics import distinct_of_grams, ngrams
 
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(200)]
