@@ -157,6 +157,7 @@ def sample_responses(
     generator: torch.Generator | None = None,
     guide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    states: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched sampling with a KV cache. Returns (response_ids, mask), both [P * k, T].
 
@@ -178,6 +179,8 @@ def sample_responses(
     ``record``: a list that receives each step's (model logits, logits after the guide)
     [B, V], before warping: the distributions the samples were drawn from, for a caller
     that needs them at every response position (value-guided distillation).
+    ``states``: a list that receives each step's decoder last state [B, d] (the prefix
+    scorer's inputs, without a second pass over the responses).
     """
     sampling = make_sampling(gen)
     config = base_config(model)
@@ -192,6 +195,7 @@ def sample_responses(
     tokens = []
     if step_decoder is None:
         step_decoder = SWITCHES.step_decoder
+    need_states = guide is not None or states is not None
     with folded_adapter(model):
         fast = step_decoder and t5_decoding.prepare(
             model, encoder_hidden, query_mask, sampling.max_new_tokens, k
@@ -211,17 +215,19 @@ def sample_responses(
                     decoder_input_ids=token,
                     use_cache=True,
                     return_dict=True,
-                    output_hidden_states=guide is not None,
+                    output_hidden_states=need_states,
                     **{cache_kwarg: cache},
                 )
                 logits = out.logits[:, -1].float()
-                if guide is not None:
+                if need_states:
                     hidden_state = out.decoder_hidden_states[-1][:, -1]
             model_logits = logits
             if guide is not None:
                 logits = guided_logits(logits, guide(hidden_state, logits))
             if record is not None:
                 record.append((model_logits, logits))
+            if states is not None:
+                states.append(hidden_state)
             logits = sampling.warp(logits, step, eos_id)
             if sampling.do_sample:
                 next_token = sample_from_logits(logits, generator)

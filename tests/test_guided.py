@@ -377,8 +377,10 @@ def test_the_frontier_draws_give_the_scorer_the_rows_fresh_rollouts_would(
     sampled = (response, response_mask(response, tok.eos_token_id))
     rewards = reward.score(decode(tok, response)).reward.view(2, 4)
 
-    def sample(indices, generator, k, source):  # the sampler, returning those tokens
-        return (*trainer.rollouts.queries(indices), *sampled)
+    def sample(indices, generator, k, source, states):  # the sampler, returning those tokens
+        query, query_mask = trainer.rollouts.queries(indices)
+        states.extend(trainer._reference_pass(query, query_mask, sampled[0], k)[1].unbind(1))
+        return query, query_mask, *sampled
 
     rollouts = dataclasses.replace(trainer.rollouts, sample=sample, draws=(texts, rewards))
     fresh = rollouts.token_rows([0, 1], torch.Generator(), k=4, per_batch=2)
@@ -386,6 +388,23 @@ def test_the_frontier_draws_give_the_scorer_the_rows_fresh_rollouts_would(
     assert fresh.keys() == drawn.keys()
     for key in fresh:
         torch.testing.assert_close(drawn[key], fresh[key], rtol=0, atol=0)
+
+
+def test_the_states_kept_from_sampling_equal_a_reference_pass(
+    tiny_t5: Path, tmp_path: Path
+) -> None:
+    """The scorer's rows of fresh rollouts take the decoder states the sampler computed; they
+    equal one reference pass over the finished responses at every response token, up to
+    float32 round-off between step and full decoding."""
+    trainer = guided_trainer(tiny_t5, tmp_path, CharSumReward())
+    steps: list = []
+    query, query_mask, response, mask = trainer.sample(
+        list(range(3)), torch.Generator().manual_seed(0), trainer.k, "reference", states=steps
+    )
+    _, passed = trainer._reference_pass(query, query_mask, response, trainer.k)
+    keep = mask.bool()
+    assert keep.sum() > 12 and len(steps) == response.shape[1]
+    torch.testing.assert_close(torch.stack(steps, 1)[keep], passed[keep], rtol=1e-5, atol=1e-5)
 
 
 def test_the_teacher_logits_kept_from_sampling_equal_a_reference_pass(

@@ -31,9 +31,10 @@ ROW_KEYS = ("states", "tokens")  # the scorer's inputs per response token
 
 @dataclass
 class Rollouts:
-    """Where the scorer's rows come from: ``sample(indices, generator, k, "reference")`` ->
-    (query, query mask, responses, response mask), ``reference_pass(query, query_mask,
-    responses, k)`` -> (logits, last decoder states), ``queries(indices)`` -> (query, mask),
+    """Where the scorer's rows come from: ``sample(indices, generator, k, "reference",
+    states=list)`` -> (query, query mask, responses, response mask), appending the decoder's
+    last state of every step to the list; ``reference_pass(query, query_mask, responses,
+    k)`` -> (logits, last decoder states) of drawn texts; ``queries(indices)`` -> (query, mask),
     the run's ``reward`` scorer and ``tokenizer``, ``max_new_tokens`` and ``device``;
     ``draws``: (texts [P][K], rewards [P, K]) of train prompts 0 .. P - 1 from the reference
     with the run's generation settings, scored (the frontier stage's)."""
@@ -77,13 +78,17 @@ class Rollouts:
         bar = progress(total=len(indices), desc="scorer rollouts", unit="prompt")
         for start in range(0, len(indices), per_batch):
             chunk = indices[start : start + per_batch]
-            if drawn:
+            if drawn:  # text only: one reference pass gives the states
                 query, query_mask, response, mask, reward = self.drawn(chunk)
-            else:
-                query, query_mask, response, mask = self.sample(chunk, generator, k, "reference")
+                _, states = self.reference_pass(query, query_mask, response, k)
+            else:  # the states come from sampling
+                steps: list[Tensor] = []
+                query, query_mask, response, mask = self.sample(
+                    chunk, generator, k, "reference", states=steps
+                )
+                states = torch.stack(steps, 1).float()
                 texts = decode(self.tokenizer, response)
                 reward = self.reward.score(texts).reward.to(self.device)
-            _, states = self.reference_pass(query, query_mask, response, k)
             keep = mask.bool()
             out["states"].append(states[keep])
             out["tokens"].append(response[keep])

@@ -170,10 +170,11 @@ class GuidedTrainer(TrainingLoop):
         k: int,
         source: str,
         record: list[tuple[Tensor, Tensor]] | None = None,
+        states: list[Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(query, query mask, responses, response mask): k samples of each prompt from
         ``source``: ``teacher`` (the guided reference), ``reference`` (adapter disabled,
-        unguided: the scorer's rollouts) or ``policy``; ``record``: see
+        unguided: the scorer's rollouts) or ``policy``; ``record``, ``states``: see
         :func:`~detox_exp.generation.sample_responses`."""
         query, query_mask = self._queries(indices)
         context = contextlib.nullcontext() if source == "policy" else self.policy.reference()
@@ -188,6 +189,7 @@ class GuidedTrainer(TrainingLoop):
                 generator=generator,
                 guide=self.guide if source == "teacher" else None,
                 record=record,
+                states=states,
             )
         return query, query_mask, response, mask
 
