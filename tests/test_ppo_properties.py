@@ -127,6 +127,38 @@ def test_the_scorer_receives_the_responses_only(tiny_t5: Path, tmp_path: Path) -
         assert prompt not in text
 
 
+def test_evaluation_samples_from_its_own_seeded_stream(tiny_t5: Path, tmp_path: Path) -> None:
+    """The evaluator draws from a generator seeded with eval.seed, the one RNG policy of every
+    sampler: the same responses whatever torch's global stream holds, which it leaves alone,
+    and the responses sample_responses gives with that seeded generator."""
+    from detox_exp.evaluation.evaluator import Evaluator
+    from detox_exp.generation import decode, sample_responses
+
+    trainer = make_trainer(tiny_t5, tmp_path, ContainsReward("the"))
+    data = trainer.prompts.select(range(4))
+    data = data.add_column("id", [str(i) for i in range(4)]).add_column("reference", ["a"] * 4)
+    evaluator = Evaluator(num_prompts=4, batch_size=4, device="cpu", seed=7)
+    model, tok, gen = trainer.policy.model, trainer.tokenizer, trainer.generation
+
+    def responses(global_seed: int) -> list[str]:
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        out = tmp_path / str(global_seed)
+        evaluator.evaluate(model, tok, ContainsReward("the"), data, "before", out, gen)
+        assert torch.equal(torch.get_rng_state(), before)  # the global stream is untouched
+        lines = (out / "eval/before/generations.jsonl").read_text().splitlines()
+        return [json.loads(x)["response"] for x in lines]
+
+    first = responses(0)
+    assert responses(1) == first
+    ids, mask = pad_queries(data["input_ids"], tok.pad_token_id, "cpu")
+    stream = torch.Generator().manual_seed(7)
+    model.eval()
+    with torch.no_grad():
+        direct = decode(tok, sample_responses(model, tok, ids, mask, gen, generator=stream)[0])
+    assert direct == first
+
+
 def test_decoder_inputs_start_with_start_token() -> None:
     response = torch.tensor([[5, 6, 1, 0]])
     assert decoder_inputs(response, 0).tolist() == [[0, 5, 6, 1]]

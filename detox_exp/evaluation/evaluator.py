@@ -244,12 +244,12 @@ class Evaluator:
         guide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     ) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The responses of ``rows`` (prompt, sample), their lengths in tokens (EOS excluded)
-        and exact KL to the reference, from torch's stream seeded with ``seed`` (the same
-        randomness before and after training)."""
+        and exact KL to the reference, from a stream of their own seeded with ``seed`` (the
+        same randomness before and after training; torch's global stream is left alone)."""
         device = resolve_device(self.device)
         was_training = model.training
         model.eval()
-        torch.manual_seed(self.seed)
+        stream = torch.Generator(device).manual_seed(self.seed)
         responses: list[str] = [""] * len(rows)
         lengths = np.zeros(len(rows))
         kl = np.full(len(rows), np.nan)
@@ -261,7 +261,7 @@ class Evaluator:
             )
             with reference(model) if guide is not None else contextlib.nullcontext():
                 response_ids, response_mask = sample_responses(
-                    model, tokenizer, ids, mask, gen, guide=guide
+                    model, tokenizer, ids, mask, gen, generator=stream, guide=guide
                 )
             eos = (response_ids == tokenizer.eos_token_id).float() * response_mask
             lengths[start : start + len(chunk)] = (response_mask.sum(1) - eos.sum(1)).cpu().numpy()
