@@ -97,6 +97,7 @@ def test_a_beta_that_aims_at_nothing_is_refused(frontier_run: Path, demo_cache: 
     common = [
         *DEMO,
         "stages.train_reward=false",
+        "stages.evaluate_before=false",  # the frontier stage refuses before any policy step
         f"reward.name_or_path={frontier_run}/reward_model",
         "frontier.min_drop=0.1",
         "frontier.num_prompts=64",
