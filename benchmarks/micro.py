@@ -5,7 +5,8 @@
 Shapes are those of the small benchmark DIR (16 prompts of ~192 tokens, 4 heads of 64, 32
 response tokens, vocabulary 8192; minibatches of 4). Prints the best of 3 timings of 20
 calls for T5 attention and row chunks, and medians of the prefix scorer's atom logits over
-the vocabulary (value guidance) at the demo's and FLAN-T5-base's shapes. With ``--dir`` (a
+the vocabulary (value guidance) and of the guide over every token vs the reference's 200 most
+likely (algorithm.guide_candidates) at the demo's and FLAN-T5-base's shapes. With ``--dir`` (a
 benchmark DIR from ``scripts/make_bench_dir.py``) it also times, on that policy with LoRA
 r=32 on q, v and its first 16 prompts, 32 sampled tokens with the flat T5 step decoder vs
 the model's forward, and a forward (16 prompts) and forward + backward (4 prompts) with
@@ -87,10 +88,8 @@ def row_chunks() -> dict[str, float]:
     return {"whole batch": best_ms(whole, 10), "two rows at a time": best_ms(chunked, 10)}
 
 
-def prefix_scorer(rows: int, vocab: int, d: int, atoms: int = 16) -> dict[str, float]:
-    """The guide's atom logits of every token for ``rows`` decoder states: the free
-    direction term as its own [rows, V] product (PrefixScorer.all_atom_logits) vs folded into
-    the per-atom product as K more columns of width d (its peer: the same numbers)."""
+def _scorer(rows: int, vocab: int, d: int, atoms: int) -> tuple:
+    """A prefix scorer with random weights, ``rows`` decoder states and a generator."""
     from detox_exp.guided.scorer import PrefixScorer
 
     g = torch.Generator().manual_seed(0)
@@ -99,7 +98,14 @@ def prefix_scorer(rows: int, vocab: int, d: int, atoms: int = 16) -> dict[str, f
     with torch.no_grad():
         for p in scorer.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    hidden = torch.randn(rows, d, generator=g)
+    return scorer.eval(), torch.randn(rows, d, generator=g), g
+
+
+def prefix_scorer(rows: int, vocab: int, d: int, atoms: int = 16) -> dict[str, float]:
+    """The guide's atom logits of every token for ``rows`` decoder states: the free
+    direction term as its own [rows, V] product (PrefixScorer.all_atom_logits) vs folded into
+    the per-atom product as K more columns of width d (its peer: the same numbers)."""
+    scorer, hidden, _ = _scorer(rows, vocab, d, atoms)
 
     @torch.no_grad()
     def folded() -> torch.Tensor:
@@ -112,6 +118,24 @@ def prefix_scorer(rows: int, vocab: int, d: int, atoms: int = 16) -> dict[str, f
     split = torch.no_grad()(scorer.all_atom_logits)
     torch.testing.assert_close(split(hidden), folded(), rtol=1e-4, atol=1e-4)
     return alternating_ms({"folded": folded, "split": lambda: split(hidden)})
+
+
+def guide_candidates(rows: int, vocab: int, d: int, atoms: int = 16) -> dict[str, float]:
+    """The guide's log V for one decoding step of ``rows`` samples: every token scored vs
+    the reference's 200 most likely (algorithm.guide_candidates' default; the same values
+    where every token is a candidate, tests/test_guided.py)."""
+    from detox_exp.guided.scorer import Guide
+
+    scorer, hidden, g = _scorer(rows, vocab, d, atoms)
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    every, top = Guide(scorer, 1.0), Guide(scorer, 1.0, candidates=200)
+    with torch.no_grad():
+        return alternating_ms(
+            {
+                "every token": lambda: every(hidden, logits),
+                "200 candidates": lambda: top(hidden, logits),
+            }
+        )
 
 
 def alternating_ms(versions: dict[str, Callable[[], object]], rounds: int = 10) -> dict:
@@ -296,6 +320,16 @@ def main() -> None:
             f"prefix scorer atom logits, {what}: "
             + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items())
             + f" ({times['folded'] / times['split']:.2f}x)"
+        )
+    for rows, vocab, d, what in (
+        (32, 2000, 128, "demo, 32 samples"),
+        (64, 32128, 768, "FLAN-T5-base, 64 samples"),
+    ):
+        times = guide_candidates(rows, vocab, d)
+        print(
+            f"guide log V, one decoding step, {what}: "
+            + ", ".join(f"{k} {v:.2f} ms" for k, v in times.items())
+            + f" ({times['every token'] / times['200 candidates']:.1f}x)"
         )
     if args.dir is None:
         return
