@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 from detox_exp.kl import KL_ESTIMATORS
-from detox_exp.ppo.core import ADVANTAGE_ESTIMATORS, LOSS_AGG_MODES
+from detox_exp.ppo.advantages import ADVANTAGE_ESTIMATORS
+from detox_exp.ppo.core import LOSS_AGG_MODES
 
 TABLES = {
     "ppo.advantage_estimator": (ADVANTAGE_ESTIMATORS, {"needs_critic": "value head"}),

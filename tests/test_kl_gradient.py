@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from detox_exp.kl import kl_loss
+from detox_exp.ppo import advantages as adv
 from detox_exp.ppo import core
 
 V = 6
@@ -68,10 +69,10 @@ def reward_gradient(theta: torch.Tensor, ref: torch.Tensor, estimator: str) -> t
 
     def loss(action: int) -> torch.Tensor:
         logp, ref_logp, logits, ref_logits = one_token(theta, ref, action)
-        rewards, _ = core.compute_rewards(
+        rewards, _ = adv.compute_rewards(
             torch.zeros(1), logp.detach(), ref_logp, mask, 1.0, estimator, logits, ref_logits
         )
-        advantages, _ = core.compute_gae(rewards, torch.zeros(1, 1), mask, gamma=1.0, lam=0.95)
+        advantages, _ = adv.compute_gae(rewards, torch.zeros(1, 1), mask, gamma=1.0, lam=0.95)
         return core.policy_loss(logp, logp.detach(), advantages, mask, cliprange=0.2)[0]
 
     return expected_gradient(theta, loss)
@@ -99,8 +100,8 @@ def group_gradient(theta: torch.Tensor, ref: torch.Tensor, estimator: str, k: in
         parts = [one_token(theta, ref, a) for a in actions]
         logp = torch.cat([part[0] for part in parts])
         ref_logp = torch.cat([part[1] for part in parts])
-        rewards, _ = core.compute_rewards(torch.zeros(k), logp.detach(), ref_logp, mask, 1.0)
-        advantages = core.group_advantages(rewards.sum(1).view(1, k), estimator).view(k, 1)
+        rewards, _ = adv.compute_rewards(torch.zeros(k), logp.detach(), ref_logp, mask, 1.0)
+        advantages = adv.group_advantages(rewards.sum(1).view(1, k), estimator).view(k, 1)
         loss, _ = core.policy_loss(logp, logp.detach(), advantages, mask, cliprange=0.2)
         weight = math.prod(p[a].item() for a in actions)
         total += weight * torch.autograd.grad(loss, theta)[0]

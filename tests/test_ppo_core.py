@@ -1,4 +1,4 @@
-"""Tests for detox_exp.ppo.core against values computed by hand."""
+"""Tests for detox_exp.ppo.core and detox_exp.ppo.advantages against values computed by hand."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import torch
 from detox_exp.errors import ConfigError
 from detox_exp.kl import KL_ESTIMATORS, kl_penalty
 from detox_exp.kl_control import AdaptiveKLController, FixedKLController
+from detox_exp.ppo.advantages import compute_gae, compute_rewards, group_advantages
 from detox_exp.ppo.core import (
     RunningMoments,
-    compute_gae,
-    compute_rewards,
     entropy_from_logits,
     explained_variance,
     in_row_chunks,
@@ -396,7 +395,6 @@ def test_row_chunks_give_bit_identical_logprobs_and_entropy(dtype: torch.dtype) 
 
 
 def test_group_advantages_by_hand():
-    from detox_exp.ppo.core import group_advantages
 
     scores = t([[1.0, 2.0, 3.0, 6.0], [0.7, 0.7, 0.7, 0.7]])
     # rloo: s_i - mean of the other three: 1 - 11/3, 2 - 10/3, 3 - 3, 6 - 2

@@ -10,7 +10,7 @@ import torch
 
 from detox_exp.errors import ConfigError
 from detox_exp.kl import KL_ESTIMATORS
-from detox_exp.ppo import core
+from detox_exp.ppo import advantages as estimators
 from detox_exp.ppo.checks import settings_from, sweep_choice
 from detox_exp.registry import Registry
 from tests.helpers.run import ROOT
@@ -35,8 +35,8 @@ def test_register_look_up_and_filter() -> None:
 
 
 def test_the_checks_and_the_sweep_read_the_registries() -> None:
-    assert core.ADVANTAGE_ESTIMATORS.names() == ("gae", "rloo", "grpo", "dr_grpo")
-    assert core.ADVANTAGE_ESTIMATORS.names(needs_critic=True) == ("gae",)
+    assert estimators.ADVANTAGE_ESTIMATORS.names() == ("gae", "rloo", "grpo", "dr_grpo")
+    assert estimators.ADVANTAGE_ESTIMATORS.names(needs_critic=True) == ("gae",)
     assert KL_ESTIMATORS.names(log=True) == ("k3", "full")
     assert KL_ESTIMATORS.names(loss=True) == ("k2", "k3", "full")
     assert sweep_choice("ppo.advantage_estimator") == "choice(gae, rloo, grpo, dr_grpo)"
@@ -52,7 +52,7 @@ def test_group_estimators_give_token_advantages_and_sequence_returns() -> None:
     every token of the sample; the return is the sequence reward."""
     rewards = torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.5, 0.5], [0.5, 0.5]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
-    entry = core.ADVANTAGE_ESTIMATORS["dr_grpo"]
+    entry = estimators.ADVANTAGE_ESTIMATORS["dr_grpo"]
     advantages, returns = entry.fn(rewards, mask, None, k=2, eps=1e-6, gamma=1.0, lam=1.0)
     # group 1: sequence rewards 1 and 2 -> -0.5, +0.5; group 2: 1 and 1 -> exactly 0
     torch.testing.assert_close(advantages, torch.tensor([[-0.5, -0.5], [0.5, 0.0], [0, 0], [0, 0]]))
@@ -71,11 +71,11 @@ def test_an_added_estimator_is_checked_swept_and_used(monkeypatch: pytest.Monkey
     the config checks accept, the sweep offers and the trainer's advantages use (registered
     on a copy of the registry, gone after the test)."""
     monkeypatch.setattr(
-        core.ADVANTAGE_ESTIMATORS, "_entries", dict(core.ADVANTAGE_ESTIMATORS._entries)
+        estimators.ADVANTAGE_ESTIMATORS, "_entries", dict(estimators.ADVANTAGE_ESTIMATORS._entries)
     )
 
-    @core.ADVANTAGE_ESTIMATORS.register("rloo_std", needs_critic=False)
-    @core.per_group
+    @estimators.ADVANTAGE_ESTIMATORS.register("rloo_std", needs_critic=False)
+    @estimators.per_group
     def rloo_std(scores: torch.Tensor, eps: float) -> torch.Tensor:
         """Leave-one-out baseline, divided by the group's std."""
         k = scores.shape[1]
@@ -88,4 +88,4 @@ def test_an_added_estimator_is_checked_swept_and_used(monkeypatch: pytest.Monkey
     scores = torch.tensor([[0.0, 1.0, 2.0, 5.0]])
     loo = (scores - 2.0) * 4 / 3
     expected = loo / (scores.std() + 1e-6)
-    torch.testing.assert_close(core.group_advantages(scores, "rloo_std"), expected)
+    torch.testing.assert_close(estimators.group_advantages(scores, "rloo_std"), expected)

@@ -11,7 +11,8 @@ from typing import Any
 
 from detox_exp.errors import ConfigError
 from detox_exp.kl import KL_ESTIMATORS
-from detox_exp.ppo.core import ADVANTAGE_ESTIMATORS, LOSS_AGG_MODES
+from detox_exp.ppo.advantages import ADVANTAGE_ESTIMATORS
+from detox_exp.ppo.core import LOSS_AGG_MODES
 from detox_exp.ppo.settings import NESTED, PPOSettings
 from detox_exp.schema import check_fields, check_value
 

@@ -49,7 +49,7 @@ class PPOSettings:
     # k samples of each prompt (a group). The encoder runs once per prompt and its output is
     # shared by the k decoders in every pass; batch sizes must be multiples of k.
     samples_per_prompt: int = 1
-    # A registered advantage estimator (detox_exp/ppo/core.py, docs/design.md): gae (PPO with
+    # A registered advantage estimator (detox_exp/ppo/advantages.py, docs/design.md): gae (PPO with
     # a value head) or critic-free from the group's k sequence rewards (rloo, grpo, dr_grpo:
     # no value head, no value loss; they need samples_per_prompt >= 2).
     advantage_estimator: str = "gae"
@@ -113,7 +113,7 @@ class PPOSettings:
     @property
     def uses_critic(self) -> bool:
         """Whether the advantage estimator needs a value head (its registry entry says)."""
-        from detox_exp.ppo.core import ADVANTAGE_ESTIMATORS  # torch: not at import
+        from detox_exp.ppo.advantages import ADVANTAGE_ESTIMATORS  # torch: not at import
 
         return ADVANTAGE_ESTIMATORS[self.advantage_estimator].needs_critic
 

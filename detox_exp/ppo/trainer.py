@@ -1,6 +1,7 @@
 """The PPO loop for encoder-decoder policies: rollout -> score -> advantages -> update.
 
-The math lives in :mod:`detox_exp.ppo.core` (pure functions); the loop every method shares
+The math lives in :mod:`detox_exp.ppo.core` and :mod:`detox_exp.ppo.advantages` (pure
+functions); the loop every method shares
 (data order, random streams, guard, checkpoint state, DDP, logging) in
 :mod:`detox_exp.training.loop`; this module holds what is PPO's: rollout, advantages, losses.
 Dropout is off during PPO (the network stays in eval mode, as in trl >= 0.12) so that the
@@ -36,6 +37,7 @@ from detox_exp.generation import (
 from detox_exp.kl import kl_loss, kl_penalty
 from detox_exp.kl_control import AdaptiveKLController, FixedKLController
 from detox_exp.ppo import core
+from detox_exp.ppo.advantages import ADVANTAGE_ESTIMATORS, compute_rewards
 from detox_exp.ppo.checks import check_lr, local_sizes, settings_from
 from detox_exp.ppo.experience import Experience
 from detox_exp.reward.scorer import ToxicityScorer
@@ -269,7 +271,7 @@ class PPOTrainer(TrainingLoop):
             running=self.running,
         )[self.dist.rank * n : (self.dist.rank + 1) * n]
         logits = {"logits": batch.get("logits"), "ref_logits": batch.get("ref_logits")}
-        rewards, kl_reward = core.compute_rewards(
+        rewards, kl_reward = compute_rewards(
             processed,
             batch["logprobs"],
             batch["ref_logprobs"],
@@ -282,7 +284,7 @@ class PPOTrainer(TrainingLoop):
         if s.kl_log_estimator != s.kl_estimator:
             kl = kl_penalty(batch["logprobs"], batch["ref_logprobs"], s.kl_log_estimator, **logits)
             kl = torch.where(mask.bool(), kl, 0.0)
-        advantages, returns = core.ADVANTAGE_ESTIMATORS[s.advantage_estimator].fn(
+        advantages, returns = ADVANTAGE_ESTIMATORS[s.advantage_estimator].fn(
             rewards,
             mask,
             batch.get("values"),
