@@ -10,12 +10,12 @@ import pytest
 from detox_exp.demo.corpus import (
     INSULTS,
     LABELS,
-    TOPICS,
     contains_insult,
     generate_classifier_corpus,
     generate_dialogues,
     split_records,
 )
+from detox_exp.demo.topics import TOPICS
 
 _TOKEN = re.compile(r"#person[12]#|[a-z0-9'-]+")
 _TEMPLATE_WORDS = {"about", "asks", "helps", "help", "tells", "talk", "with", "that", "from"}
