@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -28,12 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from detox_exp import metric_names as M
-from detox_exp.compare_runs import CURVES, CompareError, RunRecord, load_runs
+from detox_exp.compare_plots import DISTINCT2, ROUGE, TOXICITY, plot_curves, plot_pareto
+from detox_exp.compare_runs import (
+    CompareError,
+    RunRecord,
+    baselines_differ,
+    load_runs,
+    number,
+)
 
 PROG = "detox-exp-compare"
 OPT, DELTA_PHASE = M.OPTIMUM_PHASE, M.DELTA_PHASE
-TOXICITY, ROUGE = M.eval_key("after", "toxicity_mean"), M.eval_key("after", "rouge_l")
-DISTINCT2, KL_AFTER = M.eval_key("after", "distinct_2"), M.eval_key("after", "kl_to_reference")
 # after / before - 1, each run's own baseline
 TOXICITY_REL = M.eval_key(DELTA_PHASE, "toxicity_mean_rel")
 # the default columns; those no run has, and the relative changes (``_rel``) where every run
@@ -135,27 +139,6 @@ def config_cell(run: RunRecord, key: str) -> str:
     return f"{{{size} keys}}" if size else "-"
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the non-dominated points, minimising x and maximising y.
-
-    A point is dominated when another is at least as good in both and strictly better in one;
-    equal points do not dominate each other (all are kept). NaN / None points are never on it.
-    """
-    ok = [all(v is not None and not math.isnan(v) for v in p) for p in points]
-    valid = [p for p, good in zip(points, ok) if good]
-
-    def dominated(x: float, y: float) -> bool:
-        return any(xo <= x and yo >= y and (xo < x or yo > y) for xo, yo in valid)
-
-    return [i for i, (x, y) in enumerate(points) if ok[i] and not dominated(x, y)]
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        return None
-    return float(value)
-
-
 def metric_value(summary: Mapping[str, Any], metric: str) -> Any:
     """``summary[metric]``; else, from the run's own before and after values,
     ``eval/delta/<m>`` = after - before and ``eval/delta/<m>_rel`` = after / before - 1."""
@@ -164,23 +147,10 @@ def metric_value(summary: Mapping[str, Any], metric: str) -> Any:
     match = DELTA.fullmatch(metric)
     if match is None:
         return None
-    before, after = (_number(summary.get(M.eval_key(p, match["name"]))) for p in M.EVAL_PHASES)
+    before, after = (number(summary.get(M.eval_key(p, match["name"]))) for p in M.EVAL_PHASES)
     if before is None or after is None or (match["rel"] and not before):
         return None
     return after / before - 1.0 if match["rel"] else after - before
-
-
-def relative_change(summary: Mapping[str, Any], phase: str, name: str) -> float | None:
-    """``eval/<phase>/<name>`` / ``eval/before/<name>`` - 1: the change from the run's own
-    baseline (None without both, or with a zero baseline)."""
-    value, before = (_number(summary.get(M.eval_key(p, name))) for p in (phase, "before"))
-    return value / before - 1.0 if value is not None and before else None
-
-
-def baselines_differ(runs: Sequence[RunRecord], name: str) -> bool:
-    """Whether the runs' ``eval/before/<name>`` (their reference's value) differ."""
-    values = {_number(r.summary.get(M.eval_key("before", name))) for r in runs} - {None}
-    return len({round(v, 9) for v in values}) > 1
 
 
 def table_metrics(runs: Sequence[RunRecord], metrics: Sequence[str]) -> list[str]:
@@ -191,7 +161,7 @@ def table_metrics(runs: Sequence[RunRecord], metrics: Sequence[str]) -> list[str
         match = DELTA.fullmatch(metric)
         if match and match["rel"] and not baselines_differ(runs, match["name"]):
             return False
-        return any(_number(metric_value(r.summary, metric)) is not None for r in runs)
+        return any(number(metric_value(r.summary, metric)) is not None for r in runs)
 
     return [m for m in metrics if shown(m)]
 
@@ -200,12 +170,12 @@ def format_metric(summary: Mapping[str, Any], metric: str) -> str:
     """Value with 3 decimals (a relative change ``_rel`` in percent), plus the "[lo, hi]" CI
     when ``<metric>_ci_low/high`` exist."""
     raw = metric_value(summary, metric)
-    value = _number(raw)
+    value = number(raw)
     if value is None:
         return "-"
     fmt = _percent if metric.endswith("_rel") else _f3
     text = fmt(value) if isinstance(raw, float) else str(raw)
-    lo, hi = _number(summary.get(f"{metric}_ci_low")), _number(summary.get(f"{metric}_ci_high"))
+    lo, hi = number(summary.get(f"{metric}_ci_low")), number(summary.get(f"{metric}_ci_high"))
     return text + (f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else "")
 
 
@@ -245,8 +215,8 @@ def markdown_table(
         return run.config.get(sort) if found is None else found
 
     def sort_key(run: RunRecord) -> tuple[bool, float, str]:  # numbers, then text
-        number = _number(value(run))
-        return number is None, 0.0 if number is None else number, str(value(run))
+        x = number(value(run))
+        return x is None, 0.0 if x is None else x, str(value(run))
 
     present = sorted((r for r in runs if value(r) is not None), key=sort_key, reverse=desc)
     absent = [r for r in runs if value(r) is None]
@@ -261,139 +231,6 @@ def markdown_table(
         config = [config_cell(run, k) for k in keys], [config_cell(run, k) for k in trailing]
         lines.append(row([run.name, *config[0], *values, *config[1]]))
     return "\n".join(lines)
-
-
-def _figure(**kwargs: Any) -> Any:
-    import matplotlib
-    from matplotlib.figure import Figure
-
-    matplotlib.use("Agg")
-    return Figure(**kwargs)
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return Path(path)
-
-
-def plot_pareto(
-    runs: Sequence[RunRecord],
-    path: str | Path,
-    y_metric: str = ROUGE,
-    max_kl: float | None = None,
-) -> Path:
-    """Toxicity (x, lower is better) vs ``y_metric`` (higher is better) after PPO; Pareto
-    runs marked. Each run's reference (before PPO), with ``eval/optimum/*`` the objective's
-    optimum and, for ``algorithm=guided``, its teacher (``eval/teacher/*``) are small markers
-    joined to its point. Where the runs' baselines
-    differ, both axes are the change from each run's own baseline (after / before - 1).
-    With ``max_kl``, runs whose eval/after/kl_to_reference exceeds it are drawn as crosses and
-    kept out of the front."""
-    fig = _figure(figsize=(7, 5), layout="constrained")
-    ax = fig.add_subplot()
-    names = (TOXICITY.split("/")[-1], y_metric.split("/")[-1])
-    relative = any(baselines_differ(runs, name) for name in names)
-
-    def point(run: RunRecord, phase: str) -> tuple[float, float] | None:
-        if relative:
-            xy = [relative_change(run.summary, phase, name) for name in names]
-            xy = [None if v is None else 100 * v for v in xy]
-        else:
-            xy = [_number(run.summary.get(M.eval_key(phase, name))) for name in names]
-        return None if None in xy else (xy[0], xy[1])
-
-    shown = [r for r in runs if point(r, "after") is not None]
-    points = [point(r, "after") for r in shown]
-    kl = [_number(r.summary.get(KL_AFTER)) for r in shown]
-    over = {i for i, v in enumerate(kl) if max_kl is not None and v is not None and v > max_kl}
-    allowed = [i for i in range(len(points)) if i not in over]
-    front = {allowed[j] for j in pareto_front([points[i] for i in allowed])}
-    _plot_reference_and_optimum(
-        ax, [(point(r, "before"), p, point(r, OPT)) for r, p in zip(shown, points)]
-    )
-    teachers = [(point(r, M.TEACHER_PHASE), p) for r, p in zip(shown, points)]
-    for teacher, after in teachers:
-        if teacher is not None:
-            ax.plot(*zip(teacher, after), ls="--", c="tab:purple", lw=0.8, alpha=0.6, zorder=1)
-    if any(t is not None for t, _ in teachers):
-        xy = [t for t, _ in teachers if t is not None]
-        ax.scatter(*zip(*xy), s=40, marker="D", c="tab:purple", zorder=2, label="guided teacher")
-    for on, label, colour in ((True, "Pareto-optimal", "tab:red"), (False, "dominated", "gray")):
-        xy = [p for i, p in enumerate(points) if (i in front) == on and i not in over]
-        if xy:
-            ax.scatter(*zip(*xy), s=70 if on else 35, c=colour, zorder=3, label=label)
-    if over:
-        xy = [points[i] for i in sorted(over)]
-        ax.scatter(*zip(*xy), s=35, c="tab:blue", marker="x", zorder=3, label=f"KL > {max_kl}")
-    for (x, y), run in zip(points, shown):
-        ax.annotate(run.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if front:
-        ax.step(*zip(*sorted(points[i] for i in front)), where="post", ls="--", c="tab:red", lw=1)
-    if points:
-        ax.legend(loc="best", fontsize=8)
-        ax.margins(0.12)
-    else:
-        ax.text(0.5, 0.5, "no run has both metrics", ha="center", transform=ax.transAxes)
-    if relative:
-        ax.set(xlabel=f"{names[0]} change from the run's own baseline, % (lower is better)")
-        ax.set(ylabel=f"{names[1]} change from the run's own baseline, % (higher is better)")
-        ax.set(title=f"toxicity vs {names[1]} after PPO, relative to each run's baseline")
-    else:
-        ax.set(xlabel=f"{TOXICITY} (lower is better)", ylabel=f"{y_metric} (higher is better)")
-        ax.set(title=f"toxicity vs {names[1]} after PPO")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def _plot_reference_and_optimum(ax: Any, triples: Sequence[tuple[Any, Any, Any]]) -> None:
-    """Per run (reference, after, optimum) points, each None if unknown: the reference and
-    the optimum as small markers, joined to the run's point by thin lines."""
-    for reference, after, optimum in triples:
-        for other, style in ((reference, "-"), (optimum, ":")):
-            if other is not None:
-                ax.plot(*zip(other, after), ls=style, c="gray", lw=0.8, alpha=0.6, zorder=1)
-    references = sorted({reference for reference, _, _ in triples} - {None})
-    optima = sorted({optimum for _, _, optimum in triples} - {None})
-    if references:
-        ax.scatter(
-            *zip(*references),
-            s=24,
-            facecolors="none",
-            edgecolors="black",
-            zorder=2,
-            label="reference (before PPO)",
-        )
-    if optima:
-        ax.scatter(
-            *zip(*optima),
-            s=60,
-            marker="*",
-            c="tab:green",
-            zorder=2,
-            label="optimum at the run's beta",
-        )
-
-
-def plot_curves(runs: Sequence[RunRecord], path: str | Path) -> Path:
-    """Two panels: env/reward_mean and objective/kl vs step, one line per run."""
-    fig = _figure(figsize=(13, 4.5), layout="constrained")
-    axes = fig.subplots(1, 2)
-    for ax, metric in zip(axes, CURVES):
-        for i, run in enumerate(runs):
-            xy = [(r.get("step"), _number(r.get(metric))) for r in run.history]
-            xy = sorted((s, v) for s, v in xy if s is not None and v is not None)
-            if xy:  # 10 colours per line style, then the next style
-                marker = "." if len(xy) < 30 else None
-                ax.plot(*zip(*xy), ls="-:-"[i // 10 % 2], marker=marker, label=run.name)
-        if not ax.lines:
-            ax.text(0.5, 0.5, "no data", ha="center", transform=ax.transAxes)
-        ax.set(xlabel="PPO step", ylabel=metric, title=metric)
-        ax.grid(alpha=0.3)
-    legend = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
-    if legend:  # one entry per run, from whichever panel has it
-        fig.legend(list(legend.values()), list(legend), loc="outside right upper", fontsize=8)
-    return _save(fig, path)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

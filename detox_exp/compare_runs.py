@@ -1,10 +1,13 @@
 """The runs ``detox-exp-compare`` reads: run dirs, sweep dirs (one run per job) and W&B runs,
-each as a :class:`RunRecord` (final metrics, flat config, per-step history)."""
+each as a :class:`RunRecord` (final metrics, flat config, per-step history), and what the
+table and the plots read off their summaries (numbers, changes from each run's baseline,
+the Pareto front)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -146,3 +149,37 @@ def load_runs(paths: Sequence[str]) -> list[RunRecord]:
     parent = Path(os.path.commonpath([str(p.parent) for p in local])) if local else None
     name = {p: os.path.relpath(p.resolve(), parent) for p in items if isinstance(p, Path)}
     return [load_wandb_run(i) if isinstance(i, str) else load_run(i, name[i]) for i in items]
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points, minimising x and maximising y.
+
+    A point is dominated when another is at least as good in both and strictly better in one;
+    equal points do not dominate each other (all are kept). NaN / None points are never on it.
+    """
+    ok = [all(v is not None and not math.isnan(v) for v in p) for p in points]
+    valid = [p for p, good in zip(points, ok) if good]
+
+    def dominated(x: float, y: float) -> bool:
+        return any(xo <= x and yo >= y and (xo < x or yo > y) for xo, yo in valid)
+
+    return [i for i, (x, y) in enumerate(points) if ok[i] and not dominated(x, y)]
+
+
+def number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def relative_change(summary: Mapping[str, Any], phase: str, name: str) -> float | None:
+    """``eval/<phase>/<name>`` / ``eval/before/<name>`` - 1: the change from the run's own
+    baseline (None without both, or with a zero baseline)."""
+    value, before = (number(summary.get(M.eval_key(p, name))) for p in (phase, "before"))
+    return value / before - 1.0 if value is not None and before else None
+
+
+def baselines_differ(runs: Sequence[RunRecord], name: str) -> bool:
+    """Whether the runs' ``eval/before/<name>`` (their reference's value) differ."""
+    values = {number(r.summary.get(M.eval_key("before", name))) for r in runs} - {None}
+    return len({round(v, 9) for v in values}) > 1

@@ -16,9 +16,8 @@ from detox_exp.compare import (
     format_metric,
     main,
     markdown_table,
-    pareto_front,
 )
-from detox_exp.compare_runs import RunRecord, flatten, load_runs
+from detox_exp.compare_runs import RunRecord, flatten, load_runs, pareto_front
 from tests.helpers.run import ROOT, local_overrides, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -368,11 +367,11 @@ def test_format_metric_relative_changes() -> None:
 
 def capture_pareto(monkeypatch: pytest.MonkeyPatch, runs: list[RunRecord], tmp_path: Path):
     """The axes plot_pareto draws: {legend label: the points of that scatter}, and the axes."""
-    import detox_exp.compare as compare
+    import detox_exp.compare_plots as plots
 
     figures = []
-    monkeypatch.setattr(compare, "_save", lambda fig, path: figures.append(fig) or Path(path))
-    compare.plot_pareto(runs, tmp_path / "p.png")
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or Path(path))
+    plots.plot_pareto(runs, tmp_path / "p.png")
     (ax,) = figures[0].axes
     return {c.get_label(): [tuple(p) for p in c.get_offsets()] for c in ax.collections}, ax
 

@@ -44,7 +44,7 @@ def import_graph() -> dict[str, set[str]]:
 # package (it and all its modules).
 LAYERS = (
     ("cli", "__main__"),
-    ("pipeline", "compare", "compare_runs", "run_config"),
+    ("pipeline", "compare", "compare_plots", "compare_runs", "run_config"),
     ("frontier.",),
     ("ppo.", "guided.", "evaluation."),
     ("training.",),
