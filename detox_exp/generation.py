@@ -143,6 +143,46 @@ def generation_kwargs(gen: Mapping[str, Any], field: str = "model.generation") -
     return {k: gen[k] for k in GENERATION_KEYS if k in gen}
 
 
+def _decode_step(
+    model: torch.nn.Module,
+    encoder_hidden: torch.Tensor,
+    query_mask: torch.Tensor,
+    max_steps: int,
+    k: int,
+    step_decoder: bool,
+    need_states: bool,
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+    """One decoding step: the previous tokens [B, 1] -> (the logits [B, V] in float32, the
+    decoder's last state [B, d], None where not needed), by the T5 step decoder where it
+    mirrors ``model`` (``step_decoder``), else by the model's forward with a KV cache (one row
+    per sample). Call inside ``folded_adapter(model)``."""
+    fast = step_decoder and t5_decoding.prepare(model, encoder_hidden, query_mask, max_steps, k)
+    if fast:
+
+        def fast_step(token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return fast.step(token).float(), fast.last_hidden
+
+        return fast_step
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())  # updated in place
+    encoder_outputs = BaseModelOutput(last_hidden_state=expand_groups(encoder_hidden, k))
+    expanded_mask, cache_kwarg = expand_groups(query_mask, k), _cache_kwarg(model)
+
+    def forward_step(token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = model(
+            encoder_outputs=encoder_outputs,
+            attention_mask=expanded_mask,
+            decoder_input_ids=token,
+            use_cache=True,
+            return_dict=True,
+            output_hidden_states=need_states,
+            **{cache_kwarg: cache},
+        )
+        state = out.decoder_hidden_states[-1][:, -1] if need_states else None
+        return out.logits[:, -1].float(), state
+
+    return forward_step
+
+
 @torch.no_grad()
 def sample_responses(
     model: torch.nn.Module,
@@ -183,45 +223,30 @@ def sample_responses(
     scorer's inputs, without a second pass over the responses).
     """
     sampling = make_sampling(gen)
-    config = base_config(model)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     if encoder_hidden is None:
         encoder_hidden = encode(model, query_ids, query_mask)
-    k = samples_per_prompt
-    batch, cache_kwarg = query_ids.shape[0] * k, _cache_kwarg(model)
-    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())  # updated in place
-    token = torch.full((batch, 1), config.decoder_start_token_id, device=query_ids.device)
+    batch = query_ids.shape[0] * samples_per_prompt
+    start_id = base_config(model).decoder_start_token_id
+    token = torch.full((batch, 1), start_id, device=query_ids.device)
     done = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
     tokens = []
     if step_decoder is None:
         step_decoder = SWITCHES.step_decoder
     need_states = guide is not None or states is not None
     with folded_adapter(model):
-        fast = step_decoder and t5_decoding.prepare(
-            model, encoder_hidden, query_mask, sampling.max_new_tokens, k
+        decode_step = _decode_step(
+            model,
+            encoder_hidden,
+            query_mask,
+            sampling.max_new_tokens,
+            samples_per_prompt,
+            step_decoder,
+            need_states,
         )
-        if not fast:  # the model's forward needs one row per sample
-            hidden = expand_groups(encoder_hidden, k)
-            encoder_outputs = BaseModelOutput(last_hidden_state=hidden)
-            expanded_mask = expand_groups(query_mask, k)
         for step in range(sampling.max_new_tokens):
-            if fast:
-                logits = fast.step(token).float()
-                hidden_state = fast.last_hidden
-            else:
-                out = model(
-                    encoder_outputs=encoder_outputs,
-                    attention_mask=expanded_mask,
-                    decoder_input_ids=token,
-                    use_cache=True,
-                    return_dict=True,
-                    output_hidden_states=need_states,
-                    **{cache_kwarg: cache},
-                )
-                logits = out.logits[:, -1].float()
-                if need_states:
-                    hidden_state = out.decoder_hidden_states[-1][:, -1]
-            model_logits = logits
+            model_logits, hidden_state = decode_step(token)
+            logits = model_logits
             if guide is not None:
                 logits = guided_logits(logits, guide(hidden_state, logits))
             if record is not None:

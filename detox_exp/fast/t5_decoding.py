@@ -336,6 +336,88 @@ def _compute_dtype(net: nn.Module, device: torch.device) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
+def _mirrored(model: nn.Module, device: torch.device) -> tuple[nn.Module, torch.dtype] | None:
+    """(the T5 network, the compute dtype) when this path mirrors ``model``, else None."""
+    net = base_model(model)
+    if type(net).__name__ not in T5_CLASSES or any(m.training for m in model.modules()):
+        return None  # dropout on somewhere: not mirrored
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return None  # prefix / prompt tuning adds key-values this step does not have
+    dtype = _compute_dtype(net, device)
+    if dtype not in (torch.float32, torch.bfloat16):
+        return None  # fp16: modeling_t5 clamps activations; mixed dtypes without autocast
+    if type(net.decoder.embed_tokens) is not nn.Embedding:
+        return None
+    return net, dtype
+
+
+def _layer(
+    block: nn.Module,
+    i: int,
+    projection: Callable[..., _Projection | None],
+    memory: torch.Tensor,
+    split_heads: Callable[[torch.Tensor], torch.Tensor],
+    cache: tuple[int, int, int, int],
+    ff_names: tuple[str, ...],
+) -> _Layer | None:
+    """Decoder block ``i`` as a :class:`_Layer` over the encoder output ``memory`` [P, S, d]
+    (its cross-attention keys / values projected here, once per prompt), with empty
+    self-attention caches of shape ``cache``; None when a projection is not mirrored."""
+    attn, cross = block.layer[0].SelfAttention, block.layer[1].EncDecAttention
+    ff = block.layer[-1].DenseReluDense
+    projections = {
+        "qkv": projection(f"{i}.qkv", attn.q, attn.k, attn.v),
+        "o": projection(f"{i}.o", attn.o),
+        "cross_q": projection(f"{i}.cross_q", cross.q),
+        "cross_k": projection(f"{i}.cross_k", cross.k),
+        "cross_v": projection(f"{i}.cross_v", cross.v),
+        "cross_o": projection(f"{i}.cross_o", cross.o),
+        "wi": projection(f"{i}.wi", *(getattr(ff, name) for name in ff_names)),
+        "wo": projection(f"{i}.wo", ff.wo),
+    }
+    if any(p is None for p in projections.values()):
+        return None
+    # once per call over S positions: two large matmuls (no gain from one, no copy)
+    cross_kv = (projections["cross_k"], projections["cross_v"])
+    cross_k, cross_v = (split_heads(*proj(memory)) for proj in cross_kv)
+    return _Layer(
+        self_norm=block.layer[0].layer_norm,
+        qkv=projections["qkv"],
+        o=projections["o"],
+        cross_norm=block.layer[1].layer_norm,
+        cross_q=projections["cross_q"],
+        cross_kv=cross_kv,
+        cross_o=projections["cross_o"],
+        cross_k=cross_k.contiguous(),
+        cross_v=cross_v.contiguous(),
+        ff_norm=block.layer[-1].layer_norm,
+        wi=projections["wi"],
+        act=ff.act,
+        wo=projections["wo"],
+        wo_dtype=ff.wo.weight.dtype,
+        keys=memory.new_zeros(cache),
+        values=memory.new_zeros(cache),
+    )
+
+
+def _biases(
+    decoder: nn.Module, max_steps: int, query_mask: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """modeling_t5's biases: the first decoder layer's relative position bias, causal (later
+    positions at the dtype's minimum), and for cross-attention the encoder padding
+    ([P, 1, 1, S]: one row per prompt)."""
+    device, low = query_mask.device, torch.finfo(dtype).min
+    self_bias = (
+        decoder.block[0].layer[0].SelfAttention.compute_bias(max_steps, max_steps, device=device)
+    )
+    causal = torch.ones(max_steps, max_steps, dtype=torch.bool, device=device).tril()
+    self_bias = torch.where(causal, self_bias.to(dtype), low)
+    keep = query_mask[:, None, None, :].bool()
+    cross_bias = torch.where(keep, torch.zeros((), dtype=dtype, device=device), low)
+    return self_bias, cross_bias
+
+
 def prepare(
     model: nn.Module,
     encoder_hidden: torch.Tensor,
@@ -354,22 +436,12 @@ def prepare(
     ``samples_per_prompt`` k the decoder runs P * k rows (prompt p's samples are rows
     p * k ... p * k + k - 1), and each prompt's cross-attention keys / values are projected
     once, stored once ([P, H, S, dh]) and read by its k rows."""
-    net = base_model(model)
-    if type(net).__name__ not in T5_CLASSES or any(m.training for m in model.modules()):
-        return None  # dropout on somewhere: not mirrored
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
-        return None  # prefix / prompt tuning adds key-values this step does not have
-    device = encoder_hidden.device
-    dtype = _compute_dtype(net, device)
-    if dtype not in (torch.float32, torch.bfloat16):
-        return None  # fp16: modeling_t5 clamps activations; mixed dtypes without autocast
-    config, decoder = net.config, net.decoder
-    if type(decoder.embed_tokens) is not nn.Embedding:
+    mirrored = _mirrored(model, encoder_hidden.device)
+    if mirrored is None:
         return None
-    heads = config.num_heads
-    prompts = encoder_hidden.shape[0]
-    batch = prompts * samples_per_prompt
+    net, dtype = mirrored
+    config, decoder = net.config, net.decoder
+    heads, prompts = config.num_heads, encoder_hidden.shape[0]
     ff_names = ("wi_0", "wi_1") if config.is_gated_act else ("wi",)
     fused = _CACHES.setdefault(net, {})
 
@@ -380,60 +452,16 @@ def prepare(
     def split_heads(y: torch.Tensor) -> torch.Tensor:  # [P, S, H * dh] -> [P, H, S, dh]
         return y.view(prompts, -1, heads, config.d_kv).transpose(1, 2)
 
-    layers = []
     memory = encoder_hidden.to(dtype)
-    for i, block in enumerate(decoder.block):
-        attn, cross = block.layer[0].SelfAttention, block.layer[1].EncDecAttention
-        ff = block.layer[-1].DenseReluDense
-        projections = {
-            "qkv": projection(f"{i}.qkv", attn.q, attn.k, attn.v),
-            "o": projection(f"{i}.o", attn.o),
-            "cross_q": projection(f"{i}.cross_q", cross.q),
-            "cross_k": projection(f"{i}.cross_k", cross.k),
-            "cross_v": projection(f"{i}.cross_v", cross.v),
-            "cross_o": projection(f"{i}.cross_o", cross.o),
-            "wi": projection(f"{i}.wi", *(getattr(ff, name) for name in ff_names)),
-            "wo": projection(f"{i}.wo", ff.wo),
-        }
-        if any(p is None for p in projections.values()):
-            return None
-        # once per call over S positions: two large matmuls (no gain from one, no copy)
-        cross_kv = (projections["cross_k"], projections["cross_v"])
-        cross_k, cross_v = (split_heads(*proj(memory)) for proj in cross_kv)
-        cache = (batch, heads, max_steps, config.d_kv)
-        layers.append(
-            _Layer(
-                self_norm=block.layer[0].layer_norm,
-                qkv=projections["qkv"],
-                o=projections["o"],
-                cross_norm=block.layer[1].layer_norm,
-                cross_q=projections["cross_q"],
-                cross_kv=cross_kv,
-                cross_o=projections["cross_o"],
-                cross_k=cross_k.contiguous(),
-                cross_v=cross_v.contiguous(),
-                ff_norm=block.layer[-1].layer_norm,
-                wi=projections["wi"],
-                act=ff.act,
-                wo=projections["wo"],
-                wo_dtype=ff.wo.weight.dtype,
-                keys=memory.new_zeros(cache),
-                values=memory.new_zeros(cache),
-            )
-        )
+    cache = (prompts * samples_per_prompt, heads, max_steps, config.d_kv)
+    layers = [
+        _layer(block, i, projection, memory, split_heads, cache, ff_names)
+        for i, block in enumerate(decoder.block)
+    ]
     lm_head = projection("lm_head", net.lm_head)
-    if lm_head is None:
+    if lm_head is None or any(layer is None for layer in layers):
         return None
-    # modeling_t5's biases: the first decoder layer's relative position bias, causal (later
-    # positions at the dtype's minimum), and for cross-attention the encoder padding.
-    low = torch.finfo(dtype).min
-    self_bias = (
-        decoder.block[0].layer[0].SelfAttention.compute_bias(max_steps, max_steps, device=device)
-    )
-    causal = torch.ones(max_steps, max_steps, dtype=torch.bool, device=device).tril()
-    self_bias = torch.where(causal, self_bias.to(dtype), low)
-    keep = query_mask[:, None, None, :].bool()  # [P, 1, 1, S]: one row per prompt
-    cross_bias = torch.where(keep, torch.zeros((), dtype=dtype, device=device), low)
+    self_bias, cross_bias = _biases(decoder, max_steps, query_mask, dtype)
     return T5StepDecoder(
         layers,
         decoder.final_layer_norm,
