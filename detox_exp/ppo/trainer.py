@@ -174,13 +174,11 @@ class PPOTrainer(TrainingLoop):
                 result["ref_logits"] = ref_logits.float()
         return result
 
-    # ------------------------------------------------------------------ one step
-    @torch.no_grad()
-    def rollout(self, indices: list[int]) -> Experience:
-        """Sample k responses per prompt, score and evaluate them; everything PPO needs, on
-        ``self.device``."""
-        s, k = self.settings, self.k
-        t0 = self._clock()
+    def _sample(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        """(query, query mask, the prompts' encoder output, responses, response mask): k
+        samples of each prompt from the policy, widths padded to ``fast.width_multiple``.
+        The encoder runs once per prompt: its output serves generation (all k samples) and
+        the policy's forward passes after it."""
         query, query_mask = pad_queries(
             [self.prompts[i]["input_ids"] for i in indices],
             self.tokenizer.pad_token_id,
@@ -188,8 +186,6 @@ class PPOTrainer(TrainingLoop):
             SWITCHES.width_multiple,
         )
         with self._autocast():
-            # the encoder runs once per prompt: its output serves generation (all k samples)
-            # and the policy's forward pass below
             encoder_hidden = self.policy.encode(query, query_mask)
             response, mask = sample_responses(
                 self.policy.model,
@@ -198,12 +194,22 @@ class PPOTrainer(TrainingLoop):
                 query_mask,
                 self.generation,
                 encoder_hidden,
-                samples_per_prompt=k,
+                samples_per_prompt=self.k,
                 generator=self.sampling_stream(),
             )
         extra = round_up(response.shape[1], SWITCHES.width_multiple) - response.shape[1]
         response = torch.nn.functional.pad(response, (0, extra), value=self.tokenizer.pad_token_id)
         mask = torch.nn.functional.pad(mask, (0, extra), value=0.0)
+        return query, query_mask, encoder_hidden, response, mask
+
+    # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def rollout(self, indices: list[int]) -> Experience:
+        """Sample k responses per prompt, score and evaluate them; everything PPO needs, on
+        ``self.device``."""
+        s, k = self.settings, self.k
+        t0 = self._clock()
+        query, query_mask, encoder_hidden, response, mask = self._sample(indices)
         texts = decode(self.tokenizer, response)
         t1 = self._clock()
         scores = self.scorer.score(texts)
