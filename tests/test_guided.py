@@ -109,8 +109,7 @@ def test_guided_sampling_is_the_same_on_the_fast_and_the_plain_decoder(
 
 def test_a_guide_over_every_token_as_candidate_is_the_exact_guide() -> None:
     """candidate_log_values scores the same numbers as log_values when every token is a
-    candidate (a [K, d] x [d, C] product per state instead of one [N K, d] x [d, V]), and a
-    saved guide loads with its beta and candidates."""
+    candidate (a [K, d] x [d, C] product per state instead of one [N K, d] x [d, V])."""
     scorer = random_scorer(50, 8, hidden_size=16)
     g = torch.Generator().manual_seed(3)
     h, logits = torch.randn(2, 7, 8, generator=g), torch.randn(2, 7, 50, generator=g) * 3
@@ -123,10 +122,11 @@ def test_a_guide_over_every_token_as_candidate_is_the_exact_guide() -> None:
 def test_a_candidate_guide_reweights_its_candidates_exactly_and_keeps_the_tail_share(
     tmp_path: Path,
 ) -> None:
-    """With C < V candidates (the reference's most likely tokens): among the candidates the
-    guided distribution is the exact guide's; outside them it is the reference's shape; and
-    the candidates keep the reference's total share (the tail's value is the candidates'
-    reference-weighted mean)."""
+    """With C < V candidates (the reference's most likely tokens), saved and loaded: among
+    the candidates the guided distribution is the exact guide's; outside them it is the
+    reference's shape; and the candidates keep the reference's total share (the tail's value
+    is the candidates' reference-weighted mean). A file saved without candidates loads as
+    the exact guide."""
     scorer = random_scorer(50, 8, seed=1)
     g = torch.Generator().manual_seed(4)
     h, logits = torch.randn(5, 8, generator=g), torch.randn(5, 50, generator=g) * 3
@@ -134,6 +134,9 @@ def test_a_candidate_guide_reweights_its_candidates_exactly_and_keeps_the_tail_s
     save_guide(Guide(scorer, 0.5, candidates=12), tmp_path / "guide.pt")
     guide = load_guide(tmp_path / "guide.pt")
     assert (guide.beta, guide.candidates) == (0.5, 12)
+    saved = torch.load(tmp_path / "guide.pt", weights_only=True)
+    torch.save({k: v for k, v in saved.items() if k != "candidates"}, tmp_path / "old.pt")
+    assert load_guide(tmp_path / "old.pt").candidates == 0  # saved before candidates: exact
     approx = guided_logits(logits, guide(h, logits)).softmax(-1)
     ref = logits.softmax(-1)
     top = ref.topk(12).indices

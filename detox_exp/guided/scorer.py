@@ -150,7 +150,8 @@ def save_guide(guide: Guide, path: Path) -> None:
 
 
 def load_guide(path: Path, device: torch.device | str = "cpu") -> Guide:
-    """The :class:`Guide` written by :func:`save_guide`, its scorer frozen."""
+    """The :class:`Guide` written by :func:`save_guide`, its scorer frozen (a file without
+    ``candidates`` guides over every token, as it was trained)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     state = saved["state"]
     scorer = PrefixScorer(
@@ -158,4 +159,4 @@ def load_guide(path: Path, device: torch.device | str = "cpu") -> Guide:
     )
     scorer.load_state_dict(state)
     scorer = scorer.to(device).eval().requires_grad_(False)
-    return Guide(scorer, float(saved["beta"]), int(saved["candidates"]))
+    return Guide(scorer, float(saved["beta"]), int(saved.get("candidates", 0)))
