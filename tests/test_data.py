@@ -188,7 +188,7 @@ def test_a_dialogue_in_several_rows_is_one_prompt_with_all_references(
     and ROUGE is scored against the best of them."""
     import csv
 
-    from detox_exp.evaluation.metrics import rouge_l_per_example
+    from detox_exp.metrics import rouge_l_per_example
 
     dialogues = generate_dialogues(30, seed=4)
     train, test = tmp_path / "train.csv", tmp_path / "test.csv"

@@ -1,4 +1,4 @@
-"""Tests for detox_exp.evaluation.metrics against hand-computed values."""
+"""Tests for detox_exp.metrics against hand-computed values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from detox_exp.evaluation.bootstrap import paired_bootstrap_ci
-from detox_exp.evaluation.metrics import (
+from detox_exp.metrics import (
     distinct_n,
     expected_max_toxicity,
     rouge_l_per_example,
@@ -215,7 +215,7 @@ def test_bootstrap_validation(kwargs: dict, match: str) -> None:
 
 
 def test_response_collapse_hand_computed() -> None:
-    from detox_exp.evaluation.metrics import response_collapse
+    from detox_exp.metrics import response_collapse
 
     texts = ["a b", "a b ", "c", "a b", "d"]  # "a b" three times (whitespace stripped)
     assert response_collapse(texts) == {"unique_fraction": 3 / 5, "top_response_fraction": 3 / 5}
@@ -228,7 +228,7 @@ def test_corpus_bootstrap_of_distinct_n() -> None:
     """Prompts resampled, distinct-2 recomputed: a collapse gives a CI below 0, no change a
     CI around 0, and the (bias-corrected) CI holds the observed change."""
     from detox_exp.evaluation.bootstrap import paired_bootstrap_corpus
-    from detox_exp.evaluation.metrics import distinct_of_grams, ngrams
+    from detox_exp.metrics import distinct_of_grams, ngrams
 
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(200)]

@@ -59,6 +59,8 @@ LAYERS = (
         "kl",
         "kl_control",
         "guidance",
+        "metrics",
+        "frontier_math",
         "hub",
     ),
     (

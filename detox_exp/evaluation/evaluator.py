@@ -22,15 +22,6 @@ from transformers import PreTrainedTokenizerBase
 from detox_exp import metric_names as M
 from detox_exp.data.dialogues import references_of
 from detox_exp.errors import ConfigError
-from detox_exp.evaluation.metrics import (
-    distinct_n,
-    expected_max_toxicity,
-    response_collapse,
-    rouge_l_per_example,
-    rouge_scores,
-    toxicity_probability,
-    toxicity_stats,
-)
 from detox_exp.generation import (
     decode,
     decoder_inputs,
@@ -40,6 +31,15 @@ from detox_exp.generation import (
 )
 from detox_exp.guidance import guided_logits
 from detox_exp.kl import kl_penalty
+from detox_exp.metrics import (
+    distinct_n,
+    expected_max_toxicity,
+    response_collapse,
+    rouge_l_per_example,
+    rouge_scores,
+    toxicity_probability,
+    toxicity_stats,
+)
 from detox_exp.reward.scorer import ToxicityScorer
 from detox_exp.seq2seq import base_config, reference
 from detox_exp.utils import progress, read_jsonl, resolve_device, write_json, write_jsonl

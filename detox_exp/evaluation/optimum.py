@@ -33,7 +33,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from detox_exp.evaluation.evaluator import EvalResult
-from detox_exp.evaluation.metrics import distinct_n, response_collapse, toxicity_stats
+from detox_exp.metrics import distinct_n, response_collapse, toxicity_stats
 
 
 def rejection_optimum(

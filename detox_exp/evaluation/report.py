@@ -11,7 +11,7 @@ from typing import Any
 from detox_exp import metric_names as M
 from detox_exp.evaluation.bootstrap import paired_bootstrap_ci, paired_bootstrap_corpus
 from detox_exp.evaluation.evaluator import EvalResult
-from detox_exp.evaluation.metrics import distinct_of_grams, ngrams, response_collapse
+from detox_exp.metrics import distinct_of_grams, ngrams, response_collapse
 from detox_exp.tracking import Tracker
 
 # how each of metric_names.PAIRED_METRICS is read from an evaluation: per prompt (the mean over

@@ -1,6 +1,6 @@
 """The objective's optimum on the HELD-OUT prompts at the run's beta (``eval/optimum/*``),
 read from the before-evaluation's K >= 2 samples per prompt by self-normalised weights
-(:mod:`detox_exp.frontier.core`), and how far the run got toward it (``eval/vs_optimum/*``)."""
+(:mod:`detox_exp.frontier_math`), and how far the run got toward it (``eval/vs_optimum/*``)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from detox_exp import frontier_math
 from detox_exp import metric_names as M
 from detox_exp.evaluation.evaluator import EvalResult
-from detox_exp.frontier import core
 
 
 def heldout_optimum(
@@ -19,7 +19,7 @@ def heldout_optimum(
 ) -> dict[str, float]:
     """``eval/optimum/*``: the optimum ``pi* ~ ref * exp(r / beta)`` on the held-out prompts,
     read from the before-evaluation's K >= 2 samples per prompt by self-normalised weights
-    (:func:`detox_exp.frontier.core.optimum_metrics`); {} with one sample per prompt."""
+    (:func:`detox_exp.frontier_math.optimum_metrics`); {} with one sample per prompt."""
     p, k = before.toxicity.shape
     if k < 2:
         return {}
@@ -30,8 +30,8 @@ def heldout_optimum(
         "empty_fraction": np.array([[float(not t) for t in group] for group in texts]),
     }
     uniforms = np.random.default_rng(seed).random((repeats, p, k))
-    corpus = core.ReferenceCorpus.of(texts, uniforms)
-    values = core.optimum_metrics(
+    corpus = frontier_math.ReferenceCorpus.of(texts, uniforms)
+    values = frontier_math.optimum_metrics(
         beta, before.rewards(), before.toxicity, texts, per_sample, corpus, threshold, uniforms
     )
     values |= {"beta": float(beta), "num_prompts": p, "samples_per_prompt": k}

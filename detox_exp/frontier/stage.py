@@ -3,7 +3,7 @@ classifier and prompts, measured before any PPO step.
 
 It samples K responses per prompt from the reference (the policy with its adapter disabled)
 on TRAIN prompts (never the held-out ones), scores them, and reads off, for each beta of a
-grid, the optimum ``pi*_beta ~ ref * exp(r / beta)`` (:mod:`detox_exp.frontier.core`). It
+grid, the optimum ``pi*_beta ~ ref * exp(r / beta)`` (:mod:`detox_exp.frontier_math`). It
 writes ``<run dir>/frontier/frontier.jsonl`` (one row per beta), ``frontier.md`` and
 ``frontier.png``; the pipeline then takes beta from a target (``ppo/kl_controller=frontier``)
 or refuses a beta whose optimum changes nothing (``frontier.min_drop``).
@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from detox_exp import frontier_math
 from detox_exp.data.dialogues import references_of
 from detox_exp.errors import ConfigError
-from detox_exp.evaluation.metrics import rouge_l_per_example
-from detox_exp.frontier import core
 from detox_exp.generation import decode, generation_kwargs, pad_queries, sample_responses
 from detox_exp.kl_control import FrontierKLController
+from detox_exp.metrics import rouge_l_per_example
 from detox_exp.seq2seq import reference as seq2seq_reference
 from detox_exp.utils import progress, resolve_device, write_json, write_jsonl
 
@@ -94,11 +94,11 @@ class FrontierResult:
     draws: ReferenceDraws
     threshold: float
     uniforms: np.ndarray
-    corpus: core.ReferenceCorpus
+    corpus: frontier_math.ReferenceCorpus
     _off_grid: dict[float, dict[str, float]] = field(default_factory=dict, repr=False)
 
     def drop(self, beta: float) -> float:
-        return core.toxicity_drop(self.draws.rewards, self.draws.toxicity, beta)
+        return frontier_math.toxicity_drop(self.draws.rewards, self.draws.toxicity, beta)
 
     def at(self, beta: float) -> dict[str, float]:
         """The row of any beta (the grid's, or computed once for another)."""
@@ -112,7 +112,7 @@ class FrontierResult:
     def row(self, beta: float) -> dict[str, float]:
         """One beta's row: :data:`ROW_KEYS` plus the ratios to the reference."""
         draws, reference = self.draws, self.reference
-        m = core.optimum_metrics(
+        m = frontier_math.optimum_metrics(
             beta,
             draws.rewards,
             draws.toxicity,
@@ -141,7 +141,7 @@ class FrontierResult:
 
     def beta_for_drop(self, target: float) -> float | None:
         betas = [row["beta"] for row in self.rows]
-        return core.beta_for_drop(
+        return frontier_math.beta_for_drop(
             self.draws.rewards, self.draws.toxicity, target, min(betas), max(betas)
         )
 
@@ -152,7 +152,7 @@ def read_frontier(
     """The frontier over ``betas`` from scored reference draws (pure: no model)."""
     p, k = draws.rewards.shape
     uniforms = np.random.default_rng(seed).random((repeats, p, k))
-    corpus = core.ReferenceCorpus.of(draws.texts, uniforms)
+    corpus = frontier_math.ReferenceCorpus.of(draws.texts, uniforms)
     reference = {
         "toxicity_mean": float(draws.toxicity.mean()),
         "toxic_fraction": float((draws.toxicity > threshold).mean()),

@@ -1,4 +1,4 @@
-"""The frontier's math (detox_exp/frontier/core.py) against values computed by hand and the
+"""The frontier's math (detox_exp/frontier_math.py) against values computed by hand and the
 exact optimum of a small categorical reference."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detox_exp.frontier import core
+from detox_exp import frontier_math
 
 # a reference over 4 responses with known probabilities and toxicities
 PROBS = np.array([0.4, 0.3, 0.2, 0.1])
@@ -22,14 +22,18 @@ def exact_optimum(rewards: np.ndarray, beta: float) -> tuple[float, float]:
 
 
 def test_weights_by_hand() -> None:
-    w = core.optimum_weights(np.array([[0.0, np.log(3.0)]]), beta=1.0)
+    w = frontier_math.optimum_weights(np.array([[0.0, np.log(3.0)]]), beta=1.0)
     np.testing.assert_allclose(w, [[0.25, 0.75]])
     # KL = sum w log(K w) = 0.25 log 0.5 + 0.75 log 1.5
-    np.testing.assert_allclose(core.optimum_kl(w), [0.25 * np.log(0.5) + 0.75 * np.log(1.5)])
-    np.testing.assert_allclose(core.optimum_kl(np.full((1, 5), 0.2)), [0.0], atol=1e-15)
-    np.testing.assert_allclose(core.optimum_kl(np.array([[1.0, 0.0, 0.0]])), [np.log(3)])
+    np.testing.assert_allclose(
+        frontier_math.optimum_kl(w), [0.25 * np.log(0.5) + 0.75 * np.log(1.5)]
+    )
+    np.testing.assert_allclose(frontier_math.optimum_kl(np.full((1, 5), 0.2)), [0.0], atol=1e-15)
+    np.testing.assert_allclose(frontier_math.optimum_kl(np.array([[1.0, 0.0, 0.0]])), [np.log(3)])
     # huge rewards / tiny beta: no overflow, the best draw takes all the weight
-    np.testing.assert_allclose(core.optimum_weights(np.array([[500.0, 400.0]]), 0.01), [[1.0, 0.0]])
+    np.testing.assert_allclose(
+        frontier_math.optimum_weights(np.array([[500.0, 400.0]]), 0.01), [[1.0, 0.0]]
+    )
 
 
 @pytest.mark.parametrize("reward_type", ["log_prob", "logit"])
@@ -42,14 +46,16 @@ def test_estimates_match_the_exact_optimum(reward_type: str, beta: float) -> Non
     prompts, k = 400, 64
     idx = rng.choice(4, size=(prompts, k), p=PROBS)
     rewards, tox = REWARDS[reward_type][idx], TOX[idx]
-    w = core.optimum_weights(rewards, beta)
+    w = frontier_math.optimum_weights(rewards, beta)
     want_tox, want_kl = exact_optimum(REWARDS[reward_type], beta)
     per_prompt_tox = (w * tox).sum(1)
     se = per_prompt_tox.std() / np.sqrt(prompts)
-    assert core.tilted_mean(tox, w) == pytest.approx(want_tox, abs=4 * se + 0.01 * want_tox)
-    kl = core.optimum_kl(w)
+    assert frontier_math.tilted_mean(tox, w) == pytest.approx(
+        want_tox, abs=4 * se + 0.01 * want_tox
+    )
+    kl = frontier_math.optimum_kl(w)
     assert kl.mean() == pytest.approx(want_kl, abs=4 * kl.std() / np.sqrt(prompts) + 0.02)
-    drop = core.toxicity_drop(rewards, tox, beta)
+    drop = frontier_math.toxicity_drop(rewards, tox, beta)
     assert drop == pytest.approx(1 - want_tox / float(PROBS @ TOX), abs=0.03)
 
 
@@ -59,22 +65,24 @@ def test_beta_for_drop_is_monotone_and_reaches_the_target() -> None:
     rewards, tox = REWARDS["log_prob"][idx], TOX[idx]
     betas = []
     for target in (0.2, 0.4, 0.6, 0.8):
-        beta = core.beta_for_drop(rewards, tox, target, 0.01, 100.0)
+        beta = frontier_math.beta_for_drop(rewards, tox, target, 0.01, 100.0)
         assert beta is not None
-        assert core.toxicity_drop(rewards, tox, beta) >= target  # reached
-        assert core.toxicity_drop(rewards, tox, beta * 1.01) < target  # the largest such
+        assert frontier_math.toxicity_drop(rewards, tox, beta) >= target  # reached
+        assert frontier_math.toxicity_drop(rewards, tox, beta * 1.01) < target  # the largest such
         betas.append(beta)
     assert betas == sorted(betas, reverse=True)  # a larger cut needs a smaller beta
-    drops = [core.toxicity_drop(rewards, tox, b) for b in np.geomspace(0.01, 100, 30)]
+    drops = [frontier_math.toxicity_drop(rewards, tox, b) for b in np.geomspace(0.01, 100, 30)]
     assert all(a >= b - 1e-12 for a, b in zip(drops, drops[1:]))  # monotone in beta
-    assert core.beta_for_drop(rewards, tox, 0.999, 0.01, 100.0) is None  # out of reach
-    assert core.beta_for_drop(rewards, tox, 1e-6, 0.01, 100.0) == 100.0  # reached at the top
+    assert frontier_math.beta_for_drop(rewards, tox, 0.999, 0.01, 100.0) is None  # out of reach
+    assert (
+        frontier_math.beta_for_drop(rewards, tox, 1e-6, 0.01, 100.0) == 100.0
+    )  # reached at the top
 
 
 def test_resampling_follows_the_weights() -> None:
     w = np.array([[0.7, 0.0, 0.3], [0.0, 1.0, 0.0]])
     u = np.random.default_rng(2).random((2, 20000))
-    picked = core.resample(w, u)
+    picked = frontier_math.resample(w, u)
     np.testing.assert_allclose(np.bincount(picked[0], minlength=3) / 20000, w[0], atol=0.01)
     assert (picked[1] == 1).all()
 
@@ -86,14 +94,14 @@ def test_corpus_metrics_are_scaled_onto_the_reference() -> None:
     rewards = np.zeros((6, 4))
     tox = np.full((6, 4), 0.1)
     u = np.random.default_rng(3).random((4, 6, 4))
-    ref = core.ReferenceCorpus.of(texts, u)
-    flat = core.optimum_metrics(1.0, rewards, tox, texts, {}, ref, 0.5, u)
-    for name in core.CORPUS_METRICS:
+    ref = frontier_math.ReferenceCorpus.of(texts, u)
+    flat = frontier_math.optimum_metrics(1.0, rewards, tox, texts, {}, ref, 0.5, u)
+    for name in frontier_math.CORPUS_METRICS:
         assert flat[name] == pytest.approx(ref.full[name])
     assert flat["kl_to_reference"] == pytest.approx(0.0, abs=1e-12)
     peaked = rewards.copy()
     peaked[:, 0] = 50.0
-    sharp = core.optimum_metrics(1.0, peaked, tox, texts, {}, ref, 0.5, u)
+    sharp = frontier_math.optimum_metrics(1.0, peaked, tox, texts, {}, ref, 0.5, u)
     assert sharp["unique_fraction"] < 0.5 * ref.full["unique_fraction"]
     assert sharp["kl_to_reference"] == pytest.approx(np.log(4), rel=1e-6)
 
@@ -149,7 +157,7 @@ def test_bad_frontier_settings_are_config_errors() -> None:
 
 def test_frontier_controller_needs_the_frontier_stage(tmp_path) -> None:
     from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
+    from hydra.frontier_math.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     from detox_exp.errors import ConfigError

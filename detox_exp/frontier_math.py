@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detox_exp.evaluation.metrics import distinct_n, response_collapse
+from detox_exp.metrics import distinct_n, response_collapse
 
 # corpus metrics of the resampled responses
 CORPUS_METRICS: dict[str, Callable[[list[str]], float]] = {
