@@ -157,7 +157,7 @@ def test_bad_frontier_settings_are_config_errors() -> None:
 
 def test_frontier_controller_needs_the_frontier_stage(tmp_path) -> None:
     from hydra import compose, initialize_config_dir
-    from hydra.frontier_math.hydra_config import HydraConfig
+    from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     from detox_exp.errors import ConfigError
