@@ -65,6 +65,7 @@ LAYERS = (
     ),
     (
         "tracking",
+        "wandb_run",
         "checkpoint",
         "distributed",
         "schema",

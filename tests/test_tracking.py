@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from detox_exp import metric_names as M
-from detox_exp.tracking import (
+from detox_exp.tracking import Tracker
+from detox_exp.wandb_run import (
     NAME_MAX_CHARS,
     WANDB_MAX_METADATA_KEYS,
-    Tracker,
     choose_wandb_mode,
     hydra_run_name,
     model_metadata,
