@@ -18,6 +18,7 @@ from detox_exp.errors import ConfigError
 from detox_exp.frontier.stage import (
     ROW_KEYS,
     Frontier,
+    FrontierResult,
     ReferenceDraws,
     choose_beta,
     write_frontier,
@@ -46,15 +47,13 @@ def frontier_stage(
     sampling again, and logs nothing W&B already has."""
     decision: dict[str, Any] = {}
     saved = out / "draws.jsonl"
-    if dist.is_main and reuse and saved.is_file():
-        try:
-            result = runner.read(ReferenceDraws.load(saved))
-            decision = {"beta": choose_beta(result, controller, runner.min_drop)}
-        except ConfigError as err:
-            decision = {"error": [err.field, err.problem, err.fix]}
-        log.info("frontier: reusing %s", saved)
-    elif dist.is_main:
-        draws = runner.sample(model, tokenizer, scorer, prompts, generation)
+    if dist.is_main:
+        reused = reuse and saved.is_file()
+        if reused:
+            draws = ReferenceDraws.load(saved)
+            log.info("frontier: reusing %s", saved)
+        else:
+            draws = runner.sample(model, tokenizer, scorer, prompts, generation)
         result = runner.read(draws)
         beta = None
         try:
@@ -62,28 +61,35 @@ def frontier_stage(
             decision = {"beta": beta}
         except ConfigError as err:
             decision = {"error": [err.field, err.problem, err.fix]}
-        print(f"\n{write_frontier(result, out, beta)}", flush=True)
-        tracker.log_table(
-            M.FRONTIER_TABLE,
-            ROW_KEYS,
-            [[row[key] for key in ROW_KEYS] for row in result.rows],
-            step=None,
-        )
-        tracker.log_image(M.FRONTIER_PLOT, out / "frontier.png")
-        if beta is not None:
-            row = result.at(beta)
-            tracker.log_summary(
-                {
-                    M.FRONTIER_BETA: beta,
-                    M.FRONTIER_TOXICITY_CHANGE: row["toxicity_change"],
-                    M.FRONTIER_KL: row["kl"],
-                }
-            )
+        if not reused:
+            _log_frontier(result, beta, out, tracker)
     dist.wait()
     decision = dist.broadcast(decision)
     if "error" in decision:
         raise ConfigError(*decision["error"])
     return float(decision["beta"])
+
+
+def _log_frontier(result: FrontierResult, beta: float | None, out: Path, tracker: Tracker) -> None:
+    """Write the frontier's files in ``out``, print its table and log it (its table, plot
+    and, with a beta, the run's point on it)."""
+    print(f"\n{write_frontier(result, out, beta)}", flush=True)
+    tracker.log_table(
+        M.FRONTIER_TABLE,
+        ROW_KEYS,
+        [[row[key] for key in ROW_KEYS] for row in result.rows],
+        step=None,
+    )
+    tracker.log_image(M.FRONTIER_PLOT, out / "frontier.png")
+    if beta is not None:
+        row = result.at(beta)
+        tracker.log_summary(
+            {
+                M.FRONTIER_BETA: beta,
+                M.FRONTIER_TOXICITY_CHANGE: row["toxicity_change"],
+                M.FRONTIER_KL: row["kl"],
+            }
+        )
 
 
 def frontier_draws(out: Path) -> dict[str, Any]:

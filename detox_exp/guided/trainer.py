@@ -268,8 +268,9 @@ class GuidedTrainer(TrainingLoop):
             log_pi, log_t = student.detach().log_softmax(-1), teacher.log_softmax(-1)
             kl_policy = ((log_pi.exp() * (log_pi - log_ref)).sum(-1) * mask).sum(1)
             kl_teacher = ((log_t.exp() * (log_t - log_ref)).sum(-1) * mask).sum(1)
-            if self.candidates:  # the reference's mass on the tokens the guide scored
-                covered = log_ref.exp().topk(min(self.candidates, log_ref.shape[-1]))
+            candidates = self.guide.candidates  # the guide in use (a resumed run: its file's)
+            if candidates:  # the reference's mass on the tokens the guide scored
+                covered = log_ref.exp().topk(min(candidates, log_ref.shape[-1]))
                 covered = covered.values.sum(-1)
                 local[M.GUIDE_CANDIDATE_MASS] = ((covered * mask).sum() / mask.sum()).item()
         reward = self.dist.gather(scores.reward.to(self.device))
