@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from detox_exp import metric_names as M
-from detox_exp.frontier.stage import BETAS, ROW_KEYS
+from detox_exp.frontier.result import ROW_KEYS
+from detox_exp.frontier.stage import BETAS
 from tests.helpers.cli import check_one_line_error
 from tests.helpers.run import ROOT, run_cli
 

@@ -107,7 +107,7 @@ def test_corpus_metrics_are_scaled_onto_the_reference() -> None:
 
 
 def _draws(rng: np.random.Generator, prompts: int = 100, k: int = 16):
-    from detox_exp.frontier.stage import ReferenceDraws
+    from detox_exp.frontier.result import ReferenceDraws
 
     idx = rng.choice(4, size=(prompts, k), p=PROBS)
     texts = [[f"response {i} of prompt {p}" for i in row] for p, row in enumerate(idx)]
@@ -118,7 +118,8 @@ def test_beta_is_chosen_or_refused() -> None:
     """The run's beta: from a target with the frontier controller; a configured beta whose
     optimum cuts less than min_drop, or a target out of reach, is one ConfigError."""
     from detox_exp.errors import ConfigError
-    from detox_exp.frontier.stage import choose_beta, read_frontier
+    from detox_exp.frontier.result import read_frontier
+    from detox_exp.frontier.stage import choose_beta
 
     result = read_frontier(_draws(np.random.default_rng(4)), [0.01, 0.1, 1, 10], 0.5, 0, 2)
     assert [r["beta"] for r in result.rows] == [0.01, 0.1, 1, 10]

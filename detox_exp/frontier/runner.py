@@ -15,14 +15,8 @@ from datasets import Dataset
 from detox_exp import metric_names as M
 from detox_exp.distributed import Dist
 from detox_exp.errors import ConfigError
-from detox_exp.frontier.stage import (
-    ROW_KEYS,
-    Frontier,
-    FrontierResult,
-    ReferenceDraws,
-    choose_beta,
-    write_frontier,
-)
+from detox_exp.frontier.result import ROW_KEYS, FrontierResult, ReferenceDraws, write_frontier
+from detox_exp.frontier.stage import Frontier, choose_beta
 from detox_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
