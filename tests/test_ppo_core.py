@@ -349,7 +349,8 @@ def test_adaptive_kl_controller_reaches_its_target_in_a_closed_loop(target: floa
     coefficient allows (the optimum's KL falls as beta grows: kl*(beta) = 0.6 / beta; a
     fifth of the way per step, with 20% multiplicative noise), at the demo's settings
     (init 1, horizon 128, 120 steps of 32 samples; on the demo itself: the measurement in
-    conf/ppo/kl_controller/adaptive.yaml): the last third of the run averages within 15% of the target."""
+    conf/ppo/kl_controller/adaptive.yaml): the last third of the run averages within 15% of
+    the target."""
     rng = np.random.default_rng(0)
     ctl = AdaptiveKLController(1.0, target=target, horizon=128)
     kl, seen = 0.0, []
