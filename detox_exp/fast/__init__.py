@@ -9,7 +9,8 @@ below). What each one buys is measured in docs/benchmarks.md.
   matmuls instead of the CPU flash kernel (tests/test_attention.py).
 - ``fused_gelu`` (:mod:`.activations`): FLAN-T5's gated-GELU in one kernel.
 - ``step_decoder`` (:mod:`.t5_decoding`): one-token T5 decoding as a flat list of tensor
-  ops, cross-attention keys / values projected once per prompt (tests/test_t5_decoding.py).
+  ops, cross-attention keys / values projected once per prompt, its fused weights cached with
+  the model (:mod:`.fused_weights`) (tests/test_t5_decoding.py).
 - ``fold_lora`` (:mod:`.lora_fold`): LoRA folded into the frozen weights while decoding in
   fp32 (tests/test_sampling.py).
 - ``width_multiple`` (:mod:`.widths`): prompt and response widths rounded up to a multiple,
