@@ -46,7 +46,8 @@ from detox_exp.guided.scorer import Guide, load_guide, save_guide
 from detox_exp.guided.settings import DISTILL_DEFAULTS, SCORER_DEFAULTS, check_settings
 from detox_exp.reward.scorer import ToxicityScorer
 from detox_exp.tracking import Tracker
-from detox_exp.training.loop import LoopDebug, StepSamples, TrainingLoop, sampling_stream
+from detox_exp.training.faults import LoopDebug
+from detox_exp.training.loop import StepSamples, TrainingLoop, sampling_stream
 from detox_exp.training.policy import ActorCritic
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ class GuidedTrainer(TrainingLoop):
             out = self.ddp(query, query_mask, dec, with_values=False, samples_per_prompt=self.k)
         student = out.logits.float()
         loss = distill_loss(student, teacher, mask, self.distill["direction"])
-        self.guard.check("loss", loss, self.step + 1)
+        self.check("loss", loss)
         loss.backward()  # DDP averages the processes' gradients: the global mean
         norm = self.optimizer_step()
         t2 = self._clock()

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
+from detox_exp.training.faults import LoopDebug
+
 
 @dataclass
 class ScoreSettings:
@@ -24,17 +26,6 @@ class ScoreSettings:
     scale: float = 1.0  # multiply the scores
     normalize: bool = False  # running mean / std normalisation of the scores
     clip: float | None = None  # clip the scores to [-clip, clip] (null: off)
-
-
-@dataclass
-class DebugSettings:
-    """``ppo.debug``: fault injection and debugging (tests)."""
-
-    nan_at_step: int | None = None  # NaN scores at this step
-    # a NaN in one gradient of the second minibatch (the first if there is one) at this step
-    nan_grad_at_step: int | None = None
-    kill_after_step: int | None = None  # SIGKILL after this step (a hard crash)
-    param_digest: bool = False  # write a hash of the trainable weights per process and step
 
 
 @dataclass
@@ -108,7 +99,7 @@ class PPOSettings:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | fp16 (the top-level precision sets it)
-    debug: DebugSettings = field(default_factory=DebugSettings)
+    debug: LoopDebug = field(default_factory=LoopDebug)  # test-only fault injection
 
     @property
     def uses_critic(self) -> bool:
@@ -118,7 +109,7 @@ class PPOSettings:
         return ADVANTAGE_ESTIMATORS[self.advantage_estimator].needs_critic
 
 
-NESTED = {"score": ScoreSettings, "debug": DebugSettings}
+NESTED = {"score": ScoreSettings, "debug": LoopDebug}
 
 
 def schema_node() -> dict:

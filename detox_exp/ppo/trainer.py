@@ -34,12 +34,13 @@ from detox_exp.generation import (
     pad_queries,
     sample_responses,
 )
-from detox_exp.kl import kl_loss, kl_penalty
+from detox_exp.kl import kl_penalty
 from detox_exp.kl_control import AdaptiveKLController, FixedKLController
 from detox_exp.ppo import core
 from detox_exp.ppo.advantages import ADVANTAGE_ESTIMATORS, compute_rewards
 from detox_exp.ppo.checks import check_lr, local_sizes, settings_from
 from detox_exp.ppo.experience import Experience
+from detox_exp.ppo.losses import minibatch_loss
 from detox_exp.reward.scorer import ToxicityScorer
 from detox_exp.tracking import Tracker
 from detox_exp.training.loop import TrainingLoop
@@ -99,6 +100,7 @@ class PPOTrainer(TrainingLoop):
         self.kl_ctl = kl_controller
         self.running = core.RunningMoments() if s.score.normalize else None
         self.sample_table_every, self.num_table_samples = s.sample_table_every, s.num_table_samples
+        self.updates_per_step = s.ppo_epochs * (self.local_batch // self.local_mini)
         policy = ActorCritic(model, s.separate_value_model, value_head=s.uses_critic)
         self.attach(policy, optimizer)
         check_lr(self.optimizer.param_groups[0]["lr"])
@@ -231,9 +233,7 @@ class PPOTrainer(TrainingLoop):
         t3 = self._clock()
         timings = {M.TIME_GENERATE: t1 - t0, M.TIME_SCORE: t2 - t1, M.TIME_FORWARD: t3 - t2}
         raw_scores = scores.reward.to(self.device).clone()  # a normal tensor, not inference
-        if s.debug.nan_at_step == self.step + 1:  # fault injection for tests
-            raw_scores[0] = float("nan")
-        self.guard.check("scores", raw_scores, self.step + 1)
+        self.check("scores", raw_scores)
         rewards, kl_reward, kl, advantages, returns = self._advantages(raw_scores, batch, mask)
         return Experience(
             indices=indices,
@@ -305,8 +305,8 @@ class PPOTrainer(TrainingLoop):
             else:
                 whitened = core.masked_whiten(advantages, mask)
             advantages = torch.where(mask.bool(), whitened, 0.0)
-        self.guard.check("rewards", rewards, self.step + 1)
-        self.guard.check("advantages", advantages, self.step + 1)
+        self.check("rewards", rewards)
+        self.check("advantages", advantages)
         return rewards, kl_reward, kl, advantages, returns
 
     def optimize(self, roll: Experience) -> dict[str, float]:
@@ -322,7 +322,7 @@ class PPOTrainer(TrainingLoop):
         mini_groups = self.local_mini // k
         micro_groups = mini_groups // s.gradient_accumulation_steps
         world = self.dist.world_size
-        epochs_run = n_updates = 0
+        epochs_run = 0
         for _ in range(s.ppo_epochs):
             epochs_run += 1
             order = torch.randperm(n_groups, generator=self.generator).tolist()
@@ -344,14 +344,12 @@ class PPOTrainer(TrainingLoop):
                     sync = contextlib.nullcontext() if last else self._no_sync()
                     with sync:
                         loss, mstats = self._loss(roll, mb[mc_start : mc_start + micro_groups], agg)
-                        self.guard.check("loss", loss, self.step + 1)
+                        self.check("loss", loss)
                         self.scaler.scale(loss * world).backward()
                     for key, value in mstats.items():
                         stats[key].append(value)
                     epoch_kl.append(mstats[M.APPROX_KL])
-                self._inject_nan_gradient(n_updates)
                 stats[M.GRAD_NORM].append(self.optimizer_step())
-                n_updates += 1
             if s.target_approx_kl is not None:
                 # decided on the global mean, so every process runs the same number of epochs
                 kl = self.dist.mean(torch.tensor(sum(epoch_kl) / len(epoch_kl))).item()
@@ -386,48 +384,7 @@ class PPOTrainer(TrainingLoop):
         else:
             dec = decoder_inputs(mb.response, self.policy.config.decoder_start_token_id)
             out = self._update_pass(mb.query, mb.query_mask, dec)
-        logits = out.logits.float()
-        logprobs = core.logprobs_from_logits(logits, mb.response)
-        pg_loss, pg_stats = core.policy_loss(
-            logprobs, mb.logprobs, mb.advantages, mb.mask, s.cliprange, agg
-        )
-        loss = pg_loss
-        stats = {
-            M.LOSS_POLICY: pg_loss.item(),
-            M.APPROX_KL: pg_stats["approxkl"].item(),
-            M.POLICY_KL: pg_stats["policykl"].item(),
-            M.CLIPFRAC: pg_stats["clipfrac"].item(),
-            M.RATIO_MEAN: pg_stats["ratio_mean"].item(),
-        }
-        if s.uses_critic:
-            vf_loss, vf_stats = core.value_loss(
-                out.values.float(), mb.values, mb.returns, mb.mask, s.cliprange_value, agg
-            )
-            loss = loss + s.vf_coef * vf_loss
-            stats[M.LOSS_VALUE] = vf_loss.item()
-            stats[M.VALUE_CLIPFRAC] = vf_stats["clipfrac"].item()
-        if s.ent_coef:
-            loss = loss - s.ent_coef * agg(core.entropy_from_logits(logits), mb.mask)
-        if s.kl_loss_coef:
-            kl_tokens = kl_loss(
-                logprobs, mb.ref_logprobs, s.kl_loss_estimator, logits, mb.ref_logits
-            )
-            kl_term = agg(kl_tokens, mb.mask)
-            loss = loss + s.kl_loss_coef * kl_term
-            stats[M.LOSS_KL] = kl_term.item()
-        stats[M.LOSS_TOTAL] = loss.item()
-        return loss, stats
-
-    def _inject_nan_gradient(self, n_updates: int) -> None:
-        """Fault injection (``ppo.debug.nan_grad_at_step``): a NaN in one gradient before the
-        second optimizer step of the batch (the first if the batch has one)."""
-        s = self.settings
-        if s.debug.nan_grad_at_step != self.step + 1:
-            return
-        n_minibatches = self.local_batch // self.local_mini
-        if n_updates == min(1, n_minibatches * s.ppo_epochs - 1):
-            grad = next(p.grad for p in self.policy.trainable_parameters() if p.grad is not None)
-            grad.view(-1)[0] = float("nan")
+        return minibatch_loss(out, mb, self.settings, agg)
 
     def update(self) -> tuple[dict[str, float], Experience]:
         """One PPO step: rollout, optimisation and the step's metrics."""

@@ -35,6 +35,8 @@ from detox_exp.distributed import Dist, write_param_digest
 from detox_exp.errors import DataError
 from detox_exp.seq2seq import mixed_precision
 from detox_exp.tracking import Tracker
+from detox_exp.training import faults
+from detox_exp.training.faults import LoopDebug
 from detox_exp.training.guard import NonFiniteGuard
 from detox_exp.training.policy import ActorCritic
 from detox_exp.utils import progress, resolve_device
@@ -42,14 +44,6 @@ from detox_exp.utils import progress, resolve_device
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class LoopDebug:
-    """Test-only fault injection of the loop (``<method>.debug.*``)."""
-
-    kill_after_step: int | None = None  # SIGKILL after this step's checkpoint (a hard crash)
-    param_digest: bool = False  # write a hash of the trainable weights per process and step
 
 
 def sampling_stream(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
@@ -74,11 +68,11 @@ class TrainingLoop:
     over processes): ``samples_per_prompt`` k responses of ``batch_size / k`` prompts.
 
     ``checkpoints`` None: no checkpoints. ``wandb_id``: the W&B run a checkpoint resumes.
-    ``debug``: test-only fault injection of the loop (``kill_after_step``: SIGKILL after that
-    step's checkpoint; ``param_digest``: a hash of the weights per process and step).
+    ``debug``: test-only fault injection of the loop (:class:`LoopDebug`).
     ``node``: the method's config node, named in errors."""
 
     name = "train"  # the console's and progress bar's name for a step
+    updates_per_step = 1  # optimizer steps per training step (a method with more says so)
 
     def __init__(
         self,
@@ -115,6 +109,7 @@ class TrainingLoop:
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         self.generator = torch.Generator().manual_seed(seed)  # data order (and minibatches)
         self.step = 0
+        self._updates = 0  # optimizer steps taken in the current step
         self._order: list[int] = []
         self._position = 0
 
@@ -173,9 +168,19 @@ class TrainingLoop:
         grads = [p.grad for p in params if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
+    def check(self, quantity: str, values: torch.Tensor) -> None:
+        """The guard's check of this step's ``quantity``: stop, or skip the batch, on NaN or
+        inf (``debug.nan_at_step`` poisons the "scores" here)."""
+        values = faults.poisoned(self.debug, quantity, values, self.step + 1)
+        self.guard.check(quantity, values, self.step + 1)
+
     def optimizer_step(self) -> float:
         """Unscale, clip and check the gradients, step the optimizer and clear them; returns
         the gradient norm (before clipping)."""
+        params = self.policy.trainable_parameters()
+        step, per_step = self.step + 1, self.updates_per_step
+        faults.poison_gradient(self.debug, params, step, self._updates, per_step)
+        self._updates += 1
         self.scaler.unscale_(self.optimizer)
         norm = self._grad_norm()
         if not self.scaler.is_enabled():  # fp16: the scaler skips inf steps itself
@@ -250,6 +255,7 @@ class TrainingLoop:
     def train_step(self) -> dict[str, float]:
         """One step: the method's update inside the guard, then metrics and logging."""
         start = self._clock()
+        self._updates = 0
         with self.guard.batch(self.step + 1, self._snapshot, self._restore) as outcome:
             metrics, batch = self.update()
         self.step += 1

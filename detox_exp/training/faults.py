@@ -1,0 +1,43 @@
+"""Test-only fault injection of the training loop (``<method>.debug.*``): NaN scores or a
+NaN gradient at a chosen step, a hard crash after a step's checkpoint, a digest of the
+weights per process and step. The loop applies them where its guard looks
+(:meth:`~detox_exp.training.loop.TrainingLoop.check`,
+:meth:`~detox_exp.training.loop.TrainingLoop.optimizer_step`); a method's code holds none."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class LoopDebug:
+    """``<method>.debug``: what to inject (tests)."""
+
+    nan_at_step: int | None = None  # NaN scores at this step
+    # a NaN in one gradient of the step's second update (its first if it has one) at this step
+    nan_grad_at_step: int | None = None
+    kill_after_step: int | None = None  # SIGKILL after this step's checkpoint (a hard crash)
+    param_digest: bool = False  # write a hash of the trainable weights per process and step
+
+
+def poisoned(debug: Any, quantity: str, values: torch.Tensor, step: int) -> torch.Tensor:
+    """``values``, or at ``debug.nan_at_step`` for the "scores" a copy with a NaN."""
+    if quantity != "scores" or debug.nan_at_step != step:
+        return values
+    values = values.clone()
+    values.view(-1)[0] = float("nan")
+    return values
+
+
+def poison_gradient(
+    debug: Any, params: Sequence[torch.Tensor], step: int, updates: int, per_step: int
+) -> None:
+    """At ``debug.nan_grad_at_step``, a NaN in one gradient of ``params`` before the step's
+    second optimizer step (``updates`` taken of ``per_step``; the first if it has one)."""
+    if debug.nan_grad_at_step == step and updates == min(1, per_step - 1):
+        grad = next(p.grad for p in params if p.grad is not None)
+        grad.view(-1)[0] = float("nan")
