@@ -110,37 +110,3 @@ def masked_whiten_global(x: torch.Tensor, mask: torch.Tensor, d: Dist, eps: floa
     mean = total / n
     var = (total_sq / n - mean * mean) * n / max(n - 1, 1)
     return (x - mean) * torch.rsqrt(torch.tensor(var + eps, dtype=x.dtype, device=x.device))
-
-
-def write_param_digest(
-    policy: torch.nn.Module,
-    run_dir: str,
-    rank: int,
-    step: int,
-    local_scores: torch.Tensor,
-    samples_per_prompt: int = 1,
-    **extra: Any,
-) -> None:
-    """Debug (ppo.debug.param_digest): a hash of this process's trainable weights after
-    ``step``, so a test can check that every process holds the same weights, and this
-    process's scores by group (rows p * k ... p * k + k - 1 are prompt p's samples), plus
-    ``extra`` JSON-able values."""
-    import hashlib
-    import json
-    from pathlib import Path
-
-    digest = hashlib.sha256()
-    for param in policy.parameters():
-        if param.requires_grad:
-            digest.update(param.detach().cpu().float().numpy().tobytes())
-    path = Path(run_dir) / "param_digests" / f"rank{rank}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "step": step,
-        "digest": digest.hexdigest(),
-        "reward_sum": local_scores.sum().item(),
-        "n": len(local_scores),
-        "group_scores": local_scores.view(-1, samples_per_prompt).tolist(),
-    } | extra
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")

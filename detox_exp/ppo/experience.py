@@ -1,4 +1,4 @@
-"""One rollout batch (the "experience" PPO learns from) and its minibatches.
+"""One rollout batch (the "experience" PPO learns from), its minibatches and its metrics.
 
 Shapes: ``B`` rows (this process's share of the batch), ``S`` prompt width, ``T`` response
 width. Prompts are right-padded, responses hold pad after their first EOS; both widths are
@@ -12,8 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from detox_exp import metric_names as M
+from detox_exp.distributed import Dist
 from detox_exp.fast import SWITCHES
 from detox_exp.fast.widths import round_up
+from detox_exp.ppo import core
 from detox_exp.training.policy import ForwardOutput
 
 
@@ -92,3 +95,42 @@ class Experience:
             returns=self.returns[idx][:, :t],
             ref_logits=None if self.ref_logits is None else self.ref_logits[idx][:, :t],
         )
+
+
+def step_metrics(
+    roll: Experience, local: dict[str, float], dist: Dist, kl_coef: float
+) -> dict[str, float]:
+    """A PPO step's metrics: exact global statistics from per-sample values gathered over
+    processes, and the means over processes of the rest (``local``: optimisation stats and
+    timings); ``kl_coef``: the coefficient the step's rewards used."""
+    mask = roll.mask
+    kl_per_sample = dist.gather(roll.kl.sum(1))
+    kl_reward = dist.gather(roll.kl_reward.sum(1))
+    scores = dist.gather(roll.scores)
+    toxicity = dist.gather(roll.toxicity.to(dist.device))
+    lengths = dist.gather(mask.sum(1).float())
+    local = {
+        M.ENTROPY: core.masked_mean(roll.entropy, mask).item(),
+        M.RETURNS_MEAN: core.masked_mean(roll.returns, mask).item(),
+        **roll.timings,
+        **local,
+    }
+    if roll.values is not None:
+        local[M.VAR_EXPLAINED] = core.explained_variance(roll.values, roll.returns, mask).item()
+        local[M.VALUE_MEAN] = core.masked_mean(roll.values, mask).item()
+    local = dist.mean_dict(local, sorted(local))
+    metrics = {
+        M.KL: kl_per_sample.mean().item(),
+        M.KL_REWARD: kl_reward.mean().item(),
+        M.KL_COEF: kl_coef,
+        M.REWARD_MEAN: scores.mean().item(),
+        M.REWARD_STD: scores.std().item() if len(scores) > 1 else 0.0,
+        M.TOXICITY_MEAN: toxicity.mean().item(),
+        M.RESPONSE_LEN_MEAN: lengths.mean().item(),
+        **local,
+    }
+    if roll.samples_per_prompt > 1:  # gathered groups are whole: rows p * k ... p * k + k - 1
+        groups = scores.view(-1, roll.samples_per_prompt)
+        metrics[M.GROUP_ZERO_STD] = (groups == groups[:, :1]).all(1).float().mean().item()
+        metrics[M.GROUP_REWARD_STD] = groups.std(1).mean().item()
+    return metrics

@@ -39,7 +39,7 @@ from detox_exp.kl_control import AdaptiveKLController, FixedKLController
 from detox_exp.ppo import core
 from detox_exp.ppo.advantages import ADVANTAGE_ESTIMATORS, compute_rewards
 from detox_exp.ppo.checks import check_lr, local_sizes, settings_from
-from detox_exp.ppo.experience import Experience
+from detox_exp.ppo.experience import Experience, step_metrics
 from detox_exp.ppo.losses import minibatch_loss
 from detox_exp.reward.scorer import ToxicityScorer
 from detox_exp.tracking import Tracker
@@ -392,45 +392,10 @@ class PPOTrainer(TrainingLoop):
         t_opt = self._clock()
         opt_stats = self.optimize(roll)
         opt_stats[M.TIME_OPTIMIZE] = self._clock() - t_opt
-        return self._step_metrics(roll, opt_stats), roll
+        return step_metrics(roll, opt_stats, self.dist, self.kl_ctl.value), roll
 
     def after_step(self, metrics: dict[str, float], roll: Experience) -> None:
         self.kl_ctl.update(metrics[M.KL], self.batch_size)  # Ziegler: n_steps = batch size
-
-    def _step_metrics(self, roll: Experience, local: dict[str, float]) -> dict[str, float]:
-        """The step's metrics: exact global statistics from gathered per-sample values, and
-        the means over processes of the rest (``local``: optimisation stats and timings)."""
-        mask = roll.mask
-        kl_per_sample = self.dist.gather(roll.kl.sum(1))
-        kl_reward = self.dist.gather(roll.kl_reward.sum(1))
-        scores = self.dist.gather(roll.scores)
-        toxicity = self.dist.gather(roll.toxicity.to(self.device))
-        lengths = self.dist.gather(mask.sum(1).float())
-        local = {
-            M.ENTROPY: core.masked_mean(roll.entropy, mask).item(),
-            M.RETURNS_MEAN: core.masked_mean(roll.returns, mask).item(),
-            **roll.timings,
-            **local,
-        }
-        if roll.values is not None:
-            local[M.VAR_EXPLAINED] = core.explained_variance(roll.values, roll.returns, mask).item()
-            local[M.VALUE_MEAN] = core.masked_mean(roll.values, mask).item()
-        local = self.dist.mean_dict(local, sorted(local))
-        metrics = {
-            M.KL: kl_per_sample.mean().item(),
-            M.KL_REWARD: kl_reward.mean().item(),
-            M.KL_COEF: self.kl_ctl.value,
-            M.REWARD_MEAN: scores.mean().item(),
-            M.REWARD_STD: scores.std().item() if len(scores) > 1 else 0.0,
-            M.TOXICITY_MEAN: toxicity.mean().item(),
-            M.RESPONSE_LEN_MEAN: lengths.mean().item(),
-            **local,
-        }
-        if self.k > 1:  # gathered groups are whole: rows p * k ... p * k + k - 1
-            groups = scores.view(-1, self.k)
-            metrics[M.GROUP_ZERO_STD] = (groups == groups[:, :1]).all(1).float().mean().item()
-            metrics[M.GROUP_REWARD_STD] = groups.std(1).mean().item()
-        return metrics
 
     # ------------------------------------------------ what PPO adds to the loop's state
     def extra_state(self) -> dict[str, Any]:

@@ -6,8 +6,11 @@ weights per process and step. The loop applies them where its guard looks
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,3 +44,33 @@ def poison_gradient(
     if debug.nan_grad_at_step == step and updates == min(1, per_step - 1):
         grad = next(p.grad for p in params if p.grad is not None)
         grad.view(-1)[0] = float("nan")
+
+
+def write_param_digest(
+    policy: torch.nn.Module,
+    run_dir: str | Path,
+    rank: int,
+    step: int,
+    local_scores: torch.Tensor,
+    samples_per_prompt: int = 1,
+    **extra: Any,
+) -> None:
+    """``debug.param_digest``: a hash of this process's trainable weights after ``step``
+    (``<run_dir>/param_digests/rank<r>.jsonl``), so a test can check that every process holds
+    the same weights, and this process's scores by group (rows p * k ... p * k + k - 1 are
+    prompt p's samples), plus ``extra`` JSON-able values."""
+    digest = hashlib.sha256()
+    for param in policy.parameters():
+        if param.requires_grad:
+            digest.update(param.detach().cpu().float().numpy().tobytes())
+    path = Path(run_dir) / "param_digests" / f"rank{rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "step": step,
+        "digest": digest.hexdigest(),
+        "reward_sum": local_scores.sum().item(),
+        "n": len(local_scores),
+        "group_scores": local_scores.view(-1, samples_per_prompt).tolist(),
+    } | extra
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")

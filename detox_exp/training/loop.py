@@ -31,15 +31,16 @@ from transformers import PreTrainedTokenizerBase
 from detox_exp import checkpoint, interrupt
 from detox_exp import metric_names as M
 from detox_exp.checkpoint import CheckpointManager, rng_state, set_rng_state
-from detox_exp.distributed import Dist, write_param_digest
+from detox_exp.distributed import Dist
 from detox_exp.errors import DataError
 from detox_exp.seq2seq import mixed_precision
 from detox_exp.tracking import Tracker
 from detox_exp.training import faults
+from detox_exp.training.console import StepConsole
 from detox_exp.training.faults import LoopDebug
 from detox_exp.training.guard import NonFiniteGuard
 from detox_exp.training.policy import ActorCritic
-from detox_exp.utils import progress, resolve_device
+from detox_exp.utils import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ class TrainingLoop:
     def _write_param_digest(self, batch: Any) -> None:
         """``debug.param_digest``: a hash of this process's weights after the step."""
         stream = sampling_stream(self.seed, self.dist.rank, self.step, self.device)
-        write_param_digest(
+        faults.write_param_digest(
             self.policy,
             self.tracker.run_dir,
             self.dist.rank,
@@ -384,35 +385,19 @@ class TrainingLoop:
 
     def _train(self) -> list[dict[str, float]]:
         history = []
-        bar = progress(total=self.steps, desc=self.name, unit="step")
-        bar.update(self.step)
-        every = max(1, self.steps // 20)
+        console = StepConsole(self.name, self.steps, self.step, self.postfix)
         while self.step < self.steps:
             metrics = self.train_step()
             history.append(metrics)
             self._maybe_checkpoint(metrics)
             signum = self._stop_requested()
             if signum is not None:  # a checkpoint of this step, then stop
-                bar.close()
+                console.close()
                 due = self.checkpoints is not None and self.checkpoints.due(self.step)
                 path = self.guard.last_checkpoint if due else self._maybe_checkpoint(metrics, True)
                 raise interrupt.Interrupted(signum, self.step, path)
-            bar.update(1)
-            if M.REWARD_MEAN not in metrics:  # skipped batch
-                continue
-            bar.set_postfix(self.postfix(metrics))
-            if self.step % every and self.step != self.steps:
-                continue  # about 20 lines per run on the console; metrics.jsonl has each step
-            shown = ", ".join(f"{k} {v}" for k, v in self.postfix(metrics).items())
-            log.info(
-                "%s step %d/%d: %s, %.2f s",
-                self.name,
-                self.step,
-                self.steps,
-                shown,
-                metrics[M.STEP_TIME],
-            )
-        bar.close()
+            console.show(self.step, metrics)
+        console.close()
         return history
 
     def postfix(self, metrics: Mapping[str, float]) -> dict[str, str]:
