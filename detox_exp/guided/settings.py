@@ -45,20 +45,8 @@ def check_settings(
     **_: Any,
 ) -> None:
     """The ranges of ``algorithm.*`` (the pipeline checks them before any stage runs)."""
-    scorer = {**SCORER_DEFAULTS, **(prefix_scorer or {})}
-    distill = {**DISTILL_DEFAULTS, **(distill or {})}
-    for key in scorer:
-        if key not in SCORER_DEFAULTS:
-            raise ConfigError(
-                f"algorithm.prefix_scorer.{key}",
-                "unknown key",
-                f"use one of {list(SCORER_DEFAULTS)}",
-            )
-    for key in distill:
-        if key not in DISTILL_DEFAULTS:
-            raise ConfigError(
-                f"algorithm.distill.{key}", "unknown key", f"use one of {list(DISTILL_DEFAULTS)}"
-            )
+    scorer = _known("prefix_scorer", prefix_scorer, SCORER_DEFAULTS)
+    distill = _known("distill", distill, DISTILL_DEFAULTS)
     _check(steps >= 1, "steps", f"must be >= 1, got {steps}", "raise it")
     _check(
         guide_candidates >= 0,
@@ -80,16 +68,32 @@ def check_settings(
         f"must be a multiple of samples_per_prompt={samples_per_prompt}, got {batch_size}",
         f"use e.g. {4 * samples_per_prompt}",
     )
-    _check(
-        scorer["rollout_prompts"] >= 4, "prefix_scorer.rollout_prompts", "must be >= 4", "raise it"
-    )
-    _check(
-        scorer["rollout_samples"] >= 1, "prefix_scorer.rollout_samples", "must be >= 1", "raise it"
-    )
-    _check(scorer["n_atoms"] >= 2, "prefix_scorer.n_atoms", "must be >= 2", "use e.g. 16")
-    _check(scorer["epochs"] >= 1, "prefix_scorer.epochs", "must be >= 1", "raise it")
+    _check_scorer(scorer)
+    for key, allowed in (("direction", DIRECTIONS), ("prefixes", PREFIXES)):
+        _check(
+            distill[key] in allowed,
+            f"distill.{key}",
+            f"unknown {key} {distill[key]!r}",
+            f"use one of {allowed}",
+        )
+
+
+def _known(node: str, given: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict:
+    """``given`` over ``defaults``; a key the defaults lack is a one-line error."""
+    for key in given or {}:
+        if key not in defaults:
+            fix = f"use one of {list(defaults)}"
+            raise ConfigError(f"algorithm.{node}.{key}", "unknown key", fix)
+    return {**defaults, **(given or {})}
+
+
+def _check_scorer(scorer: Mapping[str, Any]) -> None:
+    """The ranges of ``algorithm.prefix_scorer.*``."""
+    for key, low in (("rollout_prompts", 4), ("rollout_samples", 1), ("epochs", 1)):
+        _check(scorer[key] >= low, f"prefix_scorer.{key}", f"must be >= {low}", "raise it")
     for key in ("batch_prompts", "batch_tokens"):
         _check(scorer[key] >= 1, f"prefix_scorer.{key}", "must be >= 1", "raise it")
+    _check(scorer["n_atoms"] >= 2, "prefix_scorer.n_atoms", "must be >= 2", "use e.g. 16")
     _check(scorer["hidden_size"] >= 0, "prefix_scorer.hidden_size", "must be >= 0", "use 0: linear")
     _check(
         scorer["lr"] > 0, "prefix_scorer.lr", f"must be > 0, got {scorer['lr']}", "use e.g. 3e-3"
@@ -99,18 +103,6 @@ def check_settings(
         "prefix_scorer.heldout_fraction",
         f"must be in (0, 1), got {scorer['heldout_fraction']}",
         "use e.g. 0.1",
-    )
-    _check(
-        distill["direction"] in DIRECTIONS,
-        "distill.direction",
-        f"unknown direction {distill['direction']!r}",
-        f"use one of {DIRECTIONS}",
-    )
-    _check(
-        distill["prefixes"] in PREFIXES,
-        "distill.prefixes",
-        f"unknown prefixes {distill['prefixes']!r}",
-        f"use one of {PREFIXES}",
     )
 
 
