@@ -120,6 +120,39 @@ def card_metadata(
     return f"---\n{data.to_yaml()}\n---\n"
 
 
+def _how_trained(
+    cfg: Mapping[str, Any], identity: Mapping[str, Any], summary: Mapping[str, Any]
+) -> tuple[str, list[str]]:
+    """The card's title and its lines on how the method trained the policy."""
+    ppo = cfg["ppo"]
+    if identity["algorithm"] == "ppo":
+        return "# detox_exp PPO policy", [
+            f"- PPO steps: {ppo['steps']}, batch {ppo['batch_size']} samples "
+            f"({identity['samples_per_prompt']} per prompt), advantages "
+            f"{identity['advantage_estimator']}, lr {identity['lr']}",
+            f"- KL to the reference: {ppo['kl_estimator']} in the reward (coefficient "
+            f"{_kl_coef_text(ppo, summary)}), {ppo.get('kl_log_estimator', 'k3')} logged as "
+            "`objective/kl`"
+            + (
+                f", {ppo['kl_loss_estimator']} in the loss x {ppo['kl_loss_coef']}"
+                if ppo.get("kl_loss_coef")
+                else ""
+            ),
+        ]
+    node = cfg["algorithm"]
+    scorer, distill = node.get("prefix_scorer", {}), node.get("distill", {})
+    return "# detox_exp value-guided policy", [
+        "- distilled from the guided reference ref(a | s) V(s, a), the tokenwise optimum "
+        f"of E[r] - beta KL at beta {_kl_coef_text(ppo, summary)}: {node['steps']} steps, "
+        f"batch {node['batch_size']} samples ({identity['samples_per_prompt']} per "
+        f"prompt), {distill.get('direction', 'forward')} KL per token on "
+        f"{distill.get('prefixes', 'teacher')} prefixes, lr {identity['lr']}",
+        f"- prefix scorer V: fitted on {scorer.get('rollout_prompts')} prompts x "
+        f"{scorer.get('rollout_samples')} reference samples "
+        "(`prefix_scorer.pt`: sample the teacher with detox_exp.guided.teacher)",
+    ]
+
+
 def model_card(
     summary: Mapping[str, Any],
     config: Any,
@@ -133,7 +166,6 @@ def model_card(
     ``evaluation.report.card_table``). ``library``: ``transformers`` for the merged model,
     ``peft`` for the adapter folder."""
     cfg = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
-    ppo = cfg["ppo"]
     identity = model_identity(cfg, reward_model)
     name = f"{cfg.get('task_name', 'detox_exp')} {_method_tag(identity)} policy"
     load = (
@@ -141,35 +173,7 @@ def model_card(
         if library == "transformers"
         else "Load with `PeftModel.from_pretrained(<the base model>, <this folder>)`."
     )
-    if identity["algorithm"] == "ppo":
-        title = "# detox_exp PPO policy"
-        how = [
-            f"- PPO steps: {ppo['steps']}, batch {ppo['batch_size']} samples "
-            f"({identity['samples_per_prompt']} per prompt), advantages "
-            f"{identity['advantage_estimator']}, lr {identity['lr']}",
-            f"- KL to the reference: {ppo['kl_estimator']} in the reward (coefficient "
-            f"{_kl_coef_text(ppo, summary)}), {ppo.get('kl_log_estimator', 'k3')} logged as "
-            "`objective/kl`"
-            + (
-                f", {ppo['kl_loss_estimator']} in the loss x {ppo['kl_loss_coef']}"
-                if ppo.get("kl_loss_coef")
-                else ""
-            ),
-        ]
-    else:
-        node = cfg["algorithm"]
-        scorer, distill = node.get("prefix_scorer", {}), node.get("distill", {})
-        title = "# detox_exp value-guided policy"
-        how = [
-            "- distilled from the guided reference ref(a | s) V(s, a), the tokenwise optimum "
-            f"of E[r] - beta KL at beta {_kl_coef_text(ppo, summary)}: {node['steps']} steps, "
-            f"batch {node['batch_size']} samples ({identity['samples_per_prompt']} per "
-            f"prompt), {distill.get('direction', 'forward')} KL per token on "
-            f"{distill.get('prefixes', 'teacher')} prefixes, lr {identity['lr']}",
-            f"- prefix scorer V: fitted on {scorer.get('rollout_prompts')} prompts x "
-            f"{scorer.get('rollout_samples')} reference samples "
-            "(`prefix_scorer.pt`: sample the teacher with detox_exp.guided.teacher)",
-        ]
+    title, how = _how_trained(cfg, identity, summary)
     lines = [
         card_metadata(identity, summary, library, name),
         title,
