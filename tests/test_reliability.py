@@ -224,7 +224,7 @@ def test_wandb_unreachable_run_goes_on(standins, tmp_path: Path) -> None:
     env = {"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{port}"}
     overrides = ppo_overrides(standins, tmp_path) + [
         "logger.wandb.mode=online",
-        "logger.wandb.init_timeout=10",
+        "logger.wandb.init_timeout=3",
         "ppo.steps=2",
     ]
     result = run_cli(*overrides, cwd=ROOT, env=env)
