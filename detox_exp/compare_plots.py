@@ -72,13 +72,7 @@ def plot_pareto(
     _plot_reference_and_optimum(
         ax, [(point(r, "before"), p, point(r, OPT)) for r, p in zip(shown, points)]
     )
-    teachers = [(point(r, M.TEACHER_PHASE), p) for r, p in zip(shown, points)]
-    for teacher, after in teachers:
-        if teacher is not None:
-            ax.plot(*zip(teacher, after), ls="--", c="tab:purple", lw=0.8, alpha=0.6, zorder=1)
-    if any(t is not None for t, _ in teachers):
-        xy = [t for t, _ in teachers if t is not None]
-        ax.scatter(*zip(*xy), s=40, marker="D", c="tab:purple", zorder=2, label="guided teacher")
+    _plot_teachers(ax, [(point(r, M.TEACHER_PHASE), p) for r, p in zip(shown, points)])
     for on, label, colour in ((True, "Pareto-optimal", "tab:red"), (False, "dominated", "gray")):
         xy = [p for i, p in enumerate(points) if (i in front) == on and i not in over]
         if xy:
@@ -95,6 +89,21 @@ def plot_pareto(
         ax.margins(0.12)
     else:
         ax.text(0.5, 0.5, "no run has both metrics", ha="center", transform=ax.transAxes)
+    _label_axes(ax, names, y_metric, relative)
+    return _save(fig, path)
+
+
+def _plot_teachers(ax: Any, teachers: Sequence[tuple[Any, tuple[float, float]]]) -> None:
+    """Each guided run's teacher (point or None) as a purple diamond joined to its policy."""
+    for teacher, after in teachers:
+        if teacher is not None:
+            ax.plot(*zip(teacher, after), ls="--", c="tab:purple", lw=0.8, alpha=0.6, zorder=1)
+    if any(t is not None for t, _ in teachers):
+        xy = [t for t, _ in teachers if t is not None]
+        ax.scatter(*zip(*xy), s=40, marker="D", c="tab:purple", zorder=2, label="guided teacher")
+
+
+def _label_axes(ax: Any, names: tuple[str, str], y_metric: str, relative: bool) -> None:
     if relative:
         ax.set(xlabel=f"{names[0]} change from the run's own baseline, % (lower is better)")
         ax.set(ylabel=f"{names[1]} change from the run's own baseline, % (higher is better)")
@@ -103,7 +112,6 @@ def plot_pareto(
         ax.set(xlabel=f"{TOXICITY} (lower is better)", ylabel=f"{y_metric} (higher is better)")
         ax.set(title=f"toxicity vs {names[1]} after PPO")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
 
 
 def _plot_reference_and_optimum(ax: Any, triples: Sequence[tuple[Any, Any, Any]]) -> None:

@@ -224,6 +224,23 @@ def check_untied(model: PreTrainedModel, untied: bool, name_or_path: str) -> Non
         )
 
 
+def _attention_kwargs(model_type: str) -> dict[str, str]:
+    """``from_pretrained``'s attention setting: the project's T5 attention (``fast.t5_attention``)
+    for T5 / mT5; for other models the T5-only switches are off, which the log says."""
+    if model_type not in T5_TYPES:
+        if SWITCHES.t5_attention or SWITCHES.step_decoder:
+            log.info(
+                "fast.t5_attention, fast.step_decoder: off for this %r model (T5 / mT5 only); "
+                "transformers' own attention and forward decode it",
+                model_type,
+            )
+        return {}
+    if not SWITCHES.t5_attention:
+        return {}
+    register_attention()
+    return {"attn_implementation": ATTENTION}
+
+
 def load_policy(
     name_or_path: str,
     lora: Any | None = None,
@@ -252,16 +269,7 @@ def load_policy(
     check_precision(config, precision)
     if lora is not None and not full_finetune:
         check_lora(lora)
-    if config.model_type not in T5_TYPES and (SWITCHES.t5_attention or SWITCHES.step_decoder):
-        log.info(
-            "fast.t5_attention, fast.step_decoder: off for this %r model (T5 / mT5 only); "
-            "transformers' own attention and forward decode it",
-            config.model_type,
-        )
-    attention = {}
-    if config.model_type in T5_TYPES and SWITCHES.t5_attention:
-        register_attention()
-        attention["attn_implementation"] = ATTENTION
+    attention = _attention_kwargs(config.model_type)
     model = AutoModelForSeq2SeqLM.from_pretrained(
         name_or_path,
         revision=revision,

@@ -148,11 +148,15 @@ class Tracker:
             plain = kwargs | {"id": self.resume_id, "resume": "allow"}
             rewind = kwargs | {"resume_from": f"{self.resume_id}?_step={self.resume_step}"}
             attempts = [rewind, plain]
-        self.run = None
+        self.run = self._init(wandb, attempts)
+        self._wandb_call(self._define_metrics, "the metric definitions")
+
+    def _init(self, wandb: Any, attempts: list[dict[str, Any]]) -> Any:
+        """The W&B run of the first of ``attempts`` (``wandb.init`` keyword sets) that
+        starts, or None: a failure is a warning and the run goes on without W&B."""
         for attempt in attempts:
             try:
-                self.run = wandb.init(**attempt)
-                break
+                return wandb.init(**attempt)
             except Exception as err:  # no W&B (server down, bad key...): the run goes on
                 if attempt is attempts[-1]:
                     log.warning(
@@ -169,7 +173,7 @@ class Tracker:
                         err,
                         self.resume_step,
                     )
-        self._wandb_call(self._define_metrics, "the metric definitions")
+        return None
 
     @staticmethod
     def _define_metrics(run: Any) -> None:

@@ -191,9 +191,8 @@ class Evaluator:
         references = [references_of(prompts[i]) for i, _ in rows]
         rouge_l = rouge_l_per_example(responses, references).reshape(len(prompts), self.k)
         metrics = self._metrics(responses, references, toxicity, scores.reward, lengths, kl)
-        judged = {"reward": toxicity.ravel()}
-        for name, judge in self.judges.items():
-            judged[name] = judge.score(responses).toxicity.numpy()
+        judged = {"reward": toxicity.ravel()} | self._judged(responses)
+        for name in self.judges:
             stats = toxicity_stats(judged[name], self.threshold)
             metrics |= {f"judge/{name}/{k}": v for k, v in stats.items()}
             metrics[f"judge/{name}/expected_max_toxicity"] = expected_max_toxicity(
@@ -214,7 +213,24 @@ class Evaluator:
             }
             for n, (i, s) in enumerate(rows)
         ]
-        out = Path(run_dir) / "eval" / phase
+        self._write(Path(run_dir) / "eval" / phase, records, metrics, phase)
+        return EvalResult(
+            phase=phase,
+            metrics={M.eval_key(phase, k): v for k, v in metrics.items()},
+            toxicity=toxicity,
+            rouge_l=rouge_l,
+            lengths=lengths.reshape(len(prompts), self.k),
+            records=records,
+        )
+
+    def _judged(self, responses: list[str]) -> dict[str, np.ndarray]:
+        """Each independent judge's toxicity per response."""
+        judges = self.judges.items()
+        return {name: judge.score(responses).toxicity.numpy() for name, judge in judges}
+
+    @staticmethod
+    def _write(out: Path, records: list[dict], metrics: Mapping[str, float], phase: str) -> None:
+        """``generations.jsonl`` and ``metrics.json`` in ``out``, and the phase's console line."""
         write_jsonl(out / "generations.jsonl", records)
         write_json(out / "metrics.json", metrics)
         log.info(
@@ -223,14 +239,6 @@ class Evaluator:
             metrics["toxicity_mean"],
             metrics["toxic_fraction"],
             metrics["rouge_l"],
-        )
-        return EvalResult(
-            phase=phase,
-            metrics={M.eval_key(phase, k): v for k, v in metrics.items()},
-            toxicity=toxicity,
-            rouge_l=rouge_l,
-            lengths=lengths.reshape(len(prompts), self.k),
-            records=records,
         )
 
     def _sample(

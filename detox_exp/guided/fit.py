@@ -99,23 +99,16 @@ class Rollouts:
         return {key: torch.cat(value) for key, value in out.items()}
 
 
-def fit_prefix_scorer(
+def _rows(
     rollouts: Rollouts,
-    settings: Mapping[str, Any],
+    s: Mapping[str, Any],
     num_prompts: int,
-    embedding: Tensor,
-    beta: float,
-    seed: int,
+    gen: torch.Generator,
     stream: torch.Generator,
-) -> tuple[PrefixScorer, dict[str, float]]:
-    """Reference rollouts on ``rollout_prompts`` of the ``num_prompts`` train prompts (a
-    held-out share of freshly sampled ones kept for calibration; the prompts of
-    ``rollouts.draws`` come with their draws), sampled from ``stream``; the reward atoms and
-    prior from their rewards, then ``epochs`` passes of Adam over their tokens in shuffled
-    batches of ``batch_tokens`` (``settings``: ``algorithm.prefix_scorer``). Returns the
-    frozen scorer and its ``guided/scorer/*`` statistics."""
-    s = settings
-    gen = torch.Generator().manual_seed(seed + 7919)  # the scorer's own streams
+) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
+    """(the training rows, the held-out rows, how many of the training rollouts are the
+    frontier's draws): ``rollout_prompts`` train prompts in an order drawn from ``gen``, the
+    drawn ones first, a ``heldout_fraction`` of the fresh ones held out."""
     order = torch.randperm(num_prompts, generator=gen).tolist()
     total = min(s["rollout_prompts"], num_prompts)
     n_heldout = max(1, int(total * s["heldout_fraction"]))
@@ -133,6 +126,27 @@ def fit_prefix_scorer(
         log.info("prefix scorer: the frontier's draws of %d prompts reused", len(drawn))
     train = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     held = rollouts.token_rows(fresh[-n_heldout:], stream, k, per)
+    return train, held, reused
+
+
+def fit_prefix_scorer(
+    rollouts: Rollouts,
+    settings: Mapping[str, Any],
+    num_prompts: int,
+    embedding: Tensor,
+    beta: float,
+    seed: int,
+    stream: torch.Generator,
+) -> tuple[PrefixScorer, dict[str, float]]:
+    """Reference rollouts on ``rollout_prompts`` of the ``num_prompts`` train prompts (a
+    held-out share of freshly sampled ones kept for calibration; the prompts of
+    ``rollouts.draws`` come with their draws), sampled from ``stream``; the reward atoms and
+    prior from their rewards, then ``epochs`` passes of Adam over their tokens in shuffled
+    batches of ``batch_tokens`` (``settings``: ``algorithm.prefix_scorer``). Returns the
+    frozen scorer and its ``guided/scorer/*`` statistics."""
+    s = settings
+    gen = torch.Generator().manual_seed(seed + 7919)  # the scorer's own streams
+    train, held, reused = _rows(rollouts, s, num_prompts, gen, stream)
     device = train["states"].device
     atoms = reward_atoms(train["sequence_rewards"], s["n_atoms"]).to(device)
     prior = two_hot(train["sequence_rewards"], atoms).mean(0)
