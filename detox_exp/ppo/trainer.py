@@ -1,9 +1,10 @@
 """The PPO loop for encoder-decoder policies: rollout -> score -> advantages -> update.
 
 The math lives in :mod:`detox_exp.ppo.core` and :mod:`detox_exp.ppo.advantages` (pure
-functions); the loop every method shares
-(data order, random streams, guard, checkpoint state, DDP, logging) in
-:mod:`detox_exp.training.loop`; this module holds what is PPO's: rollout, advantages, losses.
+functions); the loop every method shares (data order, random streams, guard, checkpoint
+state, DDP, logging) in :mod:`detox_exp.training.loop`; this module holds what is PPO's:
+rollout, advantages and the update (its loss terms: :mod:`detox_exp.ppo.losses`; a step's
+metrics: :mod:`detox_exp.ppo.experience`).
 Dropout is off during PPO (the network stays in eval mode, as in trl >= 0.12) so that the
 importance ratio of the first minibatch is exactly 1 and old / new log-probs agree.
 """
