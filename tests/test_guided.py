@@ -125,8 +125,8 @@ def test_a_candidate_guide_reweights_its_candidates_exactly_and_keeps_the_tail_s
     """With C < V candidates (the reference's most likely tokens), saved and loaded: among
     the candidates the guided distribution is the exact guide's; outside them it is the
     reference's shape; and the candidates keep the reference's total share (the tail's value
-    is the candidates' reference-weighted mean). A file saved without candidates loads as
-    the exact guide."""
+    is the candidates' reference-weighted mean), whether the candidates are gathered for all
+    states at once or in chunks. A file saved without candidates loads as the exact guide."""
     scorer = random_scorer(50, 8, seed=1)
     g = torch.Generator().manual_seed(4)
     h, logits = torch.randn(5, 8, generator=g), torch.randn(5, 50, generator=g) * 3
@@ -138,6 +138,9 @@ def test_a_candidate_guide_reweights_its_candidates_exactly_and_keeps_the_tail_s
     torch.save({k: v for k, v in saved.items() if k != "candidates"}, tmp_path / "old.pt")
     assert load_guide(tmp_path / "old.pt").candidates == 0  # saved before candidates: exact
     approx = guided_logits(logits, guide(h, logits)).softmax(-1)
+    # the candidates' rows gathered for one state at a time: the values of one gather
+    one_by_one = guide.scorer.candidate_log_values(h, logits, 0.5, 12, chunk_elements=12 * 8)
+    torch.testing.assert_close(one_by_one, guide(h, logits))
     ref = logits.softmax(-1)
     top = ref.topk(12).indices
     inside = torch.zeros_like(ref, dtype=torch.bool).scatter_(1, top, True)
