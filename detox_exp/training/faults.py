@@ -20,7 +20,7 @@ import torch
 class LoopDebug:
     """``<method>.debug``: what to inject (tests)."""
 
-    nan_at_step: int | None = None  # NaN scores at this step
+    nan_at_step: int | None = None  # NaN scores at this step (a method that checks them: PPO)
     # a NaN in one gradient of the step's second update (its first if it has one) at this step
     nan_grad_at_step: int | None = None
     kill_after_step: int | None = None  # SIGKILL after this step's checkpoint (a hard crash)
