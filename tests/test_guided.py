@@ -288,6 +288,11 @@ def test_guided_demo_end_to_end(demo_cache: Path, tmp_path: Path) -> None:
         ("algorithm.batch_size=30", "algorithm.batch_size"),
         ("algorithm.prefix_scorer.n_atoms=1", "algorithm.prefix_scorer.n_atoms"),
         ("algorithm.guide_candidates=-1", "algorithm.guide_candidates"),
+        ("algorithm.mini_batch_size=6", "algorithm.mini_batch_size"),
+        (
+            "algorithm.mini_batch_size=4 algorithm.distill.prefixes=policy",
+            "algorithm.mini_batch_size",
+        ),
         ("+algorithm.prefix_scorer.atoms=4", "algorithm.prefix_scorer.atoms"),
         (
             "algorithm.prefix_scorer.heldout_fraction=1.5",
@@ -302,7 +307,7 @@ def test_bad_guided_settings_stop_before_any_stage(
     from detox_exp.run_config import check_run_config
     from tests.helpers.config import compose_cfg
 
-    cfg = compose_cfg(["experiment=demo", "algorithm=guided", override], tmp_path)
+    cfg = compose_cfg(["experiment=demo", "algorithm=guided", *override.split()], tmp_path)
     with pytest.raises(Exception) as err:
         check_run_config(cfg)
     message = bad_input_message(err.value)
@@ -433,3 +438,33 @@ def test_the_teacher_logits_kept_from_sampling_equal_a_reference_pass(
     for got, want in zip(kept, plain):
         torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(kept[0][keep], kept[1][keep].log_softmax(-1))  # guided
+
+
+def test_a_step_of_minibatches_updates_once_per_minibatch_on_disjoint_samples(
+    tiny_t5: Path, tmp_path: Path
+) -> None:
+    """batch_size 16 in minibatches of 8 (k = 4): one step samples 4 prompts from the teacher
+    at once, then makes two optimizer steps, each on the 8 samples of 2 of them (each
+    sample used once), the second after the first has moved the weights; the logged loss is
+    the mean of the two."""
+    trainer = guided_trainer(tiny_t5, tmp_path, CharSumReward(), batch_size=16, mini_batch_size=8)
+    config = trainer.model.config
+    trainer.guide = Guide(random_scorer(config.vocab_size, config.d_model, seed=4), 1.0)
+    assert trainer.updates_per_step == 2
+    seen: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+    distill_step = trainer._distill_step
+
+    def recording(query, query_mask, response, mask, teacher):
+        weights = torch.cat([p.detach().flatten() for p in trainer.policy.trainable_parameters()])
+        loss, student = distill_step(query, query_mask, response, mask, teacher)
+        seen.append((response, weights.clone(), loss))
+        return loss, student
+
+    trainer._distill_step = recording
+    metrics, batch = trainer.update()
+    assert len(seen) == 2 and [len(r) for r, _, _ in seen] == [8, 8]
+    assert len(batch.texts) == 16
+    assert not torch.equal(seen[0][1], seen[1][1])  # the second update saw moved weights
+    state = trainer.optimizer.state[trainer.policy.trainable_parameters()[0]]
+    assert int(state["step"]) == 2
+    assert metrics["guided/loss"] == pytest.approx((seen[0][2] + seen[1][2]) / 2)

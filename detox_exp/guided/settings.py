@@ -40,6 +40,7 @@ def check_settings(
     prefix_scorer: Mapping[str, Any] | None = None,
     distill: Mapping[str, Any] | None = None,
     guide_candidates: int = 0,
+    mini_batch_size: int | None = None,
     on_nonfinite: str = "error",
     max_consecutive_skips: int = 3,
     **_: Any,
@@ -76,6 +77,21 @@ def check_settings(
             f"unknown {key} {distill[key]!r}",
             f"use one of {allowed}",
         )
+    mini = batch_size if mini_batch_size is None else mini_batch_size
+    _check(
+        mini >= samples_per_prompt and mini % samples_per_prompt == 0 and batch_size % mini == 0,
+        "mini_batch_size",
+        f"must divide batch_size={batch_size} and be a multiple of "
+        f"samples_per_prompt={samples_per_prompt}, got {mini}",
+        f"use e.g. {batch_size} (one update per step) or null",
+    )
+    _check(
+        mini == batch_size or distill["prefixes"] == "teacher",
+        "mini_batch_size",
+        "must equal batch_size with distill.prefixes=policy (on-policy: every update on "
+        "samples of the policy as it stands)",
+        "set algorithm.mini_batch_size=null",
+    )
 
 
 def _known(node: str, given: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict:

@@ -11,8 +11,10 @@ then distil the guided reference ``ref(a | s) V(s, a)`` (the objective's tokenwi
 2. each step: ``batch_size / k`` prompts x k responses from the teacher (``prefixes:
    teacher``) or the policy (``policy``), the teacher's and the policy's next-token
    distributions at every prefix, and one optimizer step on :func:`~detox_exp.guidance.
-   distill_loss` (``direction``). Forward KL on the teacher's samples is the default: its
-   expected gradient is that of the sequence-level KL(teacher || policy) (docs/guided.md).
+   distill_loss` (``direction``) per ``mini_batch_size`` of them (each sample used once; the
+   teacher samples a step's whole batch at once, which is cheaper per sample). Forward KL on
+   the teacher's samples is the default: its expected gradient is that of the sequence-level
+   KL(teacher || policy) (docs/guided.md).
 
 The loop (data order, streams, guard, checkpoints, DDP, logging) is
 :class:`~detox_exp.training.loop.TrainingLoop`'s.
@@ -33,6 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from detox_exp import metric_names as M
 from detox_exp.checkpoint import CheckpointManager
+from detox_exp.errors import ConfigError
 from detox_exp.generation import (
     decode,
     decoder_inputs,
@@ -76,6 +79,7 @@ class GuidedTrainer(TrainingLoop):
         steps: int = 100,
         batch_size: int = 32,
         samples_per_prompt: int = 4,
+        mini_batch_size: int | None = None,
         seed: int = 0,
         device: str = "auto",
         precision: str = "fp32",
@@ -100,6 +104,7 @@ class GuidedTrainer(TrainingLoop):
             prefix_scorer,
             distill,
             guide_candidates=guide_candidates,
+            mini_batch_size=mini_batch_size,
         )
         super().__init__(
             tokenizer=tokenizer,
@@ -129,6 +134,13 @@ class GuidedTrainer(TrainingLoop):
         self.sample_table_every, self.num_table_samples = sample_table_every, num_table_samples
         self.attach(ActorCritic(model, value_head=False), optimizer)
         self.candidates = guide_candidates
+        self.updates_per_step = batch_size // (mini_batch_size or batch_size)
+        if batch_size // samples_per_prompt // self.dist.world_size < self.updates_per_step:
+            raise ConfigError(
+                "algorithm.mini_batch_size",
+                f"{mini_batch_size} leaves a process fewer prompts than updates per step",
+                "raise it to a multiple of samples_per_prompt x the number of processes",
+            )
         self.guide: Guide | None = None  # the teacher's guidance, once prepare fitted it
         self.rollouts = Rollouts(
             sample=self.sample,
@@ -234,8 +246,23 @@ class GuidedTrainer(TrainingLoop):
         with torch.no_grad():
             return ref_logits, guided_logits(ref_logits, self.guide(states, ref_logits))
 
+    def _distill_step(
+        self, query: Tensor, query_mask: Tensor, response: Tensor, mask: Tensor, teacher: Tensor
+    ) -> tuple[float, Tensor]:
+        """The distillation loss of responses [B, T] of prompts [P, S] against the teacher's
+        logits [B, T, V], and its backward; returns (the loss, the policy's logits, detached)."""
+        dec = decoder_inputs(response, self.policy.config.decoder_start_token_id)
+        with self._autocast():
+            out = self.ddp(query, query_mask, dec, with_values=False, samples_per_prompt=self.k)
+        student = out.logits.float()
+        loss = distill_loss(student, teacher, mask, self.distill["direction"])
+        self.check("loss", loss)
+        loss.backward()  # DDP averages the processes' gradients: the global mean
+        return loss.item(), student.detach()
+
     def update(self) -> tuple[dict[str, float], StepSamples]:
-        """Sample, read the teacher's and the policy's distributions, one optimizer step."""
+        """Sample the step's batch, read the teacher's distributions, then one optimizer step
+        per minibatch of its prompts (``updates_per_step``, each sample used once)."""
         t0 = self._clock()
         indices = self.next_batch()
         source = self.distill["prefixes"]
@@ -246,27 +273,30 @@ class GuidedTrainer(TrainingLoop):
         texts = decode(self.tokenizer, response)
         t1 = self._clock()
         ref_logits, teacher = self.teacher_logits(query, query_mask, response, record)
-        dec = decoder_inputs(response, self.policy.config.decoder_start_token_id)
-        with self._autocast():
-            out = self.ddp(query, query_mask, dec, with_values=False, samples_per_prompt=self.k)
-        student = out.logits.float()
-        loss = distill_loss(student, teacher, mask, self.distill["direction"])
-        self.check("loss", loss)
-        loss.backward()  # DDP averages the processes' gradients: the global mean
-        norm = self.optimizer_step()
+        losses, norms, students = [], [], []
+        for groups in torch.arange(len(indices)).tensor_split(self.updates_per_step):
+            rows = (groups[:, None] * self.k + torch.arange(self.k)).flatten().to(self.device)
+            groups = groups.to(self.device)
+            loss, student = self._distill_step(
+                query[groups], query_mask[groups], response[rows], mask[rows], teacher[rows]
+            )
+            losses.append(loss)
+            norms.append(self.optimizer_step())
+            students.append(student)
+        student = torch.cat(students)
         t2 = self._clock()
         scores = self.reward.score(texts)
         t3 = self._clock()
         local = {
-            M.LOSS_DISTILL: loss.item(),
-            M.GRAD_NORM: norm,
+            M.LOSS_DISTILL: sum(losses) / len(losses),
+            M.GRAD_NORM: sum(norms) / len(norms),
             M.TIME_GENERATE: t1 - t0,
             M.TIME_OPTIMIZE: t2 - t1,
             M.TIME_SCORE: t3 - t2,
         }
         with torch.no_grad():
             log_ref = ref_logits.log_softmax(-1)
-            log_pi, log_t = student.detach().log_softmax(-1), teacher.log_softmax(-1)
+            log_pi, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
             kl_policy = ((log_pi.exp() * (log_pi - log_ref)).sum(-1) * mask).sum(1)
             kl_teacher = ((log_t.exp() * (log_t - log_ref)).sum(-1) * mask).sum(1)
             candidates = self.guide.candidates  # the guide in use (a resumed run: its file's)
