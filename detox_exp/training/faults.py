@@ -2,18 +2,22 @@
 NaN gradient at a chosen step, a hard crash after a step's checkpoint, a digest of the
 weights per process and step. The loop applies them where its guard looks
 (:meth:`~detox_exp.training.loop.TrainingLoop.check`,
-:meth:`~detox_exp.training.loop.TrainingLoop.optimizer_step`); a method's code holds none."""
+:meth:`~detox_exp.training.loop.TrainingLoop.optimizer_step`) and after its checkpoints; a
+method's code holds none."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the ppo.* schema imports LoopDebug and stays light (no torch)
+    import torch
 
 
 @dataclass
@@ -27,7 +31,7 @@ class LoopDebug:
     param_digest: bool = False  # write a hash of the trainable weights per process and step
 
 
-def poisoned(debug: Any, quantity: str, values: torch.Tensor, step: int) -> torch.Tensor:
+def poisoned(debug: LoopDebug, quantity: str, values: torch.Tensor, step: int) -> torch.Tensor:
     """``values``, or at ``debug.nan_at_step`` for the "scores" a copy with a NaN."""
     if quantity != "scores" or debug.nan_at_step != step:
         return values
@@ -37,13 +41,19 @@ def poisoned(debug: Any, quantity: str, values: torch.Tensor, step: int) -> torc
 
 
 def poison_gradient(
-    debug: Any, params: Sequence[torch.Tensor], step: int, updates: int, per_step: int
+    debug: LoopDebug, params: Sequence[torch.Tensor], step: int, updates: int, per_step: int
 ) -> None:
     """At ``debug.nan_grad_at_step``, a NaN in one gradient of ``params`` before the step's
     second optimizer step (``updates`` taken of ``per_step``; the first if it has one)."""
     if debug.nan_grad_at_step == step and updates == min(1, per_step - 1):
         grad = next(p.grad for p in params if p.grad is not None)
         grad.view(-1)[0] = float("nan")
+
+
+def crash_after(debug: LoopDebug, step: int) -> None:
+    """At ``debug.kill_after_step`` (after that step's checkpoint), SIGKILL: a hard crash."""
+    if debug.kill_after_step == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_param_digest(

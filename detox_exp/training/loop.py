@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -347,8 +345,7 @@ class TrainingLoop:
                 meta = {"wandb_id": self.wandb_id, "metrics": metrics}
                 self.guard.last_checkpoint = self.checkpoints.save(self.step, tensors, state, meta)
             self.dist.wait()
-        if self.debug.kill_after_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: a hard crash
+        faults.crash_after(self.debug, self.step)
         return self.guard.last_checkpoint
 
     def _stop_requested(self) -> int | None:
