@@ -85,6 +85,13 @@ def expand_groups(x: torch.Tensor, samples_per_prompt: int) -> torch.Tensor:
     return x.repeat_interleave(samples_per_prompt, dim=0) if samples_per_prompt > 1 else x
 
 
+def group_rows(groups: torch.Tensor, samples_per_prompt: int) -> torch.Tensor:
+    """The sample rows [len(groups) * k] of prompts ``groups`` in the layout of
+    :func:`expand_groups` (prompt p's samples are rows p * k ... p * k + k - 1)."""
+    k = samples_per_prompt
+    return (groups[:, None] * k + torch.arange(k, device=groups.device)).reshape(-1)
+
+
 def cross_attention_projections(model: nn.Module) -> list[nn.Module]:
     """The key and value projections of every decoder cross-attention of a T5-family
     ``model`` (peft-wrapped or not); [] for other architectures."""

@@ -48,6 +48,7 @@ from detox_exp.guided.fit import Rollouts, fit_prefix_scorer
 from detox_exp.guided.scorer import Guide, load_guide, save_guide
 from detox_exp.guided.settings import DISTILL_DEFAULTS, SCORER_DEFAULTS, check_settings
 from detox_exp.reward.scorer import ToxicityScorer
+from detox_exp.seq2seq import group_rows
 from detox_exp.tracking import Tracker
 from detox_exp.training.faults import LoopDebug
 from detox_exp.training.loop import StepSamples, TrainingLoop, sampling_stream
@@ -274,9 +275,9 @@ class GuidedTrainer(TrainingLoop):
         t1 = self._clock()
         ref_logits, teacher = self.teacher_logits(query, query_mask, response, record)
         losses, norms, students = [], [], []
-        for groups in torch.arange(len(indices)).tensor_split(self.updates_per_step):
-            rows = (groups[:, None] * self.k + torch.arange(self.k)).flatten().to(self.device)
-            groups = groups.to(self.device)
+        prompts = torch.arange(len(indices), device=self.device)
+        for groups in prompts.tensor_split(self.updates_per_step):
+            rows = group_rows(groups, self.k)
             loss, student = self._distill_step(
                 query[groups], query_mask[groups], response[rows], mask[rows], teacher[rows]
             )

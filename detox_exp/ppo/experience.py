@@ -17,6 +17,7 @@ from detox_exp.distributed import Dist
 from detox_exp.fast import SWITCHES
 from detox_exp.fast.widths import round_up
 from detox_exp.ppo import core
+from detox_exp.seq2seq import group_rows
 from detox_exp.training.policy import ForwardOutput
 
 
@@ -71,8 +72,7 @@ class Experience:
 
     def rows(self, groups: torch.Tensor) -> torch.Tensor:
         """The sample rows [len(groups) * k] of the prompts (groups) ``groups``."""
-        k = self.samples_per_prompt
-        return (groups[:, None] * k + torch.arange(k, device=groups.device)).reshape(-1)
+        return group_rows(groups, self.samples_per_prompt)
 
     def minibatch(self, groups: torch.Tensor) -> Minibatch:
         """The prompts ``groups`` and all their samples, with the columns past the longest
