@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from detox_exp import metric_names as M
-from detox_exp.compare_plots import DISTINCT2, ROUGE, TOXICITY, plot_curves, plot_pareto
+from detox_exp.compare_plots import DISTINCT2, OPT, ROUGE, TOXICITY, plot_curves, plot_pareto
 from detox_exp.compare_runs import (
     CompareError,
     RunRecord,
@@ -37,7 +37,7 @@ from detox_exp.compare_runs import (
 )
 
 PROG = "detox-exp-compare"
-OPT, DELTA_PHASE = M.OPTIMUM_PHASE, M.DELTA_PHASE
+DELTA_PHASE = M.DELTA_PHASE
 # after / before - 1, each run's own baseline
 TOXICITY_REL = M.eval_key(DELTA_PHASE, "toxicity_mean_rel")
 # the default columns; those no run has, and the relative changes (``_rel``) where every run
