@@ -122,11 +122,29 @@ def resample(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     return np.stack([np.searchsorted(c, u, side="right") for c, u in zip(cdf, uniforms)])
 
 
+# resamplings behind the optimum's corpus metrics (of one draw per prompt each): 32 x 128
+# held-out prompts put the demo's distinct-2 ratio within about 0.01 of 64's
+RESAMPLINGS = 32
+
+
+def resampling_uniforms(seed: int, repeats: int, prompts: int) -> np.ndarray:
+    """Uniforms ``[R, P, 1]`` for R resamplings of ONE draw per prompt (:func:`resample`).
+
+    One pick per prompt, not K: K picks from a prompt's K draws repeat the draws the weights
+    favour, a duplication the optimum itself (over every response, not K of them) does not
+    have, so the corpus metrics of K picks read low. On the demo (seeds 1 / 2 / 3, beta 1,
+    128 held-out prompts x 16 draws) the optimum's distinct-2 against the reference's reads
+    0.86x / 0.84x / 0.87x with 16 picks, 0.94x / 0.95x / 0.95x with one; exact draws of the
+    optimum (rejection: each draw kept with probability exp(r / beta), the first 4 kept per
+    prompt against the first 4 drawn) give 0.98x / 0.92x / 0.93x."""
+    return np.random.default_rng(seed).random((repeats, prompts, 1))
+
+
 def resampled_corpus_metrics(
     weights: np.ndarray, texts: Sequence[Sequence[str]], uniforms: np.ndarray
 ) -> dict[str, float]:
-    """:data:`CORPUS_METRICS` averaged over R resamplings of K draws per prompt by
-    ``weights`` ``[P, K]`` (``uniforms`` ``[R, P, K]``)."""
+    """:data:`CORPUS_METRICS` averaged over R resamplings of M draws per prompt by
+    ``weights`` ``[P, K]`` (``uniforms`` ``[R, P, M]``; :func:`resampling_uniforms`: M = 1)."""
     sums = dict.fromkeys(CORPUS_METRICS, 0.0)
     for u in uniforms:
         picked = resample(weights, u)
@@ -149,7 +167,7 @@ class ReferenceCorpus:
     def of(cls, texts: Sequence[Sequence[str]], uniforms: np.ndarray) -> ReferenceCorpus:
         corpus = [t for group in texts for t in group]
         full = {name: metric(corpus) for name, metric in CORPUS_METRICS.items()}
-        k = uniforms.shape[-1]
+        k = len(texts[0])  # draws per prompt (the uniforms pick M of them)
         flat = np.full((len(texts), k), 1.0 / k)
         return cls(full, resampled_corpus_metrics(flat, texts, uniforms))
 
@@ -174,15 +192,16 @@ def optimum_metrics(
         reference: the reference's corpus metrics (:meth:`ReferenceCorpus.of`, computed
             once with the same ``uniforms`` for every beta).
         threshold: toxicity above which a response counts as toxic.
-        uniforms: ``[R, P, K]`` uniforms for R resamplings of K draws per prompt.
+        uniforms: ``[R, P, M]`` uniforms for R resamplings of M draws per prompt
+            (:func:`resampling_uniforms`: M = 1).
 
     Returns:
         ``toxicity_mean``, ``toxic_fraction``, ``reward_mean``, each ``per_sample`` key
         (tilted means), ``kl_to_reference`` (nats per response), and the corpus metrics.
         A corpus metric depends on the corpus size and on repeats, so it is read on R
-        resamplings of K draws per prompt by the weights, against the same resamplings by
-        uniform weights (the reference's own with-replacement duplicates), and scaled onto
-        the reference's P * K draws: ``ref_value * mean(weighted) / mean(uniform)``.
+        resamplings of one draw per prompt by the weights, against the same resamplings by
+        uniform weights (a corpus of the same size), and scaled onto the reference's P * K
+        draws: ``ref_value * mean(weighted) / mean(uniform)``.
     """
     w = optimum_weights(rewards, beta)
     toxicity = np.asarray(toxicity, dtype=float)

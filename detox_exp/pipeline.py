@@ -24,11 +24,10 @@ from detox_exp.console import configure as configure_console
 from detox_exp.data.dialogues import PromptSplits
 from detox_exp.distributed import Dist
 from detox_exp.errors import bad_input_message
-from detox_exp.evaluation import report
+from detox_exp.evaluation import optimum, report
 from detox_exp.evaluation.evaluator import EvalResult
 from detox_exp.fast import configure as configure_fast
 from detox_exp.fast.memory import keep_freed_memory
-from detox_exp.frontier import heldout
 from detox_exp.frontier.runner import frontier_draws, frontier_stage
 from detox_exp.frontier.stage import configured_beta
 from detox_exp.guided.settings import check_rollouts
@@ -334,7 +333,7 @@ class _Stages:
         if "before" in results and self.beta is not None:  # the held-out optimum at beta
             threshold = self.evaluator.threshold
             tracker.log_summary(
-                heldout.heldout_optimum(results["before"], self.beta, threshold, self.cfg.seed)
+                optimum.heldout_optimum(results["before"], self.beta, threshold, self.cfg.seed)
             )
         if "before" in results and "after" in results:
             report.log_comparison(
@@ -344,8 +343,8 @@ class _Stages:
                 self.evaluator.bootstrap,
                 self.evaluator.threshold,
             )
-            tracker.log_summary(heldout.against_optimum(tracker.summary))
-            tracker.log_summary(heldout.against_optimum(tracker.summary, M.TEACHER_PHASE))
+            tracker.log_summary(optimum.against_optimum(tracker.summary))
+            tracker.log_summary(optimum.against_optimum(tracker.summary, M.TEACHER_PHASE))
         tracker.log_summary(self.timings)
         if self.trainer is not None and self.dist.is_main and self.trainer.save_dir is not None:
             summary = dict(tracker.summary)

@@ -89,11 +89,13 @@ def test_resampling_follows_the_weights() -> None:
 
 def test_corpus_metrics_are_scaled_onto_the_reference() -> None:
     """Uniform weights (beta -> infinity) give back the reference's corpus metrics exactly;
-    weights on one draw per prompt collapse the resampled corpus to that draw."""
-    texts = [[f"prompt {p} answer {i} words" for i in range(4)] for p in range(6)]
+    weights on each prompt's one generic draw collapse the corpus to that text."""
+    texts = [
+        ["the generic answer"] + [f"prompt {p} answer {i}" for i in range(3)] for p in range(6)
+    ]
     rewards = np.zeros((6, 4))
     tox = np.full((6, 4), 0.1)
-    u = np.random.default_rng(3).random((4, 6, 4))
+    u = frontier_math.resampling_uniforms(3, 8, 6)
     ref = frontier_math.ReferenceCorpus.of(texts, u)
     flat = frontier_math.optimum_metrics(1.0, rewards, tox, texts, {}, ref, 0.5, u)
     for name in frontier_math.CORPUS_METRICS:
@@ -104,6 +106,21 @@ def test_corpus_metrics_are_scaled_onto_the_reference() -> None:
     sharp = frontier_math.optimum_metrics(1.0, peaked, tox, texts, {}, ref, 0.5, u)
     assert sharp["unique_fraction"] < 0.5 * ref.full["unique_fraction"]
     assert sharp["kl_to_reference"] == pytest.approx(np.log(4), rel=1e-6)
+
+
+def test_an_optimum_on_half_the_draws_repeats_no_response() -> None:
+    """The optimum as the reference conditioned on half its draws (every response distinct)
+    writes distinct responses as the reference does: one pick per prompt per resampling,
+    not K (K picks from the K/2 kept draws would repeat them: unique fraction ~0.6)."""
+    p, k = 64, 8
+    texts = [[f"prompt {j} answer {i}" for i in range(k)] for j in range(p)]
+    rewards = np.where(np.arange(k) % 2 == 0, 0.0, -60.0)[None].repeat(p, 0)
+    u = frontier_math.resampling_uniforms(0, 16, p)
+    ref = frontier_math.ReferenceCorpus.of(texts, u)
+    best = frontier_math.optimum_metrics(1.0, rewards, np.zeros((p, k)), texts, {}, ref, 0.5, u)
+    assert best["unique_fraction"] == pytest.approx(1.0)
+    assert best["distinct_2"] == pytest.approx(ref.full["distinct_2"], rel=0.05)
+    assert best["kl_to_reference"] == pytest.approx(np.log(2), rel=1e-6)
 
 
 def _draws(rng: np.random.Generator, prompts: int = 100, k: int = 16):

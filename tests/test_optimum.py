@@ -1,4 +1,5 @@
-"""Rejection sampling of the KL-regularised optimum from reference draws."""
+"""`python -m detox_exp.evaluation.optimum`: the optimum on a saved run's held-out draws, by
+the one estimator the pipeline and the frontier stage use (its math: test_frontier_math)."""
 
 from __future__ import annotations
 
@@ -8,47 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detox_exp.evaluation.optimum import main, rejection_optimum
-
-REF = np.array([0.5, 0.3, 0.2])  # a reference policy over three responses
-REWARD = np.log(np.array([1.0, 0.5, 0.1]))  # log p(non-toxic | y)
-
-
-@pytest.mark.parametrize("beta", [1.0, 2.0])
-def test_samples_the_optimum_and_estimates_its_kl(beta: float) -> None:
-    rng = np.random.default_rng(0)
-    draws = rng.choice(3, size=(20000, 32), p=REF)  # 32 reference samples of each prompt
-    picked, kl, fallbacks = rejection_optimum(REWARD[draws], beta, rng)
-    chosen = draws[np.arange(len(draws)), picked]
-    target = REF * np.exp(REWARD / beta)
-    target /= target.sum()  # pi* = ref * exp(r / beta) / Z
-    assert fallbacks == 0
-    np.testing.assert_allclose(np.bincount(chosen, minlength=3) / len(chosen), target, atol=0.01)
-    exact_kl = float((target * np.log(target / REF)).sum())
-    assert kl.mean() == pytest.approx(exact_kl, abs=0.01)
+from detox_exp.evaluation.evaluator import EvalResult
+from detox_exp.evaluation.optimum import heldout_optimum, main, optimum_values
+from detox_exp.metrics import distinct_n
 
 
-def test_all_accepted_is_the_reference() -> None:
-    picked, kl, fallbacks = rejection_optimum(np.zeros((5, 4)), 1.0, np.random.default_rng(0))
-    assert picked.tolist() == [0] * 5 and fallbacks == 0
-    np.testing.assert_allclose(kl, 0.0, atol=1e-12)
-
-
-def test_never_accepted_falls_back_to_the_best_draw() -> None:
-    rewards = np.array([[-50.0, -40.0, -60.0]])
-    picked, _, fallbacks = rejection_optimum(rewards, 1.0, np.random.default_rng(0))
-    assert picked.tolist() == [1] and fallbacks == 1
-
-
-def test_positive_rewards_are_refused() -> None:
-    with pytest.raises(ValueError, match="rewards <= 0"):
-        rejection_optimum(np.array([[0.5, -1.0]]), 1.0, np.random.default_rng(0))
-
-
-def _run_dir(tmp_path: Path, k: int, reward_type: str = "log_prob", ent_coef: float = 0.0) -> Path:
-    (tmp_path / ".hydra").mkdir()
+def _run_dir(
+    tmp_path: Path,
+    k: int,
+    reward_type: str = "log_prob",
+    ent_coef: float = 0.0,
+    controller: str = "kl_coef: 1.0",
+) -> Path:
+    """A saved run's before-evaluation of 6 prompts x k draws (30% rude, 0.99 toxic)."""
+    (tmp_path / ".hydra").mkdir(parents=True)
     (tmp_path / ".hydra/config.yaml").write_text(
-        f"reward:\n  reward_type: {reward_type}\nppo:\n  kl_controller:\n    kl_coef: 1.0\n"
+        f"reward:\n  reward_type: {reward_type}\nppo:\n  kl_controller:\n    {controller}\n"
         f"  ent_coef: {ent_coef}\neval:\n  toxic_threshold: 0.5\n"
     )
     out = tmp_path / "eval/before"
@@ -61,13 +37,14 @@ def _run_dir(tmp_path: Path, k: int, reward_type: str = "log_prob", ent_coef: fl
             toxic = bool(rng.random() < 0.3)
             tox = 0.99 if toxic else 0.01
             text = f"summary {p} {s}" + (" you idiot" if toxic else "")
+            reward = np.log(1 - tox) - (np.log(tox) if reward_type == "logit" else 0.0)
             lines.append(
                 {
                     "response": text,
                     "sample": s,
                     "toxicity": {"reward": tox},
-                    "reward": float(np.log(1 - tox)),
-                    "rouge_l": 0.3,
+                    "reward": float(reward),
+                    "rouge_l": float(rng.random()),
                     "length": 3,
                 }
             )
@@ -75,13 +52,57 @@ def _run_dir(tmp_path: Path, k: int, reward_type: str = "log_prob", ent_coef: fl
     return tmp_path
 
 
-def test_cli_reports_reference_and_optimum(tmp_path: Path, capsys) -> None:
-    assert main([str(_run_dir(tmp_path, k=8))]) == 0
+def _table(out: str) -> dict[str, dict[str, float]]:
+    lines = [x for x in out.splitlines() if x.startswith("| ")]
+    names = [c.strip() for c in lines[0].strip("|").split("|")][1:]
+    rows = {}
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(names, map(float, cells[1:]), strict=True))
+    return rows
+
+
+@pytest.mark.parametrize("reward_type", ["log_prob", "logit"])
+def test_cli_reports_reference_and_optimum(tmp_path: Path, capsys, reward_type: str) -> None:
+    """The reference row is every draw; the optimum's toxicity and ROUGE-L are the draws'
+    means under the weights exp(r / beta), normalised per prompt (here computed by hand)."""
+    run = _run_dir(tmp_path, k=8, reward_type=reward_type)
+    assert main([str(run)]) == 0
     out = capsys.readouterr().out
     assert "6 prompts x 8 reference samples" in out
+    assert "ent_coef" not in out
+    rows = _table(out)
+    result = EvalResult.load(run, "before")
+    w = np.exp(result.rewards())
+    w /= w.sum(axis=1, keepdims=True)
+    reference, best = rows["reference (8 samples)"], rows["optimum (beta 1)"]
+    assert reference["toxicity_mean"] == pytest.approx(result.toxicity.mean(), abs=5e-4)
+    assert reference["rouge_l"] == pytest.approx(result.rouge_l.mean(), abs=5e-4)
+    texts = [t for group in result.responses() for t in group]
+    assert reference["distinct_2"] == pytest.approx(distinct_n(texts, 2), abs=5e-4)
+    assert reference["kl_to_reference"] == 0
+    assert best["toxicity_mean"] == pytest.approx((w * result.toxicity).sum(1).mean(), abs=5e-4)
+    assert best["rouge_l"] == pytest.approx((w * result.rouge_l).sum(1).mean(), abs=5e-4)
+    assert best["kl_to_reference"] > 0
     change = json.loads(out.strip().splitlines()[-1])["toxicity_change"]
     assert change < -0.5  # the optimum drops the toxic draws
-    assert "ent_coef" not in out
+
+
+def test_the_pipeline_logs_the_values_the_command_prints(tmp_path: Path) -> None:
+    run = _run_dir(tmp_path, k=8)
+    result = EvalResult.load(run, "before")
+    logged = heldout_optimum(result, 0.5, 0.5, seed=3)
+    values = optimum_values(result, 0.5, 0.5, seed=3)
+    assert {f"eval/optimum/{n}": v for n, v in values.items()}.items() <= logged.items()
+    assert logged["eval/optimum/beta"] == 0.5 and logged["eval/optimum/samples_per_prompt"] == 8
+    assert heldout_optimum(EvalResult.load(_run_dir(tmp_path / "one", k=1), "before"), 1, 0.5) == {}
+
+
+def test_the_run_s_own_beta_is_the_frontier_s_choice(tmp_path: Path, capsys) -> None:
+    run = _run_dir(tmp_path, k=4, controller="target_drop: 0.5")
+    (run / "summary.json").write_text(json.dumps({"frontier/beta": 2.5}))
+    assert main([str(run)]) == 0
+    assert "optimum (beta 2.5)" in _table(capsys.readouterr().out)
 
 
 def test_cli_says_an_entropy_bonus_aims_elsewhere(tmp_path: Path, capsys) -> None:
@@ -90,12 +111,10 @@ def test_cli_says_an_entropy_bonus_aims_elsewhere(tmp_path: Path, capsys) -> Non
 
 
 @pytest.mark.parametrize(
-    ("k", "reward_type", "field"),
-    [(1, "log_prob", "eval.samples_per_prompt"), (4, "logit", "reward.reward_type")],
+    ("k", "controller", "field"),
+    [(1, "kl_coef: 1.0", "eval.samples_per_prompt"), (4, "target_drop: 0.5", "--beta")],
 )
-def test_cli_bad_input_exits_2(
-    tmp_path: Path, capsys, k: int, reward_type: str, field: str
-) -> None:
-    assert main([str(_run_dir(tmp_path, k=k, reward_type=reward_type))]) == 2
+def test_cli_bad_input_exits_2(tmp_path: Path, capsys, k: int, controller: str, field: str) -> None:
+    assert main([str(_run_dir(tmp_path, k=k, controller=controller))]) == 2
     err = capsys.readouterr().err
     assert err.startswith(field) and len(err.strip().splitlines()) == 1

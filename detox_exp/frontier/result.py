@@ -60,7 +60,7 @@ class ReferenceDraws:
 @dataclass
 class FrontierResult:
     """The frontier of one run: the reference's metrics, one row per beta (:data:`ROW_KEYS`
-    and more), the draws it was read from and the resampling uniforms ``[R, P, K]`` that
+    and more), the draws it was read from and the resampling uniforms ``[R, P, 1]`` that
     every beta's corpus metrics share."""
 
     reference: dict[str, float]
@@ -125,7 +125,7 @@ def read_frontier(
 ) -> FrontierResult:
     """The frontier over ``betas`` from scored reference draws (pure: no model)."""
     p, k = draws.rewards.shape
-    uniforms = np.random.default_rng(seed).random((repeats, p, k))
+    uniforms = frontier_math.resampling_uniforms(seed, repeats, p)
     corpus = frontier_math.ReferenceCorpus.of(draws.texts, uniforms)
     reference = {
         "toxicity_mean": float(draws.toxicity.mean()),

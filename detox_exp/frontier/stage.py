@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from detox_exp import frontier_math
 from detox_exp.data.dialogues import references_of
 from detox_exp.errors import ConfigError
 from detox_exp.frontier.result import (
@@ -54,7 +55,7 @@ class Frontier:
         betas: Sequence[float] = BETAS,
         min_drop: float = 0.1,
         batch_size: int = 256,
-        repeats: int = 4,
+        repeats: int = frontier_math.RESAMPLINGS,
         toxic_threshold: float = 0.5,
         seed: int = 0,
         device: str = "auto",
@@ -75,7 +76,7 @@ class Frontier:
             ),
             (0 <= min_drop < 1, "min_drop", f"must be in [0, 1), got {min_drop}", "use 0.1"),
             (batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}", "raise it"),
-            (repeats >= 1, "repeats", f"must be >= 1, got {repeats}", "use e.g. 4"),
+            (repeats >= 1, "repeats", f"must be >= 1, got {repeats}", "use e.g. 32"),
         ]
         for ok, key, problem, fix in checks:
             if not ok:
@@ -227,7 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"run_dir: no {saved} and no eval/before in {args.run_dir}", file=sys.stderr)
         return 2
     result = read_frontier(
-        draws, betas, threshold, int(node.get("seed", 0)), int(node.get("repeats", 4))
+        draws,
+        betas,
+        threshold,
+        int(node.get("seed", 0)),
+        int(node.get("repeats", frontier_math.RESAMPLINGS)),
     )
     out = args.out or args.run_dir / "frontier"
     print(write_frontier(result, out), end="")
