@@ -89,6 +89,9 @@ LOSS_DISTILL = "guided/loss"
 TEACHER_KL = "guided/teacher_kl"
 # the reference probability of the tokens the guide scores (algorithm.guide_candidates > 0)
 GUIDE_CANDIDATE_MASS = "guided/candidate_mass"
+GUIDE_SCALE = "guided/guide_scale"  # the exponent on V (algorithm.guide_scale)
+GUIDE_SCALE_KL = "guided/guide_scale/teacher_kl"  # kl_match: the teacher's KL at that scale
+GUIDE_SCALE_TARGET = "guided/guide_scale/optimum_kl"  # and the optimum's it matched
 # the guided teacher evaluated like a policy (eval/teacher/*), and against the optimum
 TEACHER_PHASE = "teacher"
 TEACHER_DROP_ACHIEVED = "eval/vs_optimum/teacher_toxicity_drop_achieved"

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from detox_exp.errors import ConfigError, DataError
 from detox_exp.frontier.stage import configured_beta
 from detox_exp.generation import make_sampling
+from detox_exp.guided.settings import check_guide_scale
 from detox_exp.hub import check_hub_access
 from detox_exp.models import check_lora, check_policy_precision
 from detox_exp.ppo.checks import PRECISIONS, check_ppo_config
@@ -168,6 +169,8 @@ def check_run_config(cfg: DictConfig) -> None:
             check_ppo_config(cfg.ppo)
         else:
             check_node(node, "algorithm")
+            if "guide_scale" in node:  # algorithm=guided
+                check_guide_scale(node["guide_scale"], not frontier_off)
         # a small object whose constructor checks its ranges
         check_node(controller, "ppo.kl_controller")
         get_object(controller.pop("_target_"))(**controller)

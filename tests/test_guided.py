@@ -19,18 +19,7 @@ from detox_exp.ppo.trainer import PPOTrainer
 from detox_exp.training.loop import TrainingLoop
 from tests.helpers.decoding import prompt_batch
 from tests.helpers.run import ROOT, local_overrides, run_cli
-from tests.helpers.trainers import CharSumReward, guided_trainer
-
-
-def random_scorer(vocab: int, d: int, seed: int = 0, hidden_size: int = 0) -> PrefixScorer:
-    g = torch.Generator().manual_seed(seed)
-    scorer = PrefixScorer(
-        torch.randn(vocab, d, generator=g), torch.linspace(-3, 0, 6), torch.ones(6) / 6, hidden_size
-    )
-    with torch.no_grad():
-        for p in scorer.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return scorer.eval()
+from tests.helpers.trainers import CharSumReward, guided_trainer, random_scorer
 
 
 def test_the_scorer_scores_a_realised_token_as_it_scores_the_whole_vocabulary() -> None:
@@ -288,6 +277,9 @@ def test_guided_demo_end_to_end(demo_cache: Path, tmp_path: Path) -> None:
         ("algorithm.batch_size=30", "algorithm.batch_size"),
         ("algorithm.prefix_scorer.n_atoms=1", "algorithm.prefix_scorer.n_atoms"),
         ("algorithm.guide_candidates=-1", "algorithm.guide_candidates"),
+        ("algorithm.guide_scale=sharp", "algorithm.guide_scale"),
+        ("algorithm.guide_scale=0", "algorithm.guide_scale"),
+        ("stages.frontier=false", "algorithm.guide_scale"),  # kl_match needs its draws
         ("algorithm.mini_batch_size=6", "algorithm.mini_batch_size"),
         (
             "algorithm.mini_batch_size=4 algorithm.distill.prefixes=policy",

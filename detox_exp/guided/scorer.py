@@ -101,6 +101,7 @@ class PrefixScorer(nn.Module):
         beta: float,
         candidates: int,
         chunk_elements: int = 2**21,
+        scale: float = 1.0,
     ) -> Tensor:
         """``log V_beta(s, a)`` [..., V] scored at the reference's ``candidates`` most likely
         next tokens only (the others: :func:`~detox_exp.guidance.fill_tail`), for states
@@ -108,7 +109,9 @@ class PrefixScorer(nn.Module):
         instead of [K, d] x [d, V]. The candidates' embedding rows are gathered for a chunk
         of states at a time, under ``chunk_elements`` floats per table (one [rows x C, d]
         gather for FLAN-T5-base's 64 samples is 39 MB, and fresh buffers that size are paged
-        in again on every call: ``benchmarks/micro.py``)."""
+        in again on every call: ``benchmarks/micro.py``). ``scale``: the exponent on ``V``
+        (:mod:`detox_exp.guided.calibrate`), applied before the tail is filled in, so that
+        the tail keeps its reference share under the scaled guide too."""
         vocab = ref_logits.shape[-1]
         h, q = self._features(hidden.reshape(-1, hidden.shape[-1]))  # [N, d], [N, K, d]
         log_ref, index = ref_logits.reshape(-1, vocab).float().log_softmax(-1).topk(candidates)
@@ -117,7 +120,7 @@ class PrefixScorer(nn.Module):
             self._candidates(h[i : i + rows], q[i : i + rows], index[i : i + rows], beta)
             for i in range(0, len(h), rows)
         ]
-        values = fill_tail(torch.cat(parts), log_ref, index, vocab)
+        values = fill_tail(scale * torch.cat(parts), log_ref, index, vocab)
         return values.view(*ref_logits.shape)
 
     def _candidates(self, h: Tensor, q: Tensor, index: Tensor, beta: float) -> Tensor:
@@ -136,18 +139,23 @@ class PrefixScorer(nn.Module):
 
 
 class Guide:
-    """The teacher's guidance, ``log V_beta(s, a)`` [..., V] of a frozen :class:`PrefixScorer`
-    for decoder states [..., d] and the reference's logits [..., V] (the callable that
-    :func:`detox_exp.generation.sample_responses` takes): over the whole vocabulary
-    (``candidates`` 0, exact) or the reference's ``candidates`` most likely tokens."""
+    """The teacher's guidance, ``scale * log V_beta(s, a)`` [..., V] of a frozen
+    :class:`PrefixScorer` for decoder states [..., d] and the reference's logits [..., V]
+    (the callable that :func:`detox_exp.generation.sample_responses` takes): over the whole
+    vocabulary (``candidates`` 0, exact) or the reference's ``candidates`` most likely tokens;
+    ``scale``: the exponent on ``V`` (:mod:`detox_exp.guided.calibrate`; 1: the scorer's)."""
 
-    def __init__(self, scorer: PrefixScorer, beta: float, candidates: int = 0) -> None:
-        self.scorer, self.beta, self.candidates = scorer, beta, candidates
+    def __init__(
+        self, scorer: PrefixScorer, beta: float, candidates: int = 0, scale: float = 1.0
+    ) -> None:
+        self.scorer, self.beta, self.candidates, self.scale = scorer, beta, candidates, scale
 
     def __call__(self, hidden: Tensor, ref_logits: Tensor) -> Tensor:
         if 0 < self.candidates < ref_logits.shape[-1]:
-            return self.scorer.candidate_log_values(hidden, ref_logits, self.beta, self.candidates)
-        return self.scorer.log_values(hidden, self.beta)
+            return self.scorer.candidate_log_values(
+                hidden, ref_logits, self.beta, self.candidates, scale=self.scale
+            )
+        return self.scale * self.scorer.log_values(hidden, self.beta)
 
 
 def save_guide(guide: Guide, path: Path) -> None:
@@ -161,6 +169,7 @@ def save_guide(guide: Guide, path: Path) -> None:
         "hidden_size": hidden,
         "beta": guide.beta,
         "candidates": guide.candidates,
+        "scale": guide.scale,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(saved, tmp)
@@ -169,7 +178,8 @@ def save_guide(guide: Guide, path: Path) -> None:
 
 def load_guide(path: Path, device: torch.device | str = "cpu") -> Guide:
     """The :class:`Guide` written by :func:`save_guide`, its scorer frozen (a file without
-    ``candidates`` guides over every token, as it was trained)."""
+    ``candidates`` guides over every token, one without ``scale`` at scale 1, as it was
+    trained)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     state = saved["state"]
     scorer = PrefixScorer(
@@ -177,4 +187,5 @@ def load_guide(path: Path, device: torch.device | str = "cpu") -> Guide:
     )
     scorer.load_state_dict(state)
     scorer = scorer.to(device).eval().requires_grad_(False)
-    return Guide(scorer, float(saved["beta"]), int(saved.get("candidates", 0)))
+    candidates, scale = int(saved.get("candidates", 0)), float(saved.get("scale", 1.0))
+    return Guide(scorer, float(saved["beta"]), candidates, scale)

@@ -40,6 +40,7 @@ def check_settings(
     prefix_scorer: Mapping[str, Any] | None = None,
     distill: Mapping[str, Any] | None = None,
     guide_candidates: int = 0,
+    guide_scale: float | str = 1.0,
     mini_batch_size: int | None = None,
     on_nonfinite: str = "error",
     max_consecutive_skips: int = 3,
@@ -54,6 +55,14 @@ def check_settings(
         "guide_candidates",
         f"must be >= 0, got {guide_candidates}",
         "use 0 (the whole vocabulary) or e.g. 200",
+    )
+    _check(
+        guide_scale == "kl_match"
+        or (isinstance(guide_scale, int | float) and not isinstance(guide_scale, bool))
+        and guide_scale > 0,
+        "guide_scale",
+        f"must be kl_match or a number > 0, got {guide_scale!r}",
+        "use kl_match (calibrated to the optimum's KL) or e.g. 1",
     )
     _check(
         on_nonfinite in ("error", "skip"),
@@ -91,6 +100,18 @@ def check_settings(
         "must equal batch_size with distill.prefixes=policy (on-policy: every update on "
         "samples of the policy as it stands)",
         "set algorithm.mini_batch_size=null",
+    )
+
+
+def check_guide_scale(guide_scale: float | str, frontier_draws: bool) -> None:
+    """``kl_match`` calibrates the teacher on the frontier stage's draws: a run without them
+    is a one-line error (before any stage, and in the trainer)."""
+    _check(
+        guide_scale != "kl_match" or frontier_draws,
+        "guide_scale",
+        "kl_match matches the teacher's KL to the optimum's on the frontier stage's draws, "
+        "and this run has none",
+        "set stages.frontier=true, or a number (1: the scorer's own guide)",
     )
 
 

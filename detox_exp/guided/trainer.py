@@ -36,6 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from detox_exp import metric_names as M
 from detox_exp.checkpoint import CheckpointManager
 from detox_exp.errors import ConfigError
+from detox_exp.frontier_math import optimum_kl, optimum_weights
 from detox_exp.generation import (
     decode,
     decoder_inputs,
@@ -43,10 +44,16 @@ from detox_exp.generation import (
     pad_queries,
     sample_responses,
 )
-from detox_exp.guidance import distill_loss, guided_logits
+from detox_exp.guidance import distill_loss, guided_logits, sequence_token_kl
+from detox_exp.guided.calibrate import match_scale
 from detox_exp.guided.fit import Rollouts, fit_prefix_scorer
 from detox_exp.guided.scorer import Guide, load_guide, save_guide
-from detox_exp.guided.settings import DISTILL_DEFAULTS, SCORER_DEFAULTS, check_settings
+from detox_exp.guided.settings import (
+    DISTILL_DEFAULTS,
+    SCORER_DEFAULTS,
+    check_guide_scale,
+    check_settings,
+)
 from detox_exp.reward.scorer import ToxicityScorer
 from detox_exp.seq2seq import group_rows
 from detox_exp.tracking import Tracker
@@ -55,6 +62,10 @@ from detox_exp.training.loop import StepSamples, TrainingLoop, sampling_stream
 from detox_exp.training.policy import ActorCritic
 
 log = logging.getLogger(__name__)
+
+KL_MATCH = "kl_match"  # algorithm.guide_scale: calibrated (detox_exp.guided.calibrate)
+CALIBRATION_SAMPLES = 2  # teacher samples per frontier prompt for each scale kl_match tries
+CALIBRATION_STREAM = 2**31  # their stream's step slot (no step reaches it: fit 0, steps 1, 2, ...)
 
 
 class GuidedTrainer(TrainingLoop):
@@ -77,6 +88,7 @@ class GuidedTrainer(TrainingLoop):
         prefix_scorer: Mapping[str, Any],
         distill: Mapping[str, Any],
         guide_candidates: int = 0,
+        guide_scale: float | str = 1.0,
         steps: int = 100,
         batch_size: int = 32,
         samples_per_prompt: int = 4,
@@ -105,8 +117,10 @@ class GuidedTrainer(TrainingLoop):
             prefix_scorer,
             distill,
             guide_candidates=guide_candidates,
+            guide_scale=guide_scale,
             mini_batch_size=mini_batch_size,
         )
+        check_guide_scale(guide_scale, reference_draws is not None)
         super().__init__(
             tokenizer=tokenizer,
             prompts=prompts,
@@ -134,7 +148,7 @@ class GuidedTrainer(TrainingLoop):
         self.distill = {**DISTILL_DEFAULTS, **distill}
         self.sample_table_every, self.num_table_samples = sample_table_every, num_table_samples
         self.attach(ActorCritic(model, value_head=False), optimizer)
-        self.candidates = guide_candidates
+        self.candidates, self.guide_scale = guide_candidates, guide_scale
         self.updates_per_step = batch_size // (mini_batch_size or batch_size)
         if batch_size // samples_per_prompt // self.dist.world_size < self.updates_per_step:
             raise ConfigError(
@@ -225,10 +239,43 @@ class GuidedTrainer(TrainingLoop):
                 self.seed,
                 sampling_stream(self.seed, self.dist.rank, 0, self.device),
             )
-            save_guide(Guide(scorer, self.beta, self.candidates), path)
+            guide = Guide(scorer, self.beta, self.candidates)
+            if self.guide_scale == KL_MATCH:
+                stats |= self._match_scale(guide)
+            else:
+                guide.scale = float(self.guide_scale)
+            save_guide(guide, path)
             self.tracker.log_summary(stats)
         self.dist.wait()
         self.guide = load_guide(path, self.device)
+
+    def _match_scale(self, guide: Guide) -> dict[str, float]:
+        """Set ``guide.scale`` to the one at which the teacher's KL to the reference equals the
+        optimum's at the run's beta, both on the frontier stage's prompts
+        (:mod:`detox_exp.guided.calibrate`); the same teacher samples for every scale tried
+        (their own stream), :data:`CALIBRATION_SAMPLES` per prompt."""
+        texts, rewards = self.rollouts.draws
+        target = float(optimum_kl(optimum_weights(rewards.double().numpy(), self.beta)).mean())
+        indices = list(range(len(texts)))
+        self.guide = guide
+
+        def kl_of(scale: float) -> float:
+            guide.scale = scale
+            record: list[tuple[Tensor, Tensor]] = []
+            stream = sampling_stream(self.seed, self.dist.rank, CALIBRATION_STREAM, self.device)
+            *_, mask = self.sample(indices, stream, CALIBRATION_SAMPLES, "teacher", record)
+            ref, teacher = (torch.stack(x, 1).log_softmax(-1) for x in zip(*record))
+            return sequence_token_kl(teacher, ref, mask).mean().item()
+
+        guide.scale, kl, calls = match_scale(kl_of, target)
+        log.info(
+            "guided: guide scale %.3f, teacher KL %.3f against the optimum's %.3f (%d tries)",
+            guide.scale,
+            kl,
+            target,
+            calls,
+        )
+        return {M.GUIDE_SCALE: guide.scale, M.GUIDE_SCALE_KL: kl, M.GUIDE_SCALE_TARGET: target}
 
     # ------------------------------------------------------------------ one step
     def teacher_logits(
@@ -297,9 +344,8 @@ class GuidedTrainer(TrainingLoop):
         }
         with torch.no_grad():
             log_ref = ref_logits.log_softmax(-1)
-            log_pi, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
-            kl_policy = ((log_pi.exp() * (log_pi - log_ref)).sum(-1) * mask).sum(1)
-            kl_teacher = ((log_t.exp() * (log_t - log_ref)).sum(-1) * mask).sum(1)
+            kl_policy = sequence_token_kl(student.log_softmax(-1), log_ref, mask)
+            kl_teacher = sequence_token_kl(teacher.log_softmax(-1), log_ref, mask)
             candidates = self.guide.candidates  # the guide in use (a resumed run: its file's)
             if candidates:  # the reference's mass on the tokens the guide scored
                 covered = log_ref.exp().topk(min(candidates, log_ref.shape[-1]))

@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 
+from detox_exp.guided.scorer import PrefixScorer
 from detox_exp.guided.trainer import GuidedTrainer
 from detox_exp.kl_control import FixedKLController
 from detox_exp.models import load_policy, load_tokenizer
@@ -162,3 +163,15 @@ def assert_grads_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> Non
         torch.testing.assert_close(
             a, b, rtol=GRAD_TOL, atol=GRAD_TOL * scale, msg=lambda m, i=i: f"tensor {i}: {m}"
         )
+
+
+def random_scorer(vocab: int, d: int, seed: int = 0, hidden_size: int = 0) -> PrefixScorer:
+    """A prefix scorer over ``vocab`` tokens of width ``d`` with random weights (6 atoms)."""
+    g = torch.Generator().manual_seed(seed)
+    scorer = PrefixScorer(
+        torch.randn(vocab, d, generator=g), torch.linspace(-3, 0, 6), torch.ones(6) / 6, hidden_size
+    )
+    with torch.no_grad():
+        for p in scorer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return scorer.eval()

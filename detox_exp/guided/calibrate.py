@@ -1,0 +1,60 @@
+"""The guide's scale (``algorithm.guide_scale``): the exponent lambda of the teacher
+``pi_g(a | s) ∝ ref(a | s) V(s, a)^lambda``.
+
+With the true ``V`` (lambda = 1) the teacher is the objective's optimum token by token, and
+its KL to the reference is the optimum's. A scorer fitted by cross-entropy that underfits
+predicts values shrunk toward the constant predictor, so its guide is flatter than the
+optimum's and spends less KL (on the demo, 0.5-0.6x the optimum's). ``kl_match`` undoes a
+uniform shrinkage of ``log V``: it picks the lambda at which the teacher spends the KL that
+the optimum spends at the run's beta, both measured on the same train prompts, the frontier
+stage's (the optimum's by its weights over the stage's draws, the teacher's exactly, per
+token, on its own samples). A calibration of one number against a quantity measured on the
+user's own model, classifier and prompts at run time, as temperature scaling calibrates a
+classifier.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+
+def match_scale(
+    kl_of: Callable[[float], float],
+    target: float,
+    tolerance: float = 0.03,
+    evaluations: int = 6,
+    bounds: tuple[float, float] = (0.125, 16.0),
+) -> tuple[float, float, int]:
+    """The scale whose teacher KL ``kl_of(scale)`` is ``target`` (> 0) within ``tolerance``
+    in log, by secant steps on ``(log scale, log KL)`` from scale 1 (a tilt's KL grows as
+    scale^2 while small: the first step's slope), at most ``evaluations`` calls.
+
+    Returns ``(scale, its KL, calls)``: the closest to the target of the scales tried; scale
+    1 when the guide moves nothing (KL 0 at scale 1: an untrained scorer)."""
+    if not target > 0:
+        raise ValueError(f"target must be > 0, got {target}")
+    low, high = (math.log(b) for b in bounds)
+    goal = math.log(target)
+    tried: list[tuple[float, float]] = []  # (log scale, log KL)
+    x = 0.0
+    for _ in range(evaluations):
+        kl = kl_of(math.exp(x))
+        if not kl > 0:
+            if not tried:
+                return 1.0, 0.0, 1
+            break
+        tried.append((x, math.log(kl)))
+        if abs(tried[-1][1] - goal) <= tolerance:
+            break
+        slope = 2.0
+        if len(tried) >= 2:
+            (x0, y0), (x1, y1) = tried[-2], tried[-1]
+            if x1 != x0 and (y1 - y0) / (x1 - x0) > 0.1:
+                slope = (y1 - y0) / (x1 - x0)
+        x_next = min(max(tried[-1][0] + (goal - tried[-1][1]) / slope, low), high)
+        if x_next == tried[-1][0]:  # at a bound
+            break
+        x = x_next
+    x, y = min(tried, key=lambda point: abs(point[1] - goal))
+    return math.exp(x), math.exp(y), len(tried)
