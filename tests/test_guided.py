@@ -278,6 +278,7 @@ def test_guided_demo_end_to_end(demo_cache: Path, tmp_path: Path) -> None:
         ("algorithm.prefix_scorer.n_atoms=1", "algorithm.prefix_scorer.n_atoms"),
         ("algorithm.guide_candidates=-1", "algorithm.guide_candidates"),
         ("algorithm.guide_scale=sharp", "algorithm.guide_scale"),
+        ("algorithm.lr_decay=cosine", "algorithm.lr_decay"),
         ("algorithm.guide_scale=0", "algorithm.guide_scale"),
         ("stages.frontier=false", "algorithm.guide_scale"),  # kl_match needs its draws
         ("algorithm.mini_batch_size=6", "algorithm.mini_batch_size"),
@@ -460,3 +461,40 @@ def test_a_step_of_minibatches_updates_once_per_minibatch_on_disjoint_samples(
     state = trainer.optimizer.state[trainer.policy.trainable_parameters()[0]]
     assert int(state["step"]) == 2
     assert metrics["guided/loss"] == pytest.approx((seen[0][2] + seen[1][2]) / 2)
+
+
+def test_a_linear_decay_sets_each_update_s_rate_from_the_step_alone(
+    tiny_t5: Path, tmp_path: Path
+) -> None:
+    """lr_decay=linear over 2 steps of 2 updates: the rates are lr x (1, 3/4, 1/2, 1/4); a
+    trainer put at step 1 (as a resumed run is) sets the last two again."""
+    rates: list[float] = []
+
+    def run(trainer: GuidedTrainer) -> None:
+        config = trainer.model.config
+        trainer.guide = Guide(random_scorer(config.vocab_size, config.d_model, seed=4), 1.0)
+        step = trainer.optimizer.step
+
+        def recording(*args, **kwargs):
+            rates.append(trainer.optimizer.param_groups[0]["lr"])
+            return step(*args, **kwargs)
+
+        trainer.optimizer.step = recording
+        while trainer.step < trainer.steps:
+            trainer.update()
+            trainer.step += 1
+
+    settings = {"steps": 2, "batch_size": 16, "mini_batch_size": 8, "lr_decay": "linear"}
+    run(guided_trainer(tiny_t5, tmp_path / "a", CharSumReward(), **settings))
+    assert rates == pytest.approx([1e-2, 0.75e-2, 0.5e-2, 0.25e-2], rel=1e-12)
+    resumed = guided_trainer(tiny_t5, tmp_path / "b", CharSumReward(), **settings)
+    resumed.step = 1
+    rates.clear()
+    run(resumed)
+    assert rates == pytest.approx([0.5e-2, 0.25e-2], rel=1e-12)
+    fixed = guided_trainer(
+        tiny_t5, tmp_path / "c", CharSumReward(), **settings | {"lr_decay": "none"}
+    )
+    rates.clear()
+    run(fixed)
+    assert rates == [1e-2] * 4

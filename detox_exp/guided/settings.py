@@ -26,6 +26,7 @@ SCORER_DEFAULTS = {
 }
 DISTILL_DEFAULTS = {"direction": "forward", "prefixes": "teacher"}
 PREFIXES = ("teacher", "policy")
+LR_DECAYS = ("none", "linear")
 
 
 def _check(ok: bool, key: str, problem: str, fix: str) -> None:
@@ -41,6 +42,7 @@ def check_settings(
     distill: Mapping[str, Any] | None = None,
     guide_candidates: int = 0,
     guide_scale: float | str = 1.0,
+    lr_decay: str = "none",
     mini_batch_size: int | None = None,
     on_nonfinite: str = "error",
     max_consecutive_skips: int = 3,
@@ -64,6 +66,7 @@ def check_settings(
         f"must be kl_match or a number > 0, got {guide_scale!r}",
         "use kl_match (calibrated to the optimum's KL) or e.g. 1",
     )
+    _check(lr_decay in LR_DECAYS, "lr_decay", f"unknown {lr_decay!r}", f"use one of {LR_DECAYS}")
     _check(
         on_nonfinite in ("error", "skip"),
         "on_nonfinite",

@@ -89,6 +89,7 @@ class GuidedTrainer(TrainingLoop):
         distill: Mapping[str, Any],
         guide_candidates: int = 0,
         guide_scale: float | str = 1.0,
+        lr_decay: str = "none",
         steps: int = 100,
         batch_size: int = 32,
         samples_per_prompt: int = 4,
@@ -118,6 +119,7 @@ class GuidedTrainer(TrainingLoop):
             distill,
             guide_candidates=guide_candidates,
             guide_scale=guide_scale,
+            lr_decay=lr_decay,
             mini_batch_size=mini_batch_size,
         )
         check_guide_scale(guide_scale, reference_draws is not None)
@@ -148,6 +150,8 @@ class GuidedTrainer(TrainingLoop):
         self.distill = {**DISTILL_DEFAULTS, **distill}
         self.sample_table_every, self.num_table_samples = sample_table_every, num_table_samples
         self.attach(ActorCritic(model, value_head=False), optimizer)
+        self.lr_decay = lr_decay
+        self._base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.candidates, self.guide_scale = guide_candidates, guide_scale
         self.updates_per_step = batch_size // (mini_batch_size or batch_size)
         if batch_size // samples_per_prompt // self.dist.world_size < self.updates_per_step:
@@ -323,7 +327,8 @@ class GuidedTrainer(TrainingLoop):
         ref_logits, teacher = self.teacher_logits(query, query_mask, response, record)
         losses, norms, students = [], [], []
         prompts = torch.arange(len(indices), device=self.device)
-        for groups in prompts.tensor_split(self.updates_per_step):
+        for update, groups in enumerate(prompts.tensor_split(self.updates_per_step)):
+            self._set_lr(update)
             rows = group_rows(groups, self.k)
             loss, student = self._distill_step(
                 query[groups], query_mask[groups], response[rows], mask[rows], teacher[rows]
@@ -365,6 +370,18 @@ class GuidedTrainer(TrainingLoop):
             **local,
         }
         return metrics, StepSamples(indices, texts, scores.reward, scores.toxicity)
+
+    def _set_lr(self, update: int) -> None:
+        """``lr_decay=linear``: the learning rate of update ``update`` of this step falls
+        linearly from the optimizer's to 1 / U of it over the run's U = steps x
+        updates_per_step updates; a function of the step and the update alone, so a resumed
+        run sets the same rates."""
+        if self.lr_decay != "linear":
+            return
+        total = self.steps * self.updates_per_step
+        left = 1.0 - (self.step * self.updates_per_step + update) / total
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
+            group["lr"] = base * left
 
     def postfix(self, metrics: Mapping[str, float]) -> dict[str, str]:
         return {
