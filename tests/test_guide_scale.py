@@ -90,13 +90,19 @@ def test_kl_match_calibrates_the_teacher_on_the_frontier_prompts(
     tiny_t5: Path, tmp_path: Path
 ) -> None:
     """The trainer's kl_match: the target is the optimum's KL over the frontier's draws at
-    the run's beta; the teacher's KL at the chosen scale, sampled again on those prompts,
-    is the one reported and within 3% of the target; the saved guide carries the scale."""
+    the run's beta; the teacher's KL at the chosen scale on those prompts (sampled a few
+    prompts at a time) is within 3% of the target; the saved guide carries the scale."""
     reward = CharSumReward()
     texts = [["the bank", "a", "the weather and the bank", "bank bank"] for _ in range(8)]
     rewards = torch.tensor([[0.0, -0.05, -0.1, -0.2]] * 8)
-    trainer = guided_trainer(
-        tiny_t5, tmp_path, reward, reference_draws=(texts, rewards), guide_scale="kl_match"
+    scorer = {"rollout_prompts": 16, "rollout_samples": 4, "epochs": 1, "batch_prompts": 3}
+    trainer = guided_trainer(  # calibration samples of 3, 3 and 2 prompts
+        tiny_t5,
+        tmp_path,
+        reward,
+        reference_draws=(texts, rewards),
+        guide_scale="kl_match",
+        prefix_scorer=scorer,
     )
     config = trainer.model.config
     guide = Guide(random_scorer(config.vocab_size, config.d_model, seed=4), trainer.beta)

@@ -257,19 +257,27 @@ class GuidedTrainer(TrainingLoop):
         """Set ``guide.scale`` to the one at which the teacher's KL to the reference equals the
         optimum's at the run's beta, both on the frontier stage's prompts
         (:mod:`detox_exp.guided.calibrate`); the same teacher samples for every scale tried
-        (their own stream), :data:`CALIBRATION_SAMPLES` per prompt."""
+        (their own stream), :data:`CALIBRATION_SAMPLES` per prompt, sampled
+        ``prefix_scorer.batch_prompts`` prompts at a time (the kept distributions of a batch
+        take batch x tokens x vocabulary x 8 bytes)."""
         texts, rewards = self.rollouts.draws
         target = float(optimum_kl(optimum_weights(rewards.double().numpy(), self.beta)).mean())
-        indices = list(range(len(texts)))
+        per_batch = self.scorer_settings["batch_prompts"]
+        batches = [
+            list(range(i, min(i + per_batch, len(texts)))) for i in range(0, len(texts), per_batch)
+        ]
         self.guide = guide
 
         def kl_of(scale: float) -> float:
             guide.scale = scale
-            record: list[tuple[Tensor, Tensor]] = []
             stream = sampling_stream(self.seed, self.dist.rank, CALIBRATION_STREAM, self.device)
-            *_, mask = self.sample(indices, stream, CALIBRATION_SAMPLES, "teacher", record)
-            ref, teacher = (torch.stack(x, 1).log_softmax(-1) for x in zip(*record))
-            return sequence_token_kl(teacher, ref, mask).mean().item()
+            kls = []
+            for indices in batches:
+                record: list[tuple[Tensor, Tensor]] = []
+                *_, mask = self.sample(indices, stream, CALIBRATION_SAMPLES, "teacher", record)
+                ref, teacher = (torch.stack(x, 1).log_softmax(-1) for x in zip(*record))
+                kls.append(sequence_token_kl(teacher, ref, mask))
+            return torch.cat(kls).mean().item()
 
         guide.scale, kl, calls = match_scale(kl_of, target)
         log.info(
