@@ -133,10 +133,10 @@ def resampling_uniforms(seed: int, repeats: int, prompts: int) -> np.ndarray:
     One pick per prompt, not K: K picks from a prompt's K draws repeat the draws the weights
     favour, a duplication the optimum itself (over every response, not K of them) does not
     have, so the corpus metrics of K picks read low. On the demo (seeds 1 / 2 / 3, beta 1,
-    128 held-out prompts x 16 draws) the optimum's distinct-2 against the reference's reads
-    0.86x / 0.84x / 0.87x with 16 picks, 0.94x / 0.95x / 0.95x with one; exact draws of the
-    optimum (rejection: each draw kept with probability exp(r / beta), the first 4 kept per
-    prompt against the first 4 drawn) give 0.98x / 0.92x / 0.93x."""
+    128 held-out prompts x 16 draws, 32 resamplings) the optimum's distinct-2 against the
+    reference's reads 0.86x / 0.84x / 0.87x with 16 picks, 0.94x / 0.94x / 0.94x with one;
+    exact draws of the optimum (rejection: each draw kept with probability exp(r / beta),
+    the first 4 kept per prompt against the first 4 drawn) give 0.98x / 0.92x / 0.93x."""
     return np.random.default_rng(seed).random((repeats, prompts, 1))
 
 

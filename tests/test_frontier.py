@@ -79,10 +79,15 @@ def test_the_optimum_command_reads_the_run_as_the_pipeline_did(frontier_run: Pat
     with contextlib.redirect_stdout(out):
         assert optimum.main([str(frontier_run)]) == 0
     assert f"optimum (beta {summary[M.FRONTIER_BETA]:g})" in out.getvalue()
-    printed = json.loads(out.getvalue().strip().splitlines()[-1])["toxicity_change"]
-    logged = summary["eval/optimum/toxicity_mean"] / summary["eval/before/toxicity_mean"] - 1
-    assert printed == pytest.approx(logged, rel=1e-9)
-    assert abs(summary[M.FRONTIER_TOXICITY_CHANGE] - logged) <= 0.10
+    printed = json.loads(out.getvalue().strip().splitlines()[-1])
+
+    def ratio(name: str) -> float:
+        return summary[f"eval/optimum/{name}"] / summary[f"eval/before/{name}"]
+
+    assert printed["toxicity_change"] == pytest.approx(ratio("toxicity_mean") - 1, rel=1e-9)
+    # the corpus metrics too: the run's resampling seed, the same uniforms
+    assert printed["distinct_2_ratio"] == pytest.approx(ratio("distinct_2"), rel=1e-9)
+    assert abs(summary[M.FRONTIER_TOXICITY_CHANGE] - (ratio("toxicity_mean") - 1)) <= 0.10
 
 
 def test_every_run_is_read_against_its_optimum(frontier_run: Path) -> None:

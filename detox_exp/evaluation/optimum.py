@@ -144,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a run whose eval/<phase> has K >= 2 samples")
     parser.add_argument("--phase", default="before", help="the evaluation of the reference")
     parser.add_argument("--beta", type=float, help="default: the run's (frontier/beta, kl_coef)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the corpus resamplings")
+    parser.add_argument(
+        "--seed", type=int, help="seed of the corpus resamplings (default: the run's, as logged)"
+    )
     args = parser.parse_args(argv)
     evaluation = args.run_dir / "eval" / args.phase
     config = args.run_dir / ".hydra" / "config.yaml"
@@ -165,9 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     threshold = float(cfg.eval.get("toxic_threshold", 0.5))
+    seed = args.seed if args.seed is not None else int(cfg.get("seed", 0))
     rows = {
-        f"reference ({k} samples)": optimum_values(result, np.inf, threshold, args.seed),
-        f"optimum (beta {beta:g})": optimum_values(result, beta, threshold, args.seed),
+        f"reference ({k} samples)": optimum_values(result, np.inf, threshold, seed),
+        f"optimum (beta {beta:g})": optimum_values(result, beta, threshold, seed),
     }
     weights = frontier_math.optimum_weights(result.rewards(), beta)
     effective = float((1.0 / (weights**2).sum(axis=1)).mean())

@@ -45,7 +45,7 @@ from detox_exp.generation import (
     sample_responses,
 )
 from detox_exp.guidance import distill_loss, guided_logits, sequence_token_kl
-from detox_exp.guided.calibrate import match_scale
+from detox_exp.guided.calibrate import calibrate
 from detox_exp.guided.fit import Rollouts, fit_prefix_scorer
 from detox_exp.guided.scorer import Guide, load_guide, save_guide
 from detox_exp.guided.settings import (
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 
 KL_MATCH = "kl_match"  # algorithm.guide_scale: calibrated (detox_exp.guided.calibrate)
 CALIBRATION_SAMPLES = 2  # teacher samples per frontier prompt for each scale kl_match tries
-CALIBRATION_STREAM = 2**31  # their stream's step slot (no step reaches it: fit 0, steps 1, 2, ...)
+CALIBRATION_STREAM = 2**31  # their streams' step slots, + batch (no step reaches them)
 
 
 class GuidedTrainer(TrainingLoop):
@@ -257,36 +257,25 @@ class GuidedTrainer(TrainingLoop):
         """Set ``guide.scale`` to the one at which the teacher's KL to the reference equals the
         optimum's at the run's beta, both on the frontier stage's prompts
         (:mod:`detox_exp.guided.calibrate`); the same teacher samples for every scale tried
-        (their own stream), :data:`CALIBRATION_SAMPLES` per prompt, sampled
+        (their own streams), :data:`CALIBRATION_SAMPLES` per prompt, sampled
         ``prefix_scorer.batch_prompts`` prompts at a time (the kept distributions of a batch
         take batch x tokens x vocabulary x 8 bytes)."""
         texts, rewards = self.rollouts.draws
         target = float(optimum_kl(optimum_weights(rewards.double().numpy(), self.beta)).mean())
-        per_batch = self.scorer_settings["batch_prompts"]
-        batches = [
-            list(range(i, min(i + per_batch, len(texts)))) for i in range(0, len(texts), per_batch)
-        ]
         self.guide = guide
 
-        def kl_of(scale: float) -> float:
-            guide.scale = scale
-            stream = sampling_stream(self.seed, self.dist.rank, CALIBRATION_STREAM, self.device)
-            kls = []
-            for indices in batches:
-                record: list[tuple[Tensor, Tensor]] = []
-                *_, mask = self.sample(indices, stream, CALIBRATION_SAMPLES, "teacher", record)
-                ref, teacher = (torch.stack(x, 1).log_softmax(-1) for x in zip(*record))
-                kls.append(sequence_token_kl(teacher, ref, mask))
-            return torch.cat(kls).mean().item()
+        def sample(indices: list[int], stream: torch.Generator, k: int, record: list) -> Tensor:
+            return self.sample(indices, stream, k, "teacher", record)[3]
 
-        guide.scale, kl, calls = match_scale(kl_of, target)
-        log.info(
-            "guided: guide scale %.3f, teacher KL %.3f against the optimum's %.3f (%d tries)",
-            guide.scale,
-            kl,
-            target,
-            calls,
+        def streams(b: int) -> torch.Generator:
+            return sampling_stream(self.seed, self.dist.rank, CALIBRATION_STREAM + b, self.device)
+
+        per_batch = self.scorer_settings["batch_prompts"]
+        _, kl, _ = calibrate(
+            guide, target, sample, len(texts), per_batch, streams, CALIBRATION_SAMPLES
         )
+        scale = guide.scale
+        log.info("guided: guide scale %.3f, teacher KL %.3f, optimum's %.3f", scale, kl, target)
         return {M.GUIDE_SCALE: guide.scale, M.GUIDE_SCALE_KL: kl, M.GUIDE_SCALE_TARGET: target}
 
     # ------------------------------------------------------------------ one step
