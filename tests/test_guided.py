@@ -498,3 +498,19 @@ def test_a_linear_decay_sets_each_update_s_rate_from_the_step_alone(
     rates.clear()
     run(fixed)
     assert rates == [1e-2] * 4
+
+
+def test_the_real_experiment_takes_the_guided_method_by_one_override(tmp_path: Path) -> None:
+    """experiment=flan_t5_dialogsum algorithm=guided: the method's node checks out against
+    its trainer's signature and ranges, with the frontier stage its calibration needs."""
+    from detox_exp.guided.settings import check_guide_scale
+    from detox_exp.run_config import training_node
+    from detox_exp.schema import check_node
+    from tests.helpers.config import compose_cfg
+
+    cfg = compose_cfg(["experiment=flan_t5_dialogsum", "algorithm=guided"], tmp_path)
+    name, node = training_node(cfg)
+    assert name == "guided" and node["guide_scale"] == "kl_match" and cfg.stages.frontier
+    assert cfg.ppo.kl_controller._target_.endswith("FrontierKLController")  # beta: measured
+    check_node(node, "algorithm")
+    check_guide_scale(node["guide_scale"], bool(cfg.stages.frontier))
