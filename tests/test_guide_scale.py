@@ -121,3 +121,19 @@ def test_kl_match_without_the_frontier_is_a_config_error(tiny_t5: Path, tmp_path
 
     with pytest.raises(ConfigError, match="stages.frontier=true"):
         guided_trainer(tiny_t5, tmp_path, CharSumReward(), guide_scale="kl_match")
+
+
+def test_an_optimum_that_is_the_reference_gets_scale_zero() -> None:
+    """Every draw of a prompt scored alike: the optimum's KL is 0, and so is the scale (the
+    teacher is the reference), without sampling the teacher."""
+    from detox_exp.guided.calibrate import calibrate
+
+    guide = Guide(random_scorer(50, 8, seed=1), 1.0)
+    g = torch.Generator().manual_seed(0)
+    h, logits = torch.randn(3, 8, generator=g), torch.randn(3, 50, generator=g)
+
+    def never(*_: object) -> torch.Tensor:
+        raise AssertionError("sampled")
+
+    assert calibrate(guide, 0.0, never, 4, 2, lambda b: g, 2) == (0.0, 0.0, 0)
+    torch.testing.assert_close(guided_logits(logits, guide(h, logits)), logits.log_softmax(-1))

@@ -101,7 +101,11 @@ def calibrate(
 ) -> tuple[float, float, int]:
     """Set ``guide.scale`` to :func:`match_scale`'s for the teacher's KL on prompts
     0 .. ``prompts`` - 1 (:func:`teacher_kl`, ``per_batch`` prompts at a time); returns
-    ``(scale, its KL, calls)``."""
+    ``(scale, its KL, calls)``. A target of 0 (every draw of a prompt scored alike: the
+    optimum is the reference) gives scale 0, the reference itself, without sampling."""
+    if not target > 0:
+        guide.scale = 0.0
+        return 0.0, 0.0, 0
     batches = [list(range(i, min(i + per_batch, prompts))) for i in range(0, prompts, per_batch)]
 
     def kl_of(scale: float) -> float:
