@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from detox_exp.kl import categorical_kl
+
 
 def reward_atoms(rewards: Tensor, n_atoms: int) -> Tensor:
     """A grid of ``n_atoms`` reward values at evenly spaced quantiles of the observed
@@ -88,13 +90,6 @@ def guided_logits(ref_logits: Tensor, log_values: Tensor) -> Tensor:
     return ref_logits.float().log_softmax(-1) + log_values
 
 
-def sequence_token_kl(log_p: Tensor, log_q: Tensor, mask: Tensor) -> Tensor:
-    """``sum_t KL(p(. | s_t) || q(. | s_t))`` [B] over each response's tokens (``mask``
-    [B, T]) from log-probabilities [B, T, V]: on samples of p, an unbiased estimate of the
-    sequence-level KL(p || q) with less variance than the sampled log-ratio."""
-    return ((log_p.exp() * (log_p - log_q)).sum(-1) * mask).sum(1)
-
-
 def token_divergence(
     student_logits: Tensor, teacher_logits: Tensor, direction: str = "forward"
 ) -> Tensor:
@@ -103,9 +98,9 @@ def token_divergence(
     log_s = student_logits.float().log_softmax(-1)
     log_t = teacher_logits.float().log_softmax(-1)
     if direction == "forward":
-        return (log_t.exp() * (log_t - log_s)).sum(-1)
+        return categorical_kl(log_t, log_s)
     if direction == "reverse":
-        return (log_s.exp() * (log_s - log_t)).sum(-1)
+        return categorical_kl(log_s, log_t)
     raise ValueError(f"direction must be forward or reverse, got {direction!r}")
 
 

@@ -23,6 +23,13 @@ from detox_exp.registry import Registry
 KL_ESTIMATORS = Registry("ppo.kl_estimator")
 
 
+def categorical_kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """Exact ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` per position, from the
+    log-probabilities [..., V] of both: the one formula of ``full``, the distillation's
+    per-token divergence and the guided method's logged KLs."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
 def float_dtype(dtype: torch.dtype) -> torch.dtype:
     """At least float32, so log-softmax of bf16/fp16 logits stays accurate."""
     return torch.promote_types(dtype, torch.float32)
@@ -58,7 +65,7 @@ def full(log_ratio: Tensor | None, logits: Tensor | None, ref_logits: Tensor | N
         raise ValueError("the 'full' KL estimator needs logits and ref_logits [B, T, V]")
     logp = torch.log_softmax(logits.to(float_dtype(logits.dtype)), dim=-1)
     logq = torch.log_softmax(ref_logits.to(logp.dtype), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+    return categorical_kl(logp, logq)
 
 
 def _estimate(

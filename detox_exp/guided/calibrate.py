@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from detox_exp.guidance import sequence_token_kl
 from detox_exp.guided.scorer import Guide
+from detox_exp.kl import categorical_kl
 
 # Sampler: (prompt indices, generator, samples per prompt, record) -> response mask [B, T],
 # appending each decoding step's (reference logits, teacher logits) to ``record``
@@ -44,7 +44,7 @@ def teacher_kl(
         record: list[tuple[Tensor, Tensor]] = []
         mask = sample(indices, streams(b), samples_per_prompt, record)
         ref, teacher = (torch.stack(x, 1).log_softmax(-1) for x in zip(*record, strict=True))
-        kls.append(sequence_token_kl(teacher, ref, mask))
+        kls.append((categorical_kl(teacher, ref) * mask).sum(1))
     return torch.cat(kls).mean().item()
 
 

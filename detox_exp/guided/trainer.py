@@ -44,7 +44,7 @@ from detox_exp.generation import (
     pad_queries,
     sample_responses,
 )
-from detox_exp.guidance import distill_loss, guided_logits, sequence_token_kl
+from detox_exp.guidance import distill_loss, guided_logits
 from detox_exp.guided.calibrate import calibrate
 from detox_exp.guided.fit import Rollouts, fit_prefix_scorer
 from detox_exp.guided.scorer import Guide, load_guide, save_guide
@@ -54,6 +54,7 @@ from detox_exp.guided.settings import (
     check_guide_scale,
     check_settings,
 )
+from detox_exp.kl import categorical_kl
 from detox_exp.reward.scorer import ToxicityScorer
 from detox_exp.seq2seq import group_rows
 from detox_exp.tracking import Tracker
@@ -346,8 +347,8 @@ class GuidedTrainer(TrainingLoop):
         }
         with torch.no_grad():
             log_ref = ref_logits.log_softmax(-1)
-            kl_policy = sequence_token_kl(student.log_softmax(-1), log_ref, mask)
-            kl_teacher = sequence_token_kl(teacher.log_softmax(-1), log_ref, mask)
+            kl_policy = (categorical_kl(student.log_softmax(-1), log_ref) * mask).sum(1)
+            kl_teacher = (categorical_kl(teacher.log_softmax(-1), log_ref) * mask).sum(1)
             candidates = self.guide.candidates  # the guide in use (a resumed run: its file's)
             if candidates:  # the reference's mass on the tokens the guide scored
                 covered = log_ref.exp().topk(min(candidates, log_ref.shape[-1]))
