@@ -89,3 +89,11 @@ class AdaptiveKLController:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores ``value`` only: ``target`` and ``horizon`` come from the current config."""
         self.value = float(state["value"])
+
+
+def configured_beta(controller: Mapping[str, Any]) -> float | None:
+    """The beta a ``ppo.kl_controller`` node starts from (None for the frontier's own)."""
+    if FrontierKLController.configured_by(controller):
+        return None
+    value = controller.get("kl_coef", controller.get("init_kl_coef"))
+    return None if value is None else float(value)

@@ -29,8 +29,8 @@ from detox_exp.evaluation.evaluator import EvalResult
 from detox_exp.fast import configure as configure_fast
 from detox_exp.fast.memory import keep_freed_memory
 from detox_exp.frontier.runner import frontier_draws, frontier_stage
-from detox_exp.frontier.stage import configured_beta
 from detox_exp.guided.settings import check_rollouts
+from detox_exp.kl_control import configured_beta
 from detox_exp.perf import perf_summary
 from detox_exp.run_config import (
     STAGES,

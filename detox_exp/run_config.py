@@ -12,10 +12,10 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from detox_exp.errors import ConfigError, DataError
-from detox_exp.frontier.stage import configured_beta
 from detox_exp.generation import make_sampling
 from detox_exp.guided.settings import check_guide_scale
 from detox_exp.hub import check_hub_access
+from detox_exp.kl_control import configured_beta
 from detox_exp.models import check_lora, check_policy_precision
 from detox_exp.ppo.checks import PRECISIONS, check_ppo_config
 from detox_exp.schema import check_node, check_value

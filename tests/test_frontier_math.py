@@ -201,8 +201,7 @@ def test_the_frontier_controller_is_recognised_by_its_class(option: str) -> None
     the frontier stage, by what it builds (a subclass counts), not by its keys."""
     from omegaconf import OmegaConf
 
-    from detox_exp.frontier.stage import configured_beta
-    from detox_exp.kl_control import FrontierKLController
+    from detox_exp.kl_control import FrontierKLController, configured_beta
     from tests.helpers.run import CONF_DIR
 
     node = OmegaConf.to_container(

@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from detox_exp import frontier_math
 from detox_exp import metric_names as M
 from detox_exp.evaluation.evaluator import EvalResult
+from detox_exp.kl_control import configured_beta
 
 # the command's table (the first is the toxicity its json line compares)
 ROWS = (
@@ -111,16 +112,14 @@ def against_optimum(summary: Mapping[str, Any], phase: str = "after") -> dict[st
 
 
 def _run_beta(run_dir: Path, cfg: Any) -> float | None:
-    """The run's beta: the frontier stage's choice where it made one, else the fixed or
-    initial coefficient of ``ppo.kl_controller``."""
+    """The run's beta: the frontier stage's choice where it made one, else the one
+    ``ppo.kl_controller`` starts from."""
     summary = run_dir / "summary.json"
     if summary.is_file():
         chosen = json.loads(summary.read_text()).get(M.FRONTIER_BETA)
         if chosen is not None:
             return float(chosen)
-    ctl = cfg.ppo.kl_controller
-    value = ctl.get("kl_coef", ctl.get("init_kl_coef"))
-    return None if value is None else float(value)
+    return configured_beta(OmegaConf.to_container(cfg.ppo.kl_controller))
 
 
 def _print_report(rows: dict[str, dict[str, float]]) -> None:

@@ -33,7 +33,7 @@ from detox_exp.frontier.result import (
     write_frontier,
 )
 from detox_exp.generation import decode, generation_kwargs, pad_queries, sample_responses
-from detox_exp.kl_control import FrontierKLController
+from detox_exp.kl_control import configured_beta
 from detox_exp.metrics import rouge_l_per_example
 from detox_exp.seq2seq import reference as seq2seq_reference
 from detox_exp.utils import progress, resolve_device
@@ -138,14 +138,6 @@ class Frontier:
 
     def read(self, draws: ReferenceDraws) -> FrontierResult:
         return read_frontier(draws, self.betas, self.threshold, self.seed, self.repeats)
-
-
-def configured_beta(controller: Mapping[str, Any]) -> float | None:
-    """The beta a ``ppo.kl_controller`` node starts from (None for the frontier's own)."""
-    if FrontierKLController.configured_by(controller):
-        return None
-    value = controller.get("kl_coef", controller.get("init_kl_coef"))
-    return None if value is None else float(value)
 
 
 def choose_beta(result: FrontierResult, controller: Mapping[str, Any], min_drop: float) -> float:

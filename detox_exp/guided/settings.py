@@ -27,6 +27,7 @@ SCORER_DEFAULTS = {
 DISTILL_DEFAULTS = {"direction": "forward", "prefixes": "teacher"}
 PREFIXES = ("teacher", "policy")
 LR_DECAYS = ("none", "linear")
+KL_MATCH = "kl_match"  # algorithm.guide_scale: calibrated (detox_exp.guided.calibrate)
 
 
 def _check(ok: bool, key: str, problem: str, fix: str) -> None:
@@ -59,7 +60,7 @@ def check_settings(
         "use 0 (the whole vocabulary) or e.g. 200",
     )
     _check(
-        guide_scale == "kl_match"
+        guide_scale == KL_MATCH
         or (isinstance(guide_scale, int | float) and not isinstance(guide_scale, bool))
         and guide_scale > 0,
         "guide_scale",
@@ -110,7 +111,7 @@ def check_guide_scale(guide_scale: float | str, frontier_draws: bool) -> None:
     """``kl_match`` calibrates the teacher on the frontier stage's draws: a run without them
     is a one-line error (before any stage, and in the trainer)."""
     _check(
-        guide_scale != "kl_match" or frontier_draws,
+        guide_scale != KL_MATCH or frontier_draws,
         "guide_scale",
         "kl_match matches the teacher's KL to the optimum's on the frontier stage's draws, "
         "and this run has none",

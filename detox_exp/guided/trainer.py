@@ -50,6 +50,7 @@ from detox_exp.guided.fit import Rollouts, fit_prefix_scorer
 from detox_exp.guided.scorer import Guide, load_guide, save_guide
 from detox_exp.guided.settings import (
     DISTILL_DEFAULTS,
+    KL_MATCH,
     SCORER_DEFAULTS,
     check_guide_scale,
     check_settings,
@@ -64,7 +65,6 @@ from detox_exp.training.policy import ActorCritic
 
 log = logging.getLogger(__name__)
 
-KL_MATCH = "kl_match"  # algorithm.guide_scale: calibrated (detox_exp.guided.calibrate)
 CALIBRATION_SAMPLES = 2  # teacher samples per frontier prompt for each scale kl_match tries
 CALIBRATION_STREAM = 2**31  # their streams' step slots, + batch (no step reaches them)
 
@@ -272,12 +272,11 @@ class GuidedTrainer(TrainingLoop):
             return sampling_stream(self.seed, self.dist.rank, CALIBRATION_STREAM + b, self.device)
 
         per_batch = self.scorer_settings["batch_prompts"]
-        _, kl, _ = calibrate(
+        scale, kl, _ = calibrate(
             guide, target, sample, len(texts), per_batch, streams, CALIBRATION_SAMPLES
         )
-        scale = guide.scale
         log.info("guided: guide scale %.3f, teacher KL %.3f, optimum's %.3f", scale, kl, target)
-        return {M.GUIDE_SCALE: guide.scale, M.GUIDE_SCALE_KL: kl, M.GUIDE_SCALE_TARGET: target}
+        return {M.GUIDE_SCALE: scale, M.GUIDE_SCALE_KL: kl, M.GUIDE_SCALE_TARGET: target}
 
     # ------------------------------------------------------------------ one step
     def teacher_logits(
