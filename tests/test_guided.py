@@ -13,8 +13,10 @@ import torch
 
 from detox_exp.generation import decode, pad_queries, response_mask, sample_responses
 from detox_exp.guidance import guided_logits
+from detox_exp.guided.fit import ReferenceSamples
 from detox_exp.guided.scorer import Guide, PrefixScorer, load_guide, save_guide
 from detox_exp.guided.trainer import GuidedTrainer
+from detox_exp.kl import categorical_kl
 from detox_exp.ppo.trainer import PPOTrainer
 from detox_exp.training.loop import TrainingLoop
 from tests.helpers.decoding import prompt_batch
@@ -197,20 +199,26 @@ def steps_of(run_dir: Path) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-def test_guided_resumes_exactly_after_sigkill(standins, tmp_path: Path) -> None:
+@pytest.mark.parametrize("prefixes", ["reference", "teacher"])
+def test_guided_resumes_exactly_after_sigkill(standins, tmp_path: Path, prefixes: str) -> None:
     """Steps after a kill -9 and resume=auto equal an uninterrupted run's; the resumed run
-    reuses the prefix scorer it fitted."""
+    reuses the prefix scorer it fitted (and, distilling on the reference's prefixes, the
+    rollouts it kept)."""
     full, crashed = tmp_path / "full", tmp_path / "crashed"
-    result = run_cli(*guided_overrides(standins, full), cwd=ROOT)
+    overrides = [f"algorithm.distill.prefixes={prefixes}"]
+    result = run_cli(*guided_overrides(standins, full), *overrides, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     killed = run_cli(
-        *guided_overrides(standins, crashed), "+algorithm.debug.kill_after_step=3", cwd=ROOT
+        *guided_overrides(standins, crashed),
+        *overrides,
+        "+algorithm.debug.kill_after_step=3",
+        cwd=ROOT,
     )
     assert killed.returncode == -signal.SIGKILL
     assert sorted(steps_of(crashed)) == [1, 2, 3]
     scorer_file = crashed / "guided" / "prefix_scorer.pt"
     fitted = scorer_file.stat().st_mtime_ns
-    resumed = run_cli(*guided_overrides(standins, crashed), "resume=auto", cwd=ROOT)
+    resumed = run_cli(*guided_overrides(standins, crashed), *overrides, "resume=auto", cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert scorer_file.stat().st_mtime_ns == fitted
     a, b = steps_of(full), steps_of(crashed)
@@ -285,6 +293,10 @@ def test_guided_demo_end_to_end(demo_cache: Path, tmp_path: Path) -> None:
         (
             "algorithm.mini_batch_size=4 algorithm.distill.prefixes=policy",
             "algorithm.mini_batch_size",
+        ),
+        (
+            "algorithm.distill.prefixes=reference algorithm.prefix_scorer.rollout_samples=2",
+            "algorithm.distill.prefixes",
         ),
         ("+algorithm.prefix_scorer.atoms=4", "algorithm.prefix_scorer.atoms"),
         (
@@ -394,6 +406,88 @@ def test_the_frontier_draws_give_the_scorer_the_rows_fresh_rollouts_would(
         torch.testing.assert_close(drawn[key], fresh[key], rtol=0, atol=0)
 
 
+def test_the_reference_samples_are_the_scorer_s_rollouts_token_for_token(
+    tiny_t5: Path, tmp_path: Path
+) -> None:
+    """distill.prefixes=reference distils on the scorer's training rollouts, rebuilt from its
+    rows: each response and mask is the sampled one, of its prompt; groups are k responses
+    of one prompt, a remainder short of k left out."""
+    trainer = guided_trainer(tiny_t5, tmp_path, CharSumReward())
+    sampled: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def sample(indices, generator, k, source, states):
+        out = trainer.sample(indices, generator, k, source, states=states)
+        sampled.append((out[2], out[3]))
+        return out
+
+    rollouts = dataclasses.replace(trainer.rollouts, sample=sample)
+    rows = rollouts.token_rows([5, 2, 7], torch.Generator().manual_seed(0), k=4, per_batch=2)
+    reference = ReferenceSamples.of(rows)
+    assert reference.prompts.tolist() == [5] * 4 + [2] * 4 + [7] * 4
+    want = [(row, mask) for response, masks in sampled for row, mask in zip(response, masks)]
+    got, got_mask = reference.responses(list(range(12)), trainer.tokenizer.pad_token_id, "cpu")
+    assert len(want) == 12 and got_mask.sum() > 12
+    for (row, mask), rebuilt, rebuilt_mask in zip(want, got, got_mask, strict=True):
+        n = int(mask.sum())
+        assert mask[:n].all() and torch.equal(rebuilt_mask.sum(), mask.sum().long())
+        assert torch.equal(rebuilt[:n], row[:n])
+    assert reference.groups(2) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+    assert reference.groups(3) == [[0, 1, 2], [4, 5, 6], [8, 9, 10]]
+
+
+def test_a_reference_step_distils_its_groups_rollouts_against_the_teacher(
+    tiny_t5: Path, tmp_path: Path
+) -> None:
+    """With distill.prefixes=reference a step takes batch_size / k groups of the scorer's
+    rollouts from the loop's order (which counts groups, not prompts) and distils the
+    policy on exactly those responses, of their prompts, against the teacher's logits of a
+    reference pass; nothing is sampled."""
+    trainer = guided_trainer(
+        tiny_t5, tmp_path, CharSumReward(), batch_size=8, distill={"prefixes": "reference"}
+    )
+    trainer.prepare()
+    assert trainer.data_size() == len(trainer.groups) == 15  # 16 prompts, 1 held out; k = 4
+    # responses of unequal lengths (the random tiny T5 rarely ends early): cut some short
+    full = trainer.reference
+    ends = torch.cat([full.lengths.new_zeros(1), full.lengths.cumsum(0)])
+    lengths = full.lengths - torch.arange(len(full.lengths)) % 3
+    tokens = [full.tokens[ends[r] : ends[r] + n] for r, n in enumerate(lengths.tolist())]
+    trainer.reference = ReferenceSamples(full.prompts, lengths, torch.cat(tokens))
+    chosen = [3, 7]
+    trainer.next_batch = lambda: chosen
+    trainer.sample = None  # a step must not sample
+    seen = []
+    distill_step = trainer._distill_step
+
+    def recording(query, query_mask, response, mask, teacher):
+        loss, student = distill_step(query, query_mask, response, mask, teacher)
+        seen.append((query, response, mask, teacher, student))
+        return loss, student
+
+    trainer._distill_step = recording
+    with torch.no_grad():  # a policy away from the reference, so that its KL is not 0
+        for weight in trainer.policy.trainable_parameters():
+            weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(weight.numel()))
+    metrics, batch = trainer.update()
+    rows = trainer.groups[chosen[0]] + trainer.groups[chosen[1]]
+    response, mask = trainer.reference.responses(rows, trainer.tokenizer.pad_token_id, "cpu")
+    prompts = [int(trainer.reference.prompts[trainer.groups[g][0]]) for g in chosen]
+    query, query_mask = trainer._queries(prompts)
+    ((got_query, got_response, got_mask, teacher, student),) = seen
+    assert batch.indices == prompts
+    assert torch.equal(got_query, query) and torch.equal(got_response, response)
+    assert torch.equal(got_mask, mask.float())
+    keep = mask.bool()
+    plain = trainer.teacher_logits(query, query_mask, response)[1]  # every position
+    assert not keep.all()  # some positions are padding
+    torch.testing.assert_close(teacher[keep], plain[keep], rtol=1e-6, atol=1e-6)
+    # the logged KLs: exact, summed over each response's tokens, averaged over responses
+    log_ref = trainer.teacher_logits(query, query_mask, response)[0].log_softmax(-1)
+    for key, logits in (("objective/kl", student), ("guided/teacher_kl", plain)):
+        kl = (categorical_kl(logits.log_softmax(-1), log_ref) * got_mask).sum(1).mean()
+        assert kl > 1e-3 and metrics[key] == pytest.approx(kl.item(), rel=1e-5), key
+
+
 def test_the_states_kept_from_sampling_equal_a_reference_pass(
     tiny_t5: Path, tmp_path: Path
 ) -> None:
@@ -454,6 +548,9 @@ def test_a_step_of_minibatches_updates_once_per_minibatch_on_disjoint_samples(
         return loss, student
 
     trainer._distill_step = recording
+    with torch.no_grad():  # a policy away from the reference, so that its KL is not 0
+        for weight in trainer.policy.trainable_parameters():
+            weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(weight.numel()))
     metrics, batch = trainer.update()
     assert len(seen) == 2 and [len(r) for r, _, _ in seen] == [8, 8]
     assert len(batch.texts) == 16

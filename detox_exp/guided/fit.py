@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,10 +72,13 @@ class Rollouts:
         """k reference samples of each of ``indices`` (``drawn``: their ``draws``), scored,
         ``per_batch`` prompts at a time, as one row per response token: the reference
         decoder's state before it ``states`` [N, d], the token ``tokens`` [N], and the
-        response's reward ``rewards`` [N]; plus the responses' rewards ``sequence_rewards``."""
+        response's reward ``rewards`` [N]; plus per response its reward ``sequence_rewards``,
+        its prompt ``prompts`` and its number of tokens ``lengths`` (a response's rows are
+        consecutive, and a prompt's responses)."""
         if drawn:
             k = self.draws[1].shape[1]
-        out: dict[str, list] = {"states": [], "tokens": [], "rewards": [], "sequence_rewards": []}
+        keys = ("states", "tokens", "rewards", "sequence_rewards", "prompts", "lengths")
+        out: dict[str, list] = {key: [] for key in keys}
         bar = progress(total=len(indices), desc="scorer rollouts", unit="prompt")
         for start in range(0, len(indices), per_batch):
             chunk = indices[start : start + per_batch]
@@ -94,9 +98,56 @@ class Rollouts:
             out["tokens"].append(response[keep])
             out["rewards"].append(reward[:, None].expand_as(mask)[keep])
             out["sequence_rewards"].append(reward)
+            out["prompts"].append(torch.tensor(chunk, device=mask.device).repeat_interleave(k))
+            out["lengths"].append(keep.sum(1))
             bar.update(len(chunk))
         bar.close()
         return {key: torch.cat(value) for key, value in out.items()}
+
+
+@dataclass
+class ReferenceSamples:
+    """The scorer's training rollouts as responses (``distill.prefixes=reference`` distils on
+    them): per response its prompt ``prompts`` [n] and number of tokens ``lengths`` [n]
+    (EOS included), and every response's tokens one after the other ``tokens``
+    [sum(lengths)]; a prompt's responses are consecutive."""
+
+    prompts: Tensor
+    lengths: Tensor
+    tokens: Tensor
+
+    @classmethod
+    def of(cls, rows: Mapping[str, Tensor]) -> ReferenceSamples:
+        """The responses of :meth:`Rollouts.token_rows`' rows (on the CPU)."""
+        return cls(*(rows[key].cpu() for key in ("prompts", "lengths", "tokens")))
+
+    def groups(self, k: int) -> list[list[int]]:
+        """The responses in groups of k of one prompt each (a prompt's responses in
+        consecutive runs of k; a remainder short of k is left out)."""
+        out, start, prompts = [], 0, self.prompts.tolist()
+        while start < len(prompts):
+            end = start
+            while end < len(prompts) and prompts[end] == prompts[start]:
+                end += 1
+            out += [list(range(i, i + k)) for i in range(start, end - k + 1, k)]
+            start = end
+        return out
+
+    def responses(
+        self, rows: list[int], pad_token_id: int, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """(responses [B, T] padded with ``pad_token_id``, their mask [B, T]) of ``rows``."""
+        offsets = torch.cat([self.lengths.new_zeros(1), self.lengths.cumsum(0)])
+        cut = [self.tokens[offsets[r] : offsets[r + 1]].tolist() for r in rows]
+        return pad_queries(cut, pad_token_id, device)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"prompts": self.prompts, "lengths": self.lengths, "tokens": self.tokens}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> ReferenceSamples:
+        return cls(**torch.load(path, weights_only=True))
 
 
 def _rows(
@@ -137,13 +188,13 @@ def fit_prefix_scorer(
     beta: float,
     seed: int,
     stream: torch.Generator,
-) -> tuple[PrefixScorer, dict[str, float]]:
+) -> tuple[PrefixScorer, dict[str, float], ReferenceSamples]:
     """Reference rollouts on ``rollout_prompts`` of the ``num_prompts`` train prompts (a
     held-out share of freshly sampled ones kept for calibration; the prompts of
     ``rollouts.draws`` come with their draws), sampled from ``stream``; the reward atoms and
     prior from their rewards, then ``epochs`` passes of Adam over their tokens in shuffled
     batches of ``batch_tokens`` (``settings``: ``algorithm.prefix_scorer``). Returns the
-    frozen scorer and its ``guided/scorer/*`` statistics."""
+    frozen scorer, its ``guided/scorer/*`` statistics and the training rollouts."""
     s = settings
     gen = torch.Generator().manual_seed(seed + 7919)  # the scorer's own streams
     train, held, reused = _rows(rollouts, s, num_prompts, gen, stream)
@@ -177,7 +228,7 @@ def fit_prefix_scorer(
         stats[M.SCORER_LOSS_CONSTANT],
         stats[M.SCORER_VALUE_CORR],
     )
-    return scorer, stats
+    return scorer, stats, ReferenceSamples.of(train)
 
 
 @torch.no_grad()

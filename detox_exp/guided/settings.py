@@ -24,8 +24,8 @@ SCORER_DEFAULTS = {
     "lr": 3e-3,
     "heldout_fraction": 0.1,
 }
-DISTILL_DEFAULTS = {"direction": "forward", "prefixes": "teacher"}
-PREFIXES = ("teacher", "policy")
+DISTILL_DEFAULTS = {"direction": "forward", "prefixes": "reference"}
+PREFIXES = ("teacher", "reference", "policy")
 LR_DECAYS = ("none", "linear")
 KL_MATCH = "kl_match"  # algorithm.guide_scale: calibrated (detox_exp.guided.calibrate)
 
@@ -90,6 +90,13 @@ def check_settings(
             f"unknown {key} {distill[key]!r}",
             f"use one of {allowed}",
         )
+    _check(
+        distill["prefixes"] != "reference" or scorer["rollout_samples"] >= samples_per_prompt,
+        "distill.prefixes",
+        f"reference distils on groups of samples_per_prompt={samples_per_prompt} of a "
+        f"prompt's {scorer['rollout_samples']} scorer rollouts",
+        "raise algorithm.prefix_scorer.rollout_samples to a multiple of samples_per_prompt",
+    )
     mini = batch_size if mini_batch_size is None else mini_batch_size
     _check(
         mini >= samples_per_prompt and mini % samples_per_prompt == 0 and batch_size % mini == 0,
@@ -99,7 +106,7 @@ def check_settings(
         f"use e.g. {batch_size} (one update per step) or null",
     )
     _check(
-        mini == batch_size or distill["prefixes"] == "teacher",
+        mini == batch_size or distill["prefixes"] != "policy",
         "mini_batch_size",
         "must equal batch_size with distill.prefixes=policy (on-policy: every update on "
         "samples of the policy as it stands)",

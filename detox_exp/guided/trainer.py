@@ -46,7 +46,7 @@ from detox_exp.generation import (
 )
 from detox_exp.guidance import distill_loss, guided_logits
 from detox_exp.guided.calibrate import calibrate
-from detox_exp.guided.fit import Rollouts, fit_prefix_scorer
+from detox_exp.guided.fit import ReferenceSamples, Rollouts, fit_prefix_scorer
 from detox_exp.guided.scorer import Guide, load_guide, save_guide
 from detox_exp.guided.settings import (
     DISTILL_DEFAULTS,
@@ -162,6 +162,9 @@ class GuidedTrainer(TrainingLoop):
                 "raise it to a multiple of samples_per_prompt x the number of processes",
             )
         self.guide: Guide | None = None  # the teacher's guidance, once prepare fitted it
+        # distill.prefixes=reference: the scorer's training rollouts, in groups of k
+        self.reference: ReferenceSamples | None = None
+        self.groups: list[list[int]] = []
         self.rollouts = Rollouts(
             sample=self.sample,
             reference_pass=self._reference_pass,
@@ -226,16 +229,25 @@ class GuidedTrainer(TrainingLoop):
             )
         return query, query_mask, response, mask
 
+    def data_size(self) -> int:
+        """The prompts, or with ``distill.prefixes=reference`` the groups of k of the
+        scorer's rollouts (each step distils on ``batch_size / k`` of them)."""
+        if self.distill["prefixes"] != "reference":
+            return len(self.prompts)
+        if not self.groups:
+            raise RuntimeError("distill.prefixes=reference: prepare() keeps the rollouts first")
+        return len(self.groups)
+
     # ------------------------------------------------------------ the prefix scorer
     def prepare(self) -> None:
-        """Fit the prefix scorer (or, resumed, load the one this run fitted)."""
+        """Fit the prefix scorer (or, resumed, load the one this run fitted) and, with
+        ``distill.prefixes=reference``, keep its training rollouts."""
         path = self.work_dir / "prefix_scorer.pt"
+        samples = self.work_dir / "reference_samples.pt"
         if self.step > 0 and path.is_file():
-            self.guide = load_guide(path, self.device)
             log.info("guided: reusing the prefix scorer %s", path)
-            return
-        if self.dist.is_main:
-            scorer, stats = fit_prefix_scorer(
+        elif self.dist.is_main:
+            scorer, stats, reference = fit_prefix_scorer(
                 self.rollouts,
                 self.scorer_settings,
                 len(self.prompts),
@@ -249,10 +261,14 @@ class GuidedTrainer(TrainingLoop):
                 stats |= self._match_scale(guide)
             else:
                 guide.scale = float(self.guide_scale)
-            save_guide(guide, path)
+            reference.save(samples)
+            save_guide(guide, path)  # last: the fit is complete once this file is there
             self.tracker.log_summary(stats)
         self.dist.wait()
         self.guide = load_guide(path, self.device)
+        if self.distill["prefixes"] == "reference":
+            self.reference = ReferenceSamples.load(samples)
+            self.groups = self.reference.groups(self.k)
 
     def _match_scale(self, guide: Guide) -> dict[str, float]:
         """Set ``guide.scale`` to the one at which the teacher's KL to the reference equals the
@@ -285,15 +301,24 @@ class GuidedTrainer(TrainingLoop):
         query_mask: Tensor,
         response: Tensor,
         record: list[tuple[Tensor, Tensor]] | None = None,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The reference's and the teacher's logits [B, T, V] at every prefix of
         ``response``: kept from sampling (``record``, when the teacher drew the responses),
-        else from one reference pass and the guide."""
+        else from one reference pass and the guide, scored at the response tokens ``mask``
+        [B, T] only when given (past a response's end, out of every loss, the teacher's
+        logits are the reference's: the guide is most of the cost)."""
         if record is not None:
             return torch.stack([r for r, _ in record], 1), torch.stack([t for _, t in record], 1)
         ref_logits, states = self._reference_pass(query, query_mask, response, self.k)
+        if mask is None:
+            mask = ref_logits.new_ones(ref_logits.shape[:2])
+        keep = mask.bool()
         with torch.no_grad():
-            return ref_logits, guided_logits(ref_logits, self.guide(states, ref_logits))
+            teacher = ref_logits.clone()
+            ref = ref_logits[keep]
+            teacher[keep] = guided_logits(ref, self.guide(states[keep], ref))
+        return ref_logits, teacher
 
     def _distill_step(
         self, query: Tensor, query_mask: Tensor, response: Tensor, mask: Tensor, teacher: Tensor
@@ -313,15 +338,24 @@ class GuidedTrainer(TrainingLoop):
         """Sample the step's batch, read the teacher's distributions, then one optimizer step
         per minibatch of its prompts (``updates_per_step``, each sample used once)."""
         t0 = self._clock()
-        indices = self.next_batch()
         source = self.distill["prefixes"]
         record = [] if source == "teacher" else None  # its distributions, as it sampled
-        query, query_mask, response, mask = self.sample(
-            indices, self.sampling_stream(), self.k, source, record
-        )
+        if source == "reference":  # the scorer's rollouts, each group of k once per pass
+            groups = [self.groups[i] for i in self.next_batch()]
+            indices = [int(self.reference.prompts[group[0]]) for group in groups]
+            query, query_mask = self._queries(indices)
+            rows = [row for group in groups for row in group]
+            pad = self.tokenizer.pad_token_id
+            response, mask = self.reference.responses(rows, pad, self.device)
+            mask = mask.float()
+        else:
+            indices = self.next_batch()
+            query, query_mask, response, mask = self.sample(
+                indices, self.sampling_stream(), self.k, source, record
+            )
         texts = decode(self.tokenizer, response)
         t1 = self._clock()
-        ref_logits, teacher = self.teacher_logits(query, query_mask, response, record)
+        ref_logits, teacher = self.teacher_logits(query, query_mask, response, record, mask)
         losses, norms, students = [], [], []
         prompts = torch.arange(len(indices), device=self.device)
         for update, groups in enumerate(prompts.tensor_split(self.updates_per_step)):
@@ -344,15 +378,20 @@ class GuidedTrainer(TrainingLoop):
             M.TIME_OPTIMIZE: t2 - t1,
             M.TIME_SCORE: t3 - t2,
         }
-        with torch.no_grad():
-            log_ref = ref_logits.log_softmax(-1)
-            kl_policy = (categorical_kl(student.log_softmax(-1), log_ref) * mask).sum(1)
-            kl_teacher = (categorical_kl(teacher.log_softmax(-1), log_ref) * mask).sum(1)
+        with torch.no_grad():  # at the response tokens only (past their ends is padding)
+            keep = mask.bool()
+            response_of = keep.nonzero()[:, 0]
+            log_ref = ref_logits[keep].log_softmax(-1)  # [tokens, V]
+
+            def kl_to_reference(logits: Tensor) -> Tensor:  # exact, summed per response
+                kl = categorical_kl(logits[keep].log_softmax(-1), log_ref)
+                return kl.new_zeros(len(mask)).index_add_(0, response_of, kl)
+
+            kl_policy, kl_teacher = kl_to_reference(student), kl_to_reference(teacher)
             candidates = self.guide.candidates  # the guide in use (a resumed run: its file's)
             if candidates:  # the reference's mass on the tokens the guide scored
                 covered = log_ref.exp().topk(min(candidates, log_ref.shape[-1]))
-                covered = covered.values.sum(-1)
-                local[M.GUIDE_CANDIDATE_MASS] = ((covered * mask).sum() / mask.sum()).item()
+                local[M.GUIDE_CANDIDATE_MASS] = covered.values.sum(-1).mean().item()
         reward = self.dist.gather(scores.reward.to(self.device))
         toxicity = self.dist.gather(scores.toxicity.to(self.device))
         local = self.dist.mean_dict(local, sorted(local))

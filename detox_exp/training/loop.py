@@ -136,12 +136,17 @@ class TrainingLoop:
         n_prompts = self.batch_size // self.k
         while len(indices) < n_prompts:
             if self._position >= len(self._order):
-                self._order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
+                self._order = torch.randperm(self.data_size(), generator=self.generator).tolist()
                 self._position = 0
             take = min(n_prompts - len(indices), len(self._order) - self._position)
             indices += self._order[self._position : self._position + take]
             self._position += take
         return indices[self.dist.rank :: self.dist.world_size]
+
+    def data_size(self) -> int:
+        """How many items :meth:`next_batch` orders: the prompts (a method that trains on
+        groups of stored samples instead counts those)."""
+        return len(self.prompts)
 
     def sampling_stream(self) -> torch.Generator:
         """The random stream this process samples the current step's responses from: seeded

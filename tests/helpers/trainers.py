@@ -91,13 +91,15 @@ def make_trainer(
 
 def guided_trainer(tiny_t5: Path, tmp_path: Path, scorer, **overrides) -> GuidedTrainer:
     """A value-guided trainer (:func:`common_settings`, 4 samples per prompt, a scorer
-    fitted on 16 prompts x 4 rollouts); ``overrides`` replace any constructor argument."""
+    fitted on 16 prompts x 4 rollouts, distilling on the teacher's samples: a test may set
+    ``trainer.guide`` and step without fitting); ``overrides`` replace any constructor
+    argument."""
     kwargs = common_settings(tiny_t5, tmp_path, scorer)
     kwargs |= {
         "samples_per_prompt": 4,
         "work_dir": str(tmp_path / "guided"),
         "prefix_scorer": {"rollout_prompts": 16, "rollout_samples": 4, "epochs": 1},
-        "distill": {},
+        "distill": {"prefixes": "teacher"},
     } | overrides
     torch.manual_seed(0)
     return GuidedTrainer(**kwargs)
