@@ -488,6 +488,24 @@ def test_a_reference_step_distils_its_groups_rollouts_against_the_teacher(
         assert kl > 1e-3 and metrics[key] == pytest.approx(kl.item(), rel=1e-5), key
 
 
+def test_a_reference_run_resumed_without_its_rollouts_is_a_clear_error(
+    tiny_t5: Path, tmp_path: Path
+) -> None:
+    """A run whose scorer was fitted without keeping its rollouts (another distill.prefixes),
+    resumed with prefixes=reference: a one-line error naming resume, not a crash mid-step."""
+    from detox_exp.errors import DataError
+
+    trainer = guided_trainer(tiny_t5, tmp_path, CharSumReward(), distill={"prefixes": "reference"})
+    config = trainer.model.config
+    save_guide(
+        Guide(random_scorer(config.vocab_size, config.d_model, seed=4), 1.0),
+        trainer.work_dir / "prefix_scorer.pt",
+    )
+    trainer.step = 3
+    with pytest.raises(DataError, match="resume"):
+        trainer.prepare()
+
+
 def test_the_states_kept_from_sampling_equal_a_reference_pass(
     tiny_t5: Path, tmp_path: Path
 ) -> None:

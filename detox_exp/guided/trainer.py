@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from detox_exp import metric_names as M
 from detox_exp.checkpoint import CheckpointManager
-from detox_exp.errors import ConfigError
+from detox_exp.errors import ConfigError, DataError
 from detox_exp.frontier_math import optimum_kl, optimum_weights
 from detox_exp.generation import (
     decode,
@@ -267,6 +267,13 @@ class GuidedTrainer(TrainingLoop):
         self.dist.wait()
         self.guide = load_guide(path, self.device)
         if self.distill["prefixes"] == "reference":
+            if not samples.is_file():  # a run fitted with other prefixes, resumed with these
+                raise DataError(
+                    "resume",
+                    f"{samples} is missing: this run's scorer was fitted without keeping its "
+                    "rollouts",
+                    "resume with the run's own algorithm.distill.prefixes",
+                )
             self.reference = ReferenceSamples.load(samples)
             self.groups = self.reference.groups(self.k)
 
@@ -335,8 +342,9 @@ class GuidedTrainer(TrainingLoop):
         return loss.item(), student.detach()
 
     def update(self) -> tuple[dict[str, float], StepSamples]:
-        """Sample the step's batch, read the teacher's distributions, then one optimizer step
-        per minibatch of its prompts (``updates_per_step``, each sample used once)."""
+        """Take the step's batch (the scorer's rollouts, or samples of the teacher or the
+        policy), read the teacher's distributions, then one optimizer step per minibatch of
+        its prompts (``updates_per_step``, each sample used once)."""
         t0 = self._clock()
         source = self.distill["prefixes"]
         record = [] if source == "teacher" else None  # its distributions, as it sampled
@@ -420,11 +428,12 @@ class GuidedTrainer(TrainingLoop):
             group["lr"] = base * left
 
     def postfix(self, metrics: Mapping[str, float]) -> dict[str, str]:
-        return {
-            "loss": f"{metrics[M.LOSS_DISTILL]:.3f}",
-            "toxicity": f"{metrics[M.TOXICITY_MEAN]:.3f}",
-            "kl": f"{metrics[M.KL]:.3f}",
-        }
+        """The loss, the policy's KL and, unless the step's samples are the reference's (a
+        constant of the run), their toxicity."""
+        shown = {"loss": f"{metrics[M.LOSS_DISTILL]:.3f}"}
+        if self.distill["prefixes"] != "reference":
+            shown["toxicity"] = f"{metrics[M.TOXICITY_MEAN]:.3f}"
+        return shown | {"kl": f"{metrics[M.KL]:.3f}"}
 
     def save(self, summary, config, eval_table=(), reward_model=None) -> Path | None:
         """The policy as PPO saves it, plus the prefix scorer (``prefix_scorer.pt``) and the
