@@ -180,6 +180,22 @@ def test_both_methods_share_the_loop_as_one_piece_of_code() -> None:
     assert GuidedTrainer.update is not TrainingLoop.update
 
 
+def record_distill_steps(trainer: GuidedTrainer) -> list[tuple]:
+    """A list that gets, at every distillation update of ``trainer``, (query, response, mask,
+    teacher logits, student logits, loss, the trainable weights before the update)."""
+    calls: list[tuple] = []
+    distill_step = trainer._distill_step
+
+    def recording(query, query_mask, response, mask, teacher):
+        weights = torch.cat([p.detach().flatten() for p in trainer.policy.trainable_parameters()])
+        loss, student = distill_step(query, query_mask, response, mask, teacher)
+        calls.append((query, response, mask, teacher, student, loss, weights.clone()))
+        return loss, student
+
+    trainer._distill_step = recording
+    return calls
+
+
 def guided_overrides(standins: dict[str, Path], run_dir: Path) -> list[str]:
     return local_overrides(standins, run_dir) + [
         "algorithm=guided",
@@ -456,15 +472,7 @@ def test_a_reference_step_distils_its_groups_rollouts_against_the_teacher(
     chosen = [3, 7]
     trainer.next_batch = lambda: chosen
     trainer.sample = None  # a step must not sample
-    seen = []
-    distill_step = trainer._distill_step
-
-    def recording(query, query_mask, response, mask, teacher):
-        loss, student = distill_step(query, query_mask, response, mask, teacher)
-        seen.append((query, response, mask, teacher, student))
-        return loss, student
-
-    trainer._distill_step = recording
+    seen = record_distill_steps(trainer)
     with torch.no_grad():  # a policy away from the reference, so that its KL is not 0
         for weight in trainer.policy.trainable_parameters():
             weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(weight.numel()))
@@ -473,7 +481,7 @@ def test_a_reference_step_distils_its_groups_rollouts_against_the_teacher(
     response, mask = trainer.reference.responses(rows, trainer.tokenizer.pad_token_id, "cpu")
     prompts = [int(trainer.reference.prompts[trainer.groups[g][0]]) for g in chosen]
     query, query_mask = trainer._queries(prompts)
-    ((got_query, got_response, got_mask, teacher, student),) = seen
+    ((got_query, got_response, got_mask, teacher, student, _, _),) = seen
     assert batch.indices == prompts
     assert torch.equal(got_query, query) and torch.equal(got_response, response)
     assert torch.equal(got_mask, mask.float())
@@ -556,20 +564,9 @@ def test_a_step_of_minibatches_updates_once_per_minibatch_on_disjoint_samples(
     config = trainer.model.config
     trainer.guide = Guide(random_scorer(config.vocab_size, config.d_model, seed=4), 1.0)
     assert trainer.updates_per_step == 2
-    seen: list[tuple[torch.Tensor, torch.Tensor, float]] = []
-    distill_step = trainer._distill_step
-
-    def recording(query, query_mask, response, mask, teacher):
-        weights = torch.cat([p.detach().flatten() for p in trainer.policy.trainable_parameters()])
-        loss, student = distill_step(query, query_mask, response, mask, teacher)
-        seen.append((response, weights.clone(), loss))
-        return loss, student
-
-    trainer._distill_step = recording
-    with torch.no_grad():  # a policy away from the reference, so that its KL is not 0
-        for weight in trainer.policy.trainable_parameters():
-            weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(weight.numel()))
+    calls = record_distill_steps(trainer)
     metrics, batch = trainer.update()
+    seen = [(response, weights, loss) for _, response, _, _, _, loss, weights in calls]
     assert len(seen) == 2 and [len(r) for r, _, _ in seen] == [8, 8]
     assert len(batch.texts) == 16
     assert not torch.equal(seen[0][1], seen[1][1])  # the second update saw moved weights

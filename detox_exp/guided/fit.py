@@ -10,6 +10,7 @@ calibration on held-out prompts against the constant predictor (``guided/scorer/
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -124,11 +125,9 @@ class ReferenceSamples:
     def groups(self, k: int) -> list[list[int]]:
         """The responses in groups of k of one prompt each (a prompt's responses in
         consecutive runs of k; a remainder short of k is left out)."""
-        out, start, prompts = [], 0, self.prompts.tolist()
-        while start < len(prompts):
-            end = start
-            while end < len(prompts) and prompts[end] == prompts[start]:
-                end += 1
+        out, start = [], 0
+        for _, run in itertools.groupby(self.prompts.tolist()):
+            end = start + len(list(run))
             out += [list(range(i, i + k)) for i in range(start, end - k + 1, k)]
             start = end
         return out
